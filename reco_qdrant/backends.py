@@ -1,0 +1,391 @@
+"""The two ways we talk to Qdrant, behind one narrow protocol.
+
+`EdgeBackend` runs Qdrant's engine in-process (Qdrant Edge), persistent in a directory: the
+embedded default. `ServerBackend` talks to a Qdrant server over gRPC with qdrant-client; over
+`QdrantClient(":memory:")` it is also the in-process stand-in for the server in tests.
+Both store one point per image-text pair with two named vectors, `image` and `text`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from .config import MemoryConfig
+
+VECTOR_NAMES = ("image", "text")
+_META_VECTOR = "_"
+T = TypeVar("T")
+
+
+class MemoryError_(RuntimeError):
+    """Base class of the memory's errors (named so it does not shadow the builtin MemoryError)."""
+
+
+class MemoryInUseError(MemoryError_):
+    """Another process holds the embedded memory directory."""
+
+
+class MemoryUnavailableError(MemoryError_):
+    """The Qdrant server cannot be reached (after bounded retries)."""
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    vector: list[float] | None
+    payload: dict[str, Any]
+
+
+@dataclass
+class Record:
+    id: str
+    vectors: dict[str, list[float]]
+    payload: dict[str, Any]
+
+
+class Backend(Protocol):
+    """What `Memory` needs from a Qdrant deployment. Vectors are float32 [N, d]."""
+
+    def has_collection(self) -> bool: ...
+    def create_collection(self, dim: int, cfg: MemoryConfig) -> None: ...
+    def create_payload_index(self, field: str) -> None: ...
+    def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
+    def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
+               exact: bool = False) -> list[list[Hit]]: ...
+    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
+    def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
+    def delete(self, ids: list[str]) -> None: ...
+    def count(self) -> int: ...
+    def optimize(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+    def meta_get(self, key: str) -> Any: ...
+    def meta_set(self, key: str, value: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _meta_id(key: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"reco-meta:{key}"))
+
+
+def _named(vec: Any, name: str) -> list[float] | None:
+    if vec is None:
+        return None
+    return vec.get(name) if isinstance(vec, dict) else vec
+
+
+# --------------------------------------------------------------------------- Qdrant Edge
+
+
+class EdgeBackend:
+    """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data) and `<dir>/meta/` (ledger)."""
+
+    def __init__(self, path: str | os.PathLike, cfg: MemoryConfig) -> None:
+        import qdrant_edge as qe
+
+        self.qe = qe
+        self.cfg = cfg
+        self.root = Path(path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise MemoryInUseError(
+                f"memory directory {self.root} is in use by another process; an embedded memory "
+                "is opened by one process at a time (use a Qdrant server for concurrent access)"
+            ) from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        self.data_path = self.root / cfg.collection
+        self.meta = self._open_or_create(self.root / "meta", {_META_VECTOR: 1})
+        self.shard = self._load(self.data_path) if self._exists(self.data_path) else None
+
+    # -- helpers
+    @staticmethod
+    def _exists(path: Path) -> bool:
+        return (path / "edge_config.json").exists() or (path / "segments").exists()
+
+    def _load(self, path: Path) -> Any:
+        try:
+            return self.qe.EdgeShard.load(str(path))
+        except Exception as e:  # the engine reports a held WAL as a generic runtime error
+            if "WouldBlock" in str(e):
+                raise MemoryInUseError(f"{path} is in use by another process") from e
+            raise
+
+    def _open_or_create(self, path: Path, dims: dict[str, int]) -> Any:
+        if self._exists(path):
+            return self._load(path)
+        qe = self.qe
+        vectors = {n: qe.EdgeVectorParams(size=d, distance=qe.Distance.Cosine) for n, d in dims.items()}
+        return qe.EdgeShard.create(str(path), qe.EdgeConfig(vectors=vectors))
+
+    def _require(self) -> Any:
+        if self.shard is None:
+            raise MemoryError_(f"{self.root} holds no memory collection yet: ingest data or run `reco migrate`")
+        return self.shard
+
+    # -- protocol
+    def has_collection(self) -> bool:
+        return self.shard is not None
+
+    def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
+        qe = self.qe
+        quant = None
+        if cfg.quantization == "int8":
+            quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        elif cfg.quantization is not None:
+            raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None or 'int8'")
+        vp = {n: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, on_disk=cfg.on_disk)
+              for n in VECTOR_NAMES}
+        hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
+                                  full_scan_threshold=cfg.full_scan_threshold)
+        config = qe.EdgeConfig(vectors=vp, hnsw_config=hnsw, quantization_config=quant)
+        self.shard = qe.EdgeShard.create(str(self.data_path), config)
+
+    def create_payload_index(self, field: str) -> None:
+        qe = self.qe
+        self._require().update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+
+    def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None:
+        qe = self.qe
+        im, tx = image.tolist(), text.tolist()
+        points = [qe.Point(i, {"image": a, "text": b}, p) for i, a, b, p in zip(ids, im, tx, payloads)]
+        self._require().update(qe.UpdateOperation.upsert_points(points))
+
+    def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
+               exact: bool = False) -> list[list[Hit]]:
+        qe = self.qe
+        quant = qe.QuantizationSearchParams(rescore=True) if self.cfg.quantization else None
+        params = qe.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
+        with_vector = [return_vector] if return_vector else False
+        reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
+                                with_payload=True, params=params) for q in queries.tolist()]
+        res = self._require().query_batch(qe.QueryBatchRequest(reqs))
+        return [[Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None,
+                     p.payload or {}) for p in hits] for hits in res]
+
+    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
+        recs = self._require().retrieve(list(ids), with_payload=True, with_vector=with_vectors)
+        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs]
+
+    def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
+        qe = self.qe
+        recs, nxt = self._require().scroll(qe.ScrollRequest(offset=offset, limit=limit, with_payload=True,
+                                                            with_vector=with_vectors))
+        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs], nxt
+
+    def delete(self, ids: list[str]) -> None:
+        self._require().update(self.qe.UpdateOperation.delete_points(list(ids)))
+
+    def count(self) -> int:
+        return 0 if self.shard is None else int(self.shard.count(self.qe.CountRequest(exact=True)))
+
+    def optimize(self) -> bool:
+        return bool(self._require().optimize())
+
+    def status(self) -> dict[str, Any]:
+        if self.shard is None:
+            return {"backend": "edge", "path": str(self.root), "points": 0}
+        info = self.shard.info()
+        return {"backend": "edge", "path": str(self.root), "points": info.points_count,
+                "indexed_vectors": info.indexed_vectors_count, "segments": info.segments_count}
+
+    def meta_get(self, key: str) -> Any:
+        recs = self.meta.retrieve([_meta_id(key)], with_payload=True, with_vector=False)
+        return json.loads(recs[0].payload["value"]) if recs else None
+
+    def meta_set(self, key: str, value: Any) -> None:
+        qe = self.qe
+        point = qe.Point(_meta_id(key), {_META_VECTOR: [1.0]}, {"key": key, "value": json.dumps(value)})
+        self.meta.update(qe.UpdateOperation.upsert_points([point]))
+        self.meta.flush()
+
+    def flush(self) -> None:
+        if self.shard is not None:
+            self.shard.flush()
+
+    def close(self) -> None:
+        for s in (self.shard, self.meta):
+            if s is not None:
+                s.flush()
+                s.close()
+        self.shard = self.meta = None
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+# --------------------------------------------------------------------------- qdrant-client
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying for an idempotent call: the server is briefly away or slow."""
+    try:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
+    except ImportError:  # pragma: no cover
+        pass
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code in (429, 502, 503, 504)
+    if isinstance(exc, ResponseHandlingException):
+        return True
+    import httpx
+
+    return isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError))
+
+
+class ServerBackend:
+    """A collection on a Qdrant server (gRPC preferred), or in qdrant-client's local mode."""
+
+    def __init__(self, cfg: MemoryConfig, client: Any = None) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self.m = models
+        self.cfg = cfg
+        self.name = cfg.collection
+        self.meta_name = f"{cfg.collection}__meta"
+        self.local = client is None and cfg.location == ":memory:"  # exact search, no payload indexes
+        if client is not None:
+            self.client = client
+        elif cfg.location == ":memory:":
+            self.client = QdrantClient(":memory:")
+        else:
+            self.client = QdrantClient(url=cfg.location, api_key=cfg.api_key, prefer_grpc=cfg.prefer_grpc,
+                                       grpc_port=cfg.grpc_port, timeout=int(cfg.timeout))
+        if not self._call(self.client.collection_exists, self.meta_name):
+            self._call(self.client.create_collection, self.meta_name,
+                       vectors_config={_META_VECTOR: models.VectorParams(size=1, distance=models.Distance.COSINE)})
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an idempotent call with bounded exponential backoff on transient errors."""
+        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt,
+                              wait_exponential_jitter)
+
+        retrying = Retrying(stop=stop_after_attempt(max(1, self.cfg.retries)),
+                            wait=wait_exponential_jitter(initial=0.1, max=self.cfg.retry_max_wait),
+                            retry=retry_if_exception(_is_transient), reraise=False)
+        try:
+            return retrying(fn, *args, **kwargs)
+        except RetryError as e:
+            last = e.last_attempt.exception()
+            raise MemoryUnavailableError(
+                f"Qdrant at {self.cfg.location} did not answer after {self.cfg.retries} attempts: "
+                f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"
+            ) from last
+
+    def has_collection(self) -> bool:
+        return bool(self._call(self.client.collection_exists, self.name))
+
+    def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
+        m = self.m
+        quant = None
+        if cfg.quantization == "int8":
+            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8,
+                                                                           quantile=0.99, always_ram=True))
+        elif cfg.quantization is not None:
+            raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None or 'int8'")
+        vectors = {n: m.VectorParams(size=dim, distance=m.Distance.COSINE, on_disk=cfg.on_disk)
+                   for n in VECTOR_NAMES}
+        self._call(self.client.create_collection, self.name, vectors_config=vectors,
+                   hnsw_config=m.HnswConfigDiff(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
+                                                full_scan_threshold=cfg.full_scan_threshold),
+                   quantization_config=quant, shard_number=cfg.shard_number,
+                   replication_factor=cfg.replication_factor)
+
+    def create_payload_index(self, field: str) -> None:
+        if self.local:
+            return
+        self._call(self.client.create_payload_index, self.name, field,
+                   field_schema=self.m.PayloadSchemaType.KEYWORD)
+
+    def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None:
+        batch = self.m.Batch(ids=list(ids), vectors={"image": image.tolist(), "text": text.tolist()},
+                             payloads=payloads)
+        self._call(self.client.upsert, self.name, points=batch, wait=True)
+
+    def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
+               exact: bool = False) -> list[list[Hit]]:
+        m = self.m
+        quant = m.QuantizationSearchParams(rescore=True) if self.cfg.quantization else None
+        params = None if self.local else m.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact,
+                                                         quantization=quant)
+        reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=True,
+                               with_vector=[return_vector] if return_vector else False)
+                for q in queries.tolist()]
+        res = self._call(self.client.query_batch_points, self.name, requests=reqs)
+        return [[Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None,
+                     p.payload or {}) for p in r.points] for r in res]
+
+    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
+        recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,
+                          with_vectors=with_vectors)
+        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs]
+
+    def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
+        recs, nxt = self._call(self.client.scroll, self.name, limit=limit, offset=offset,
+                               with_payload=True, with_vectors=with_vectors)
+        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs], nxt
+
+    def delete(self, ids: list[str]) -> None:
+        self._call(self.client.delete, self.name, points_selector=self.m.PointIdsList(points=list(ids)),
+                   wait=True)
+
+    def count(self) -> int:
+        if not self.has_collection():
+            return 0
+        return int(self._call(self.client.count, self.name, exact=True).count)
+
+    def optimize(self) -> bool:
+        return False  # the server builds its indexes in the background
+
+    def status(self) -> dict[str, Any]:
+        kind = "local" if self.cfg.location == ":memory:" else "server"
+        out: dict[str, Any] = {"backend": kind, "url": self.cfg.location if kind == "server" else ":memory:"}
+        if self.has_collection():
+            info = self._call(self.client.get_collection, self.name)
+            out.update(points=info.points_count, indexed_vectors=info.indexed_vectors_count,
+                       segments=info.segments_count, status=str(info.status))
+        else:
+            out["points"] = 0
+        return out
+
+    def meta_get(self, key: str) -> Any:
+        recs = self._call(self.client.retrieve, self.meta_name, ids=[_meta_id(key)], with_payload=True)
+        return json.loads(recs[0].payload["value"]) if recs else None
+
+    def meta_set(self, key: str, value: Any) -> None:
+        point = self.m.PointStruct(id=_meta_id(key), vector={_META_VECTOR: [1.0]},
+                                   payload={"key": key, "value": json.dumps(value)})
+        self._call(self.client.upsert, self.meta_name, points=[point], wait=True)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_backend(cfg: MemoryConfig) -> EdgeBackend | ServerBackend:
+    """The one place that picks a backend from `cfg.location`."""
+    if cfg.kind == "edge":
+        return EdgeBackend(cfg.location, cfg)
+    return ServerBackend(cfg)

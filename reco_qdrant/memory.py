@@ -1,0 +1,352 @@
+"""The memory: image-text pairs in Qdrant, added in batches and searched in batches."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from . import migrations
+from .backends import (
+    VECTOR_NAMES,
+    Backend,
+    MemoryError_,
+    MemoryInUseError,
+    MemoryUnavailableError,
+    Record,
+    open_backend,
+)
+from .config import MemoryConfig
+
+__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "MemoryInUseError", "MemoryUnavailableError",
+           "MemoryError_", "point_id", "validate_embeddings"]
+
+_ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
+ENCODER_KEY = "encoder"
+UID_KEY = "memory_uid"
+EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
+RESERVED_PAYLOAD = ("caption", "source", "key")
+
+
+class EncoderMismatchError(MemoryError_):
+    """Vectors or an encoder that do not match the encoder the memory was built with."""
+
+
+def point_id(source: str, key: str | int) -> str:
+    """Deterministic point id for an item: re-ingesting (source, key) updates instead of duplicating."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{source}\x1f{key}"))
+
+
+def validate_embeddings(x: Any, name: str, dim: int | None = None, origin: str = "input",
+                        row_offset: int = 0) -> np.ndarray:
+    """Check an embedding matrix and return it float32 [N, d], L2-normalised.
+
+    Rejects (naming `origin` and the row) non-2-D arrays, non-float dtypes, a dimension other than
+    `dim`, NaN/inf values and zero vectors, rather than storing something that silently differs.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{origin}: {name} must be a 2-D array [N, d], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{origin}: {name} must be float16/32/64, got dtype {x.dtype}")
+    if dim is not None and x.shape[1] != dim:
+        raise EncoderMismatchError(f"{origin}: {name} have dimension {x.shape[1]}, expected {dim} "
+                                   "(the dimension of this memory's encoder)")
+    x = x.astype(np.float32, copy=False)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0]) + row_offset
+        raise ValueError(f"{origin}: {name} row {row} holds NaN or inf")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms <= 1e-12).any():
+        row = int(np.flatnonzero(norms[:, 0] <= 1e-12)[0]) + row_offset
+        raise ValueError(f"{origin}: {name} row {row} is a zero vector")
+    return x / norms
+
+
+@dataclass
+class Neighbours:
+    """k neighbours for each of B queries. Missing hits (fewer than k exist) have id "" and mask False."""
+
+    ids: np.ndarray  # [B, k] str point ids
+    scores: np.ndarray  # [B, k] float32 cosine similarity in the searched modality
+    vectors: np.ndarray | None  # [B, k, d] float32 vectors of `return_modality`, L2-normalised
+    payloads: list[list[dict[str, Any]]]  # [B][k]
+
+    @property
+    def captions(self) -> list[list[str]]:
+        return [[p.get("caption", "") for p in row] for row in self.payloads]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[B, k] bool: True where a hit exists."""
+        return self.ids != ""
+
+
+class Memory:
+    """A memory of image-text pairs in one Qdrant collection (embedded Edge, local or server).
+
+    Open it with `Memory.open(location)`: a directory (Qdrant Edge, the embedded default),
+    ":memory:" (qdrant-client local mode, for tests) or "http(s)://host[:port]" (a server).
+    """
+
+    def __init__(self, backend: Backend, cfg: MemoryConfig) -> None:
+        self.backend = backend
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, location: str | None = None, *, encoder: Any = None, migrate: bool = True,
+             auto_index: bool = True, **settings: Any) -> Memory:
+        """Open (creating if needed) the memory at `location`.
+
+        Args:
+            location: directory | ":memory:" | URL; default `RECO_MEMORY` or "./reco-data".
+            encoder: an `Encoder` (or its id string) that must match the memory's recorded encoder.
+            migrate: apply pending schema migrations (idempotent).
+            auto_index: on Edge, build HNSW when many points are unindexed.
+            **settings: any `MemoryConfig` field (collection, api_key, quantization, ...).
+        """
+        cfg = MemoryConfig(**settings) if location is None else MemoryConfig(location=str(location), **settings)
+        cfg = cfg.with_env()
+        mem = cls(open_backend(cfg), cfg)
+        try:
+            if mem.backend.meta_get(UID_KEY) is None:
+                mem.backend.meta_set(UID_KEY, str(uuid.uuid4()))
+            if encoder is not None:
+                mem.check_encoder(getattr(encoder, "id", encoder), getattr(encoder, "dim", None))
+            if migrate and (mem.dim is not None or mem.backend.has_collection()):
+                mem.migrate()
+            if auto_index and cfg.kind == "edge":
+                mem.ensure_indexed()
+        except BaseException:
+            mem.close()
+            raise
+        return mem
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def encoder_record(self) -> dict[str, Any] | None:
+        """{"id": encoder id, "dim": d, ...} recorded with the memory, or None before any data."""
+        return self.backend.meta_get(ENCODER_KEY)
+
+    @property
+    def dim(self) -> int | None:
+        rec = self.encoder_record
+        return None if rec is None else int(rec["dim"])
+
+    @property
+    def uid(self) -> str:
+        """A random id given to the memory when it was created (keys caches of its neighbours)."""
+        return str(self.backend.meta_get(UID_KEY))
+
+    def check_encoder(self, encoder_id: str | None, dim: int | None = None,
+                      record: bool = False, extra: dict[str, Any] | None = None) -> None:
+        """Fail clearly when `encoder_id`/`dim` differ from the memory's encoder; record them if new."""
+        rec = self.encoder_record
+        if rec is None:
+            if record and dim is not None:
+                self.backend.meta_set(ENCODER_KEY, {"id": encoder_id or "unspecified", "dim": int(dim),
+                                                    "normalized": True, **(extra or {})})
+            return
+        if dim is not None and int(dim) != int(rec["dim"]):
+            raise EncoderMismatchError(f"memory {self.cfg.location} holds {rec['dim']}-d vectors "
+                                       f"from {rec['id']!r}; got {dim}-d from {encoder_id or 'input'!r}")
+        if encoder_id and rec["id"] != "unspecified" and encoder_id != rec["id"]:
+            raise EncoderMismatchError(f"memory {self.cfg.location} was built with encoder {rec['id']!r}, "
+                                       f"not {encoder_id!r}; use the same encoder or another memory")
+
+    # ------------------------------------------------------------------ schema
+    def migrate(self, dim: int | None = None) -> list[str]:
+        """Apply pending schema migrations in order; returns the names applied (none if up to date)."""
+        return migrations.apply_pending(self.backend, self.cfg, dim or self.dim)
+
+    def pending_migrations(self) -> list[str]:
+        return [f"{m.version:04d}_{m.name}" for m in migrations.pending(self.backend)]
+
+    # ------------------------------------------------------------------ writing
+    def add_embeddings(
+        self,
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        captions: Sequence[str],
+        ids: Sequence[str | int] | None = None,
+        source: str = "default",
+        payloads: Sequence[dict[str, Any]] | None = None,
+        encoder_id: str | None = None,
+        origin: str = "input",
+        row_offset: int = 0,
+    ) -> list[str]:
+        """Upsert image-text pairs; returns their point ids.
+
+        Args:
+            image_embeddings: [N, d] image vectors (normalised here; NaN/inf/zero rejected).
+            text_embeddings: [N, d] text vectors of the same pairs.
+            captions: N non-empty captions.
+            ids: N keys unique within `source`; the point id is derived from (source, key), so adding
+                the same key again updates the point. Default: a hash of the pair's content.
+            source: where the items come from (a dataset or shard name), stored in the payload.
+            payloads: N dicts of extra metadata (e.g. `uri`, `lang`), stored as data.
+            encoder_id: the encoder that produced the vectors; checked against the memory's.
+            origin, row_offset: name the file and first row in error messages.
+        """
+        n = len(captions)
+        img = validate_embeddings(image_embeddings, "image embeddings", self.dim, origin, row_offset)
+        txt = validate_embeddings(text_embeddings, "text embeddings", img.shape[1], origin, row_offset)
+        if not (img.shape[0] == txt.shape[0] == n):
+            raise ValueError(f"{origin}: {img.shape[0]} image embeddings, {txt.shape[0]} text embeddings "
+                             f"and {n} captions: expected the same number of each")
+        for i, c in enumerate(captions):
+            if not isinstance(c, str) or not c.strip():
+                raise ValueError(f"{origin}: row {i + row_offset} has an empty or non-text caption ({c!r})")
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"{origin}: {len(ids)} ids for {n} items")
+        if payloads is not None and len(payloads) != n:
+            raise ValueError(f"{origin}: {len(payloads)} payloads for {n} items")
+        self.check_encoder(encoder_id, img.shape[1], record=True)
+        if not self.backend.has_collection():
+            self.migrate(img.shape[1])
+        keys = list(ids) if ids is not None else [_content_key(img[i], captions[i]) for i in range(n)]
+        pids = [point_id(source, k) for k in keys]
+        if len(set(pids)) != n:
+            raise ValueError(f"{origin}: duplicate ids within one batch")
+        out = []
+        for i in range(n):
+            extra = {k: v for k, v in (payloads[i] if payloads else {}).items() if k not in RESERVED_PAYLOAD}
+            out.append({"caption": captions[i], "source": source, "key": str(keys[i]), **extra})
+        step = self.cfg.upsert_batch
+        for s in range(0, n, step):
+            self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
+        return pids
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove points by id."""
+        if ids:
+            self.backend.delete(list(ids))
+
+    def optimize(self) -> bool:
+        """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself)."""
+        return self.backend.optimize()
+
+    def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW) -> bool:
+        """On Edge, run `optimize()` when more than `threshold` points are unindexed."""
+        st = self.backend.status()
+        unindexed = st.get("points", 0) * len(VECTOR_NAMES) - st.get("indexed_vectors", 0)
+        if st.get("points", 0) > threshold and unindexed > threshold:
+            return self.optimize()
+        return False
+
+    def flush(self) -> None:
+        self.backend.flush()
+
+    # ------------------------------------------------------------------ reading
+    def count(self) -> int:
+        return self.backend.count()
+
+    def search(self, queries: np.ndarray, modality: str = "image", k: int = 10,
+               return_modality: str | None = "text", exact: bool = False,
+               batch_size: int = 256) -> Neighbours:
+        """Nearest neighbours of each query among the memory's `modality` vectors.
+
+        Args:
+            queries: [B, d] or [d] query embeddings (normalised here).
+            modality: which named vectors to search, "image" or "text".
+            k: neighbours per query.
+            return_modality: which vector of each hit to return ("text", "image" or None).
+            exact: brute-force search instead of the index (ground truth for recall).
+            batch_size: queries per request to Qdrant (one batched call each).
+        Returns:
+            `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
+        """
+        for m in (modality, return_modality):
+            if m is not None and m not in VECTOR_NAMES:
+                raise ValueError(f"modality must be one of {VECTOR_NAMES}, got {m!r}")
+        q = np.asarray(queries)
+        q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "search")
+        total = self.count()
+        if total == 0:
+            raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
+        if k < 1 or k > total:
+            raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
+        hits = []
+        for s in range(0, len(q), batch_size):
+            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact))
+        return _to_neighbours(hits, k, q.shape[1] if return_modality else None)
+
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = True) -> list[Record]:
+        return self.backend.retrieve(list(ids), with_vectors)
+
+    def scroll(self, batch: int = 1024, with_vectors: bool = True) -> Iterator[list[Record]]:
+        """All points, batch by batch (e.g. to copy a memory elsewhere)."""
+        offset = None
+        while True:
+            recs, offset = self.backend.scroll(batch, offset, with_vectors)
+            if recs:
+                yield recs
+            if offset is None:
+                return
+
+    def info(self) -> dict[str, Any]:
+        """Count, dimension, encoder, backend and index status, applied migrations. No secrets."""
+        st = self.backend.status()
+        cfg = replace(self.cfg, api_key=None)
+        return {
+            "location": cfg.location,
+            "collection": cfg.collection,
+            "count": self.count(),
+            "dim": self.dim,
+            "encoder": self.encoder_record,
+            "memory_uid": self.uid,
+            "quantization": cfg.quantization,
+            "migrations": [f"{e['version']:04d}_{e['name']}" for e in migrations.applied(self.backend)],
+            "pending_migrations": self.pending_migrations(),
+            "api_key_set": bool(self.cfg.api_key),
+            **{f"index_{k}": v for k, v in st.items()},
+        }
+
+    # ------------------------------------------------------------------ ledger for resumable jobs
+    def get_state(self, key: str) -> Any:
+        return self.backend.meta_get(f"state:{key}")
+
+    def set_state(self, key: str, value: Any) -> None:
+        self.backend.meta_set(f"state:{key}", value)
+
+
+def _content_key(vec: np.ndarray, caption: str) -> str:
+    h = hashlib.sha1(vec.tobytes())
+    h.update(caption.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _to_neighbours(hits: list[list[Any]], k: int, dim: int | None) -> Neighbours:
+    b = len(hits)
+    ids = np.full((b, k), "", dtype=object)
+    scores = np.full((b, k), -np.inf, dtype=np.float32)
+    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
+    vectors = np.zeros((b, k, dim), np.float32) if dim else None
+    for i, row in enumerate(hits):
+        n = len(row)
+        if not n:
+            continue
+        ids[i, :n] = [h.id for h in row]
+        scores[i, :n] = [h.score for h in row]
+        payloads[i][:n] = [h.payload for h in row]
+        if vectors is not None:
+            vectors[i, :n] = [h.vector for h in row]
+    if vectors is not None:
+        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+        vectors = np.divide(vectors, norms, out=vectors, where=norms > 0)
+    return Neighbours(ids.astype(str), scores, vectors, payloads)

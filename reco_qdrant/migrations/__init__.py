@@ -1,0 +1,65 @@
+"""Numbered schema migrations of a memory; the ledger of applied ones lives in Qdrant itself.
+
+Each `NNNN_name.py` here defines `upgrade(ctx: MigrationContext) -> None`. Migrations are applied in
+order, each once; `reco migrate` (or `Memory.migrate`) applies the pending ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..config import MemoryConfig
+
+LEDGER_KEY = "migrations"
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
+
+
+@dataclass
+class MigrationContext:
+    backend: Any  # a reco_qdrant.backends.Backend
+    cfg: MemoryConfig
+    dim: int | None  # embedding dimension, known once an encoder or data is recorded
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    module: ModuleType
+
+
+def discover() -> list[Migration]:
+    """All migrations shipped with the package, in version order."""
+    found = []
+    for f in sorted(Path(__file__).parent.iterdir()):
+        m = _NAME.match(f.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), importlib.import_module(f"{__name__}.{f.stem}")))
+    return found
+
+
+def applied(backend: Any) -> list[dict]:
+    return list(backend.meta_get(LEDGER_KEY) or [])
+
+
+def pending(backend: Any) -> list[Migration]:
+    done = {e["version"] for e in applied(backend)}
+    return [m for m in discover() if m.version not in done]
+
+
+def apply_pending(backend: Any, cfg: MemoryConfig, dim: int | None) -> list[str]:
+    """Apply pending migrations in order; record each in the ledger right after it succeeds."""
+    ledger = applied(backend)
+    names = []
+    for mig in pending(backend):
+        mig.module.upgrade(MigrationContext(backend, cfg, dim))
+        ledger.append({"version": mig.version, "name": mig.name, "applied_at": time.time()})
+        backend.meta_set(LEDGER_KEY, ledger)
+        names.append(f"{mig.version:04d}_{mig.name}")
+    return names
