@@ -1,0 +1,168 @@
+"""Zero-shot classification with retrieval-refined image and class embeddings."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .encoders import Encoder
+from .fusion import FusionModel
+from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
+from .neighbors import retrieve
+
+# CLIP's prompt templates (a few of each set); always report the baseline with the same prompts.
+TEMPLATES: dict[str, list[str]] = {
+    "generic": ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
+                "a photo of the small {}.", "a close-up photo of a {}.", "a bright photo of a {}.",
+                "a cropped photo of a {}.", "a good photo of a {}."],
+    "birds": ["a photo of a {}, a type of bird."],
+    "flowers": ["a photo of a {}, a type of flower."],
+    "cars": ["a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car.",
+             "a photo of a {}, a type of car."],
+    "dogs": ["a photo of a {}, a type of dog.", "a photo of a {}, a type of pet."],
+}
+
+
+def check_template(t: str) -> None:
+    """A template must contain `{}` exactly once and no other placeholder."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"template {t!r} is malformed ({e})") from e
+    if fields != [""]:
+        raise ValueError(f"template {t!r} must contain exactly one '{{}}' placeholder and no other; "
+                         f"found {['{' + f + '}' for f in fields] or 'none'}")
+
+
+@dataclass
+class Explanation:
+    """What retrieval and fusion did for a batch of queries."""
+
+    refined: np.ndarray  # [B, d]
+    neighbours: Neighbours  # ids/scores/captions [B, k], vectors [B, k, d]
+    attention: np.ndarray | None  # [B, 1 + k]: the query token's attention over [query, neighbours]
+
+
+class RecoClassifier:
+    """Zero-shot classifier: CLIP scores between refined image and refined class embeddings.
+
+    Args:
+        memory: the memory to retrieve from (any memory built with the same encoder).
+        fusion: a trained `FusionModel`; its mode (search/fusion) and k are used.
+        encoder: needed for `set_classes`/`predict` on raw images and names; not for `*_embeddings`.
+        k: neighbours per query (default: the fusion model's k).
+        use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
+    """
+
+    def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
+                 encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
+                 batch_size: int = 256, device: str | None = None) -> None:
+        if use_retrieval and (memory is None or fusion is None):
+            raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
+        self.memory, self.fusion, self.encoder = memory, fusion, encoder
+        self.use_retrieval, self.batch_size = use_retrieval, batch_size
+        self.k = k or (fusion.cfg.k if fusion else 10)
+        if fusion is not None:
+            if self.k > fusion.cfg.k:
+                raise ValueError(f"k={self.k} exceeds the fusion model's k={fusion.cfg.k}")
+            self.device = device or str(fusion.device)
+            if memory is not None and memory.dim is not None and memory.dim != fusion.cfg.dim:
+                raise EncoderMismatchError(f"fusion model is {fusion.cfg.dim}-d, memory holds {memory.dim}-d")
+            rec = memory.encoder_record if memory is not None else None
+            fid = fusion.cfg.encoder_id
+            if rec and fid and rec["id"] not in ("unspecified", fid):
+                raise EncoderMismatchError(f"fusion model was trained on {fid!r} embeddings, the memory "
+                                           f"holds {rec['id']!r} ones")
+        if encoder is not None and memory is not None:
+            memory.check_encoder(encoder.id, encoder.dim)
+        self.classes_: list[str] = []
+        self.raw_class_embeddings_: np.ndarray | None = None  # [C, d] prompt embeddings as given
+        self.class_embeddings_: np.ndarray | None = None  # [C, d] refined (or plain) class embeddings
+
+    # ------------------------------------------------------------------ refinement
+    def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
+        """Refine [B, d] embeddings and return the neighbours and attention behind each one."""
+        x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
+        cfg = self.fusion.cfg
+        nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
+        with torch.no_grad():
+            out, w = self.fusion.eval().refine(
+                modality, torch.from_numpy(x).to(self.device), torch.from_numpy(nb.vectors).to(self.device),
+                torch.from_numpy(nb.mask).to(self.device), need_weights=True)
+        return Explanation(out.cpu().numpy(), nb, None if w is None else w.cpu().numpy())
+
+    def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
+        """[B, d] -> refined [B, d] (unchanged, normalised, when retrieval is off)."""
+        x = validate_embeddings(embeddings, f"{modality} embeddings", None, "query")
+        if not self.use_retrieval:
+            return x
+        cfg = self.fusion.cfg
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            q = x[s : s + self.batch_size]
+            nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
+            with torch.no_grad():
+                r, _ = self.fusion.eval().refine(modality, torch.from_numpy(q).to(self.device),
+                                                 torch.from_numpy(nb.vectors).to(self.device),
+                                                 torch.from_numpy(nb.mask).to(self.device))
+            out.append(r.cpu().numpy())
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ classes
+    def set_class_embeddings(self, class_embeddings: np.ndarray, class_names: Sequence[str]) -> RecoClassifier:
+        """Use precomputed class-prompt embeddings [C, d]; each is refined once and cached."""
+        if len(class_names) != len(class_embeddings):
+            raise ValueError(f"{len(class_names)} class names for {len(class_embeddings)} class embeddings")
+        self.classes_ = list(class_names)
+        self.raw_class_embeddings_ = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
+        self.class_embeddings_ = self.refine(self.raw_class_embeddings_, "text")
+        return self
+
+    def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:
+        """Embed each class with every template (averaged), refine once, cache."""
+        if self.encoder is None:
+            raise ValueError("set_classes needs an encoder; use set_class_embeddings for precomputed ones")
+        templates = TEMPLATES[templates] if isinstance(templates, str) else list(templates)
+        for t in templates:
+            check_template(t)
+        prompts = [t.format(c) for c in class_names for t in templates]
+        emb = self.encoder.encode_texts(prompts).reshape(len(class_names), len(templates), -1).mean(1)
+        return self.set_class_embeddings(emb, class_names)
+
+    # ------------------------------------------------------------------ prediction
+    def _check_ready(self) -> np.ndarray:
+        if self.class_embeddings_ is None:
+            raise ValueError("no classes: call set_classes or set_class_embeddings first")
+        return self.class_embeddings_
+
+    def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
+        """Image embeddings [B, d] -> class probabilities [B, C]."""
+        cls = self._check_ready()
+        v = self.refine(image_embeddings, "image")
+        scale = float(self.fusion.logit_scale.exp().clamp(max=100).item()) if self.fusion else 100.0
+        logits = scale * v @ cls.T
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+    def predict_embeddings(self, image_embeddings: np.ndarray) -> list[str]:
+        """Image embeddings [B, d] -> class names."""
+        return [self.classes_[i] for i in self.predict_proba_embeddings(image_embeddings).argmax(1)]
+
+    def _encode(self, images: Sequence[Any]) -> np.ndarray:
+        if self.encoder is None:
+            raise ValueError("predicting from images needs an encoder; use predict_embeddings otherwise")
+        return self.encoder.encode_images(list(images))
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        """Images (paths or PIL) -> class probabilities [B, C]."""
+        return self.predict_proba_embeddings(self._encode(images))
+
+    def predict(self, images: Sequence[Any]) -> list[str]:
+        """Images (paths or PIL) -> class names."""
+        return self.predict_embeddings(self._encode(images))

@@ -1,0 +1,178 @@
+"""The fusion model: phi_img and phi_txt turn "query + k retrieved embeddings" into a refined one.
+
+Read top to bottom: config, layers, one fuser, the model holding both fusers, save/load.
+No I/O besides save/load, no Qdrant.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class FusionConfig:
+    dim: int  # embedding dimension = transformer width
+    k: int = 10  # retrieved tokens per query
+    n_heads: int = 8
+    mlp_ratio: int = 4
+    n_layers: int = 1
+    dropout: float = 0.1  # inside attention and MLP
+    token_dropout: float = 0.2  # training only: share of retrieved tokens hidden from the query
+    aggregator: str = "transformer"  # "transformer" (RECO) or "mean" (the paper's mean-fusion ablation)
+    search: str = "uni"  # how neighbours are searched (see neighbors.py)
+    fusion: str = "cross"  # which modality of the neighbours is fused
+    encoder_id: str | None = None  # encoder whose embeddings this model was trained on
+
+    def __post_init__(self) -> None:
+        if self.aggregator not in ("transformer", "mean"):
+            raise ValueError(f"aggregator must be 'transformer' or 'mean', got {self.aggregator!r}")
+        if self.aggregator == "transformer" and self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer encoder layer with a key-padding mask."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d),
+                                 nn.Dropout(cfg.dropout))
+        # Initialisation: the MLP's output projection is zero and attention's value and output
+        # projections are the identity, so an untrained block adds the attention-weighted average of
+        # the (normalised) tokens to the query: training starts from mean fusion and learns whom to
+        # attend to, instead of starting from noise that hides the query.
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        with torch.no_grad():
+            self.attn.in_proj_weight[2 * d :].copy_(torch.eye(d))
+            self.attn.out_proj.weight.copy_(torch.eye(d) / d**0.5)
+            self.attn.out_proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, need_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.ln1(x)
+        a, w = self.attn(h, h, h, key_padding_mask=pad, need_weights=need_weights)  # (B, 1+K, D)
+        x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return x, w
+
+
+class Fuser(nn.Module):
+    """One phi: tokens [query, r_1..r_k] + type/rank embeddings -> transformer -> query token."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.type_emb = nn.Parameter(torch.zeros(2, cfg.dim))  # 0 = query, 1 = retrieved
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.k + 1, cfg.dim))  # rank of each retrieved token
+        nn.init.normal_(self.type_emb, std=0.02)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists
+        b, k, _ = r.shape
+        if k > self.cfg.k:
+            raise ValueError(f"{k} retrieved tokens given, this model takes at most {self.cfg.k}")
+        mask = mask.clone()
+        if self.training and self.cfg.token_dropout > 0:
+            mask &= torch.rand(mask.shape, device=mask.device) >= self.cfg.token_dropout
+        x = torch.cat([q[:, None], r], dim=1)  # (B, 1+K, D)
+        types = torch.cat([self.type_emb[:1].expand(1, -1), self.type_emb[1:].expand(k, -1)])  # (1+K, D)
+        x = x + types + self.pos_emb[: k + 1]
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=q.device), ~mask], dim=1)  # True = ignore
+        w = None
+        for blk in self.blocks:
+            x, w = blk(x, pad, need_weights)
+        out = F.normalize(x[:, 0], dim=-1)  # (B, D)
+        return out, (w[:, 0] if w is not None else None)  # attention of the query token over 1+K tokens
+
+
+class MeanFuser(nn.Module):
+    """The mean-fusion ablation: the query plus the average of the valid retrieved embeddings."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m = mask.to(r.dtype)[..., None]  # (B, K, 1)
+        mean = (r * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+        w = torch.cat([torch.ones_like(m[:, :1, 0]), m[..., 0]], 1) if need_weights else None
+        return F.normalize(q + F.normalize(mean, dim=-1) * (m.sum(1) > 0), dim=-1), (
+            w / w.sum(1, keepdim=True) if w is not None else None)
+
+
+class FusionModel(nn.Module):
+    """phi_img (refines image queries) and phi_txt (refines text queries), plus the loss temperature."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        make = Fuser if cfg.aggregator == "transformer" else MeanFuser
+        self.phi_img = make(cfg)
+        self.phi_txt = make(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
+
+    def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
+               need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Refined, L2-normalised [B, D] embeddings of queries of `modality` ("image" or "text")."""
+        phi = {"image": self.phi_img, "text": self.phi_txt}[modality]
+        return phi(q, r, mask, need_weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `model.safetensors` + `config.json` (no pickles) to the directory `path`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME))
+        (path / CONFIG_NAME).write_text(json.dumps({"model_type": "reco-fusion", **asdict(self.cfg)}, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None) -> FusionModel:
+        """Load a checkpoint written by `save_pretrained`; safetensors only, nothing is unpickled."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing; a fusion checkpoint is a directory with "
+                                        f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        raw: dict[str, Any] = json.loads(cfg_path.read_text())
+        if raw.pop("model_type", None) != "reco-fusion":
+            raise ValueError(f"{cfg_path}: not a reco-fusion checkpoint")
+        known = {f.name for f in fields(FusionConfig)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown config fields {sorted(unknown)}")
+        model = cls(FusionConfig(**raw))
+        try:
+            model.load_state_dict(load_file(str(w_path)))
+        except RuntimeError as e:
+            raise ValueError(f"{w_path}: weights do not match {cfg_path} ({str(e).splitlines()[0]})") from e
+        return model.to(device or "cpu").eval()

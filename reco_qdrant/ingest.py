@@ -1,0 +1,104 @@
+"""Sources -> (encoder) -> memory: batched, idempotent and resumable, with progress bars."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from .encoders import Encoder
+from .memory import EXACT_SEARCH_BELOW, Memory
+from .sources import Source
+
+
+class ItemsPerSecond(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:,.0f} it/s" if task.speed else "- it/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar on stderr (items, items/s, ETA); yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TaskProgressColumn(), ItemsPerSecond(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=Console(stderr=True), transient=False) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n: p.advance(task, n)
+
+
+@dataclass
+class IngestReport:
+    source: str
+    added: int  # items upserted in this run
+    skipped_batches: int  # batches already done by an earlier (interrupted) run
+    seconds: float
+    items_per_s: float
+    count: int  # points in the memory afterwards
+    indexed: bool  # whether an index build ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, encoder_id: str | None = None,
+           progress: bool = True, resume: bool = True, optimize: bool = True) -> IngestReport:
+    """Upsert every pair of `source` into `memory`.
+
+    Point ids derive from (source name, key), so a re-run adds no duplicates; a ledger in the
+    memory records finished batches, so a re-run after an interruption continues where it stopped
+    and ends with the same points as an uninterrupted run.
+
+    Args:
+        encoder: needed when the source yields images; its id is checked against the memory's.
+        encoder_id: for precomputed embeddings, the id of the encoder that made them.
+        resume: skip batches an earlier run finished (False re-upserts everything).
+        optimize: build the index afterwards when the memory is large enough to need one.
+    """
+    if encoder is not None:
+        encoder_id = encoder.id
+        memory.check_encoder(encoder.id, encoder.dim)
+    state_key = f"ingest:{source.name}:{source.fingerprint()}"
+    state = (memory.get_state(state_key) if resume else None) or {"batches": 0, "items": 0}
+    skip = int(state["batches"])
+    total = source.total()
+    t0, added = time.perf_counter(), 0
+    with progress_bar(f"ingest {source.name}", total, progress) as advance:
+        advance(int(state["items"]))
+        for batch in source.batches(skip=skip):
+            img, txt = batch.image_embeddings, batch.text_embeddings
+            if batch.images is not None:
+                if encoder is None:
+                    raise ValueError(f"{batch.origin}: this source holds images; pass an encoder to embed them")
+                img = encoder.encode_images(batch.images)
+                txt = encoder.encode_texts(batch.captions)
+            memory.add_embeddings(img, txt, batch.captions, ids=batch.keys, source=source.name,
+                                  payloads=batch.payloads, encoder_id=encoder_id, origin=batch.origin,
+                                  row_offset=batch.row_offset)
+            state = {"batches": state["batches"] + 1, "items": state["items"] + len(batch.keys)}
+            memory.set_state(state_key, state)  # after the upsert: a crash in between only re-does it
+            added += len(batch.keys)
+            advance(len(batch.keys))
+    memory.flush()
+    seconds = time.perf_counter() - t0
+    indexed = optimize and memory.count() > EXACT_SEARCH_BELOW and memory.optimize()
+    return IngestReport(source.name, added, skip, seconds, added / seconds if seconds > 0 else 0.0,
+                        memory.count(), bool(indexed))

@@ -1,0 +1,328 @@
+"""Readers that yield batches of image-text pairs from files, each batch naming where it came from.
+
+- `EmbeddingShards`: precomputed embeddings in the clip-retrieval / LAION layout
+  (`img_emb/img_emb_N.npy`, `text_emb/text_emb_N.npy`, `metadata/metadata_N.parquet`).
+- `ImageFolder`: image files plus a captions table (parquet / csv / jsonl: file name -> caption).
+- `WebDataset`: tar shards of `KEY.jpg|png|webp` + `KEY.txt` (+ optional `KEY.json`), read in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+
+from .encoders import open_image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class Batch:
+    """One batch of pairs; either embeddings or images (to be encoded) are set."""
+
+    keys: list[str]  # unique within the source; the point id is derived from (source, key)
+    captions: list[str]
+    origin: str  # the file the batch comes from, for error messages
+    row_offset: int  # row of the batch's first item within `origin`
+    image_embeddings: np.ndarray | None = None  # [B, d]
+    text_embeddings: np.ndarray | None = None  # [B, d]
+    images: list[Any] | None = None  # PIL images
+    payloads: list[dict[str, Any]] | None = None
+
+
+class Source(Protocol):
+    name: str  # stored in each point's payload as `source`
+
+    def fingerprint(self) -> str:
+        """Changes when the files change: keys the resume ledger."""
+        ...
+
+    def total(self) -> int | None:
+        """Number of items, when known without reading everything."""
+        ...
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        """Yield batches in a fixed order, skipping the first `skip` cheaply."""
+        ...
+
+
+def _files_fingerprint(files: Sequence[Path], *extra: Any) -> str:
+    h = hashlib.sha1(repr(extra).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_table(path: str | Path) -> pl.DataFrame:
+    """A parquet, csv/tsv or jsonl table -> DataFrame, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such table")
+    try:
+        if p.suffix == ".parquet":
+            return pl.read_parquet(p)
+        if p.suffix in (".csv", ".tsv"):
+            return pl.read_csv(p, separator="\t" if p.suffix == ".tsv" else ",", encoding="utf8")
+        if p.suffix in (".jsonl", ".ndjson"):
+            return pl.read_ndjson(p)
+    except Exception as e:  # polars raises several types (ComputeError, ParseError, ...)
+        raise ValueError(f"{p}: cannot read table ({str(e).splitlines()[0]})") from e
+    raise ValueError(f"{p}: unknown table format {p.suffix!r}: expected .parquet, .csv, .tsv or .jsonl")
+
+
+def _require_column(df: pl.DataFrame, col: str, origin: str) -> None:
+    if col not in df.columns:
+        raise ValueError(f"{origin}: no column {col!r}; columns are {df.columns}")
+
+
+def _payload_rows(df: pl.DataFrame, skip: Sequence[str]) -> list[dict[str, Any]]:
+    cols = [c for c in df.columns if c not in skip]
+    return df.select(cols).to_dicts() if cols else [{} for _ in range(df.height)]
+
+
+# --------------------------------------------------------------------------- precomputed embeddings
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy file, truncated or corrupt ({e})") from e
+
+
+class EmbeddingShards:
+    """Precomputed CLIP embeddings in the clip-retrieval layout, read shard by shard with memory maps."""
+
+    def __init__(self, root: str | Path, caption_column: str = "caption", key_column: str | None = None,
+                 source: str | None = None, batch_size: int = 4096) -> None:
+        self.root = Path(root)
+        self.caption_column, self.key_column, self.batch_size = caption_column, key_column, batch_size
+        img = sorted((self.root / "img_emb").glob("img_emb_*.npy"), key=_shard_index)
+        if not img:
+            raise FileNotFoundError(f"{self.root}: no img_emb/img_emb_*.npy files (clip-retrieval layout)")
+        self.shards = []
+        for f in img:
+            i = _shard_index(f)
+            txt = self.root / "text_emb" / f"text_emb_{i}.npy"
+            meta = self.root / "metadata" / f"metadata_{i}.parquet"
+            for p in (txt, meta):
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p}: missing, expected beside {f}")
+            self.shards.append((f, txt, meta))
+        self.name = source or self.root.resolve().name
+
+    def fingerprint(self) -> str:
+        files = [p for s in self.shards for p in s]
+        return _files_fingerprint(files, self.caption_column, self.key_column, self.batch_size)
+
+    def _rows(self, shard: tuple[Path, Path, Path]) -> int:
+        return int(_load_npy(shard[0]).shape[0])
+
+    def total(self) -> int:
+        return sum(self._rows(s) for s in self.shards)
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        seen = 0
+        for img_path, txt_path, meta_path in self.shards:
+            img, txt = _load_npy(img_path), _load_npy(txt_path)
+            n = img.shape[0]
+            n_batches = -(-n // self.batch_size)
+            if seen + n_batches <= skip:
+                seen += n_batches
+                continue
+            meta = read_table(meta_path)
+            if not (txt.shape[0] == meta.height == n):
+                raise ValueError(f"row counts differ: {img_path.name} has {n}, {txt_path.name} "
+                                 f"{txt.shape[0]}, {meta_path.name} {meta.height}")
+            _require_column(meta, self.caption_column, str(meta_path))
+            if self.key_column:
+                _require_column(meta, self.key_column, str(meta_path))
+            captions = meta[self.caption_column].cast(pl.Utf8).fill_null("").to_list()
+            keys = (meta[self.key_column].cast(pl.Utf8).to_list() if self.key_column
+                    else [f"{_shard_index(img_path)}:{r}" for r in range(n)])
+            payloads = _payload_rows(meta, [self.caption_column])
+            for b in range(n_batches):
+                seen += 1
+                if seen <= skip:
+                    continue
+                s, e = b * self.batch_size, min(n, (b + 1) * self.batch_size)
+                yield Batch(keys[s:e], captions[s:e], str(img_path), s,
+                            image_embeddings=np.asarray(img[s:e]), text_embeddings=np.asarray(txt[s:e]),
+                            payloads=payloads[s:e])
+
+
+def _shard_index(p: Path) -> int:
+    m = re.search(r"_(\d+)\.npy$", p.name)
+    if not m:
+        raise ValueError(f"{p}: expected a name like img_emb_0.npy")
+    return int(m.group(1))
+
+
+def write_embedding_shards(root: str | Path, image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                           captions: Sequence[str], shard_size: int = 10_000,
+                           extra: dict[str, Sequence[Any]] | None = None) -> list[Path]:
+    """Write embeddings in the clip-retrieval layout (to export a memory or build fixtures)."""
+    root = Path(root)
+    for d in ("img_emb", "text_emb", "metadata"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, s in enumerate(range(0, len(captions), shard_size)):
+        e = min(len(captions), s + shard_size)
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", np.asarray(image_embeddings[s:e], np.float32))
+        np.save(root / "text_emb" / f"text_emb_{i}.npy", np.asarray(text_embeddings[s:e], np.float32))
+        cols: dict[str, Any] = {"caption": list(captions[s:e])}
+        for k, v in (extra or {}).items():
+            cols[k] = list(v[s:e])
+        pl.DataFrame(cols).write_parquet(root / "metadata" / f"metadata_{i}.parquet")
+        written.append(root / "img_emb" / f"img_emb_{i}.npy")
+    return written
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+class ImageFolder:
+    """Image files under `root` with captions from a table (columns `file_column`, `caption_column`)."""
+
+    def __init__(self, root: str | Path, captions: str | Path, file_column: str = "file",
+                 caption_column: str = "caption", source: str | None = None, batch_size: int = 64) -> None:
+        self.root, self.table_path = Path(root), Path(captions)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such image folder")
+        self.table = read_table(self.table_path)
+        _require_column(self.table, file_column, str(self.table_path))
+        _require_column(self.table, caption_column, str(self.table_path))
+        self.file_column, self.caption_column, self.batch_size = file_column, caption_column, batch_size
+        self.name = source or self.root.resolve().name
+
+    def fingerprint(self) -> str:
+        return _files_fingerprint([self.table_path], str(self.root.resolve()), self.batch_size)
+
+    def total(self) -> int:
+        return self.table.height
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        files = self.table[self.file_column].cast(pl.Utf8).to_list()
+        captions = self.table[self.caption_column].cast(pl.Utf8).fill_null("").to_list()
+        payloads = _payload_rows(self.table, [self.file_column, self.caption_column])
+        for b, s in enumerate(range(0, len(files), self.batch_size)):
+            if b < skip:
+                continue
+            e = min(len(files), s + self.batch_size)
+            images = []
+            for row in range(s, e):
+                path = (self.root / files[row]).resolve()
+                if self.root.resolve() not in path.parents:
+                    raise ValueError(f"{self.table_path} row {row}: {files[row]!r} points outside {self.root}")
+                if not path.is_file():
+                    raise FileNotFoundError(f"{self.table_path} row {row}: image {path} not found")
+                images.append(open_image(path))
+                payloads[row]["uri"] = str(path)
+            yield Batch(files[s:e], captions[s:e], str(self.table_path), s, images=images,
+                        payloads=payloads[s:e])
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+class WebDataset:
+    """WebDataset tar shards, streamed: members are read into memory, never extracted to disk."""
+
+    def __init__(self, shards: Sequence[str | Path], source: str | None = None, batch_size: int = 64) -> None:
+        self.shards = [Path(s) for s in shards]
+        for s in self.shards:
+            if not s.is_file():
+                raise FileNotFoundError(f"{s}: no such tar shard")
+        self.batch_size = batch_size
+        self.name = source or (self.shards[0].parent.resolve().name if self.shards else "webdataset")
+
+    def fingerprint(self) -> str:
+        return _files_fingerprint(self.shards, self.batch_size)
+
+    def total(self) -> int | None:
+        return None
+
+    def _samples(self, shard: Path) -> Iterator[tuple[str, dict[str, tuple[str, bytes]]]]:
+        """(key, {ext: (member name, bytes)}) for each sample, grouping consecutive members by key."""
+        key, group = None, {}
+        try:
+            with tarfile.open(shard, "r|*") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    k = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                    ext = "." + base.split(".", 1)[1].lower()
+                    if k != key and key is not None:
+                        yield key, group
+                        group = {}
+                    key = k
+                    f = tar.extractfile(m)
+                    group[ext] = (m.name, f.read() if f else b"")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"{shard}: not a readable tar shard ({e})") from e
+        if key is not None:
+            yield key, group
+
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
+        b = 0
+        for shard in self.shards:
+            keys, caps, ims, pays, row0 = [], [], [], [], 0
+            for row, (key, group) in enumerate(self._samples(shard)):
+                if b >= skip:
+                    caption, image, extra = self._decode(shard, key, group)
+                    keys.append(f"{shard.name}/{key}")
+                    caps.append(caption)
+                    ims.append(image)
+                    pays.append(extra)
+                else:
+                    keys.append(key)
+                if len(keys) == self.batch_size:
+                    if b >= skip:
+                        yield Batch(keys, caps, str(shard), row0, images=ims, payloads=pays)
+                    b += 1
+                    keys, caps, ims, pays, row0 = [], [], [], [], row + 1
+            if keys:
+                if b >= skip:
+                    yield Batch(keys, caps, str(shard), row0, images=ims, payloads=pays)
+                b += 1
+
+    @staticmethod
+    def _decode(shard: Path, key: str, group: dict[str, tuple[str, bytes]]) -> tuple[str, Any, dict]:
+        img = next((group[e] for e in IMAGE_EXTS if e in group), None)
+        if img is None:
+            raise ValueError(f"{shard}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)})")
+        if ".txt" not in group:
+            raise ValueError(f"{shard}: sample {key!r} has no .txt caption")
+        name, raw = group[".txt"]
+        try:
+            caption = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{shard}: {name} is not UTF-8 text ({e})") from e
+        extra: dict[str, Any] = {}
+        if ".json" in group:
+            try:
+                extra = json.loads(group[".json"][1])
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{shard}: {group['.json'][0]} is not valid JSON ({e})") from e
+            if not isinstance(extra, dict):
+                raise ValueError(f"{shard}: {group['.json'][0]} must hold a JSON object")
+        try:
+            image = open_image(io.BytesIO(img[1]))
+        except ValueError as e:
+            raise ValueError(f"{shard}: {img[0]} is not a readable image") from e
+        extra["uri"] = f"{shard}#{img[0]}"
+        return caption, image, extra
