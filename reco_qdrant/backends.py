@@ -87,7 +87,7 @@ def _named(vec: Any, name: str) -> list[float] | None:
 
 
 class EdgeBackend:
-    """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data) and `<dir>/meta/` (ledger)."""
+    """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data), `<dir>/<collection>__meta/` (ledger)."""
 
     def __init__(self, path: str | os.PathLike, cfg: MemoryConfig) -> None:
         import qdrant_edge as qe
@@ -96,7 +96,7 @@ class EdgeBackend:
         self.cfg = cfg
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / ".lock", "a+")
+        self._lock = open(self.root / f".{cfg.collection}.lock", "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,7 +110,7 @@ class EdgeBackend:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         self.data_path = self.root / cfg.collection
-        self.meta = self._open_or_create(self.root / "meta", {_META_VECTOR: 1})
+        self.meta = self._open_or_create(self.root / f"{cfg.collection}__meta", {_META_VECTOR: 1})
         self.shard = self._load(self.data_path) if self._exists(self.data_path) else None
 
     # -- helpers
@@ -277,11 +277,11 @@ class ServerBackend:
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run an idempotent call with bounded exponential backoff on transient errors."""
-        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt,
-                              wait_exponential_jitter)
+        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential,
+                              wait_random)
 
         retrying = Retrying(stop=stop_after_attempt(max(1, self.cfg.retries)),
-                            wait=wait_exponential_jitter(initial=0.1, max=self.cfg.retry_max_wait),
+                            wait=wait_exponential(multiplier=0.1, max=self.cfg.retry_max_wait) + wait_random(0, 0.1),
                             retry=retry_if_exception(_is_transient), reraise=False)
         try:
             return retrying(fn, *args, **kwargs)

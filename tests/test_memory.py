@@ -1,0 +1,171 @@
+"""Backend conformance (Qdrant Edge and qdrant-client local mode run the same suite) and memory rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, open_memory, random_pairs
+
+from reco_qdrant.memory import EncoderMismatchError, Memory, MemoryError_, MemoryInUseError, point_id
+
+
+def test_upsert_search_retrieve_count(memory):
+    img, txt, caps = random_pairs()
+    ids = memory.add_embeddings(img, txt, caps, ids=range(len(caps)), source="s",
+                                payloads=[{"uri": f"file://{i}.jpg", "lang": "en"} for i in range(len(caps))])
+    assert memory.count() == len(caps)
+    nb = memory.search(img[:5], "image", k=3, return_modality="text")
+    assert nb.ids.shape == (5, 3) and nb.scores.shape == (5, 3) and nb.vectors.shape == (5, 3, 16)
+    assert list(nb.ids[:, 0]) == ids[:5]  # each image finds itself first
+    np.testing.assert_allclose(nb.scores[:, 0], 1.0, atol=1e-5)
+    assert np.all(np.diff(nb.scores, axis=1) <= 1e-6)  # ranked
+    np.testing.assert_allclose(nb.vectors[:, 0], txt[:5], atol=1e-5)  # return_modality gives the text vector
+    assert nb.captions[0][0] == caps[0]
+    assert nb.payloads[1][0] == {"caption": caps[1], "source": "s", "key": "1", "uri": "file://1.jpg", "lang": "en"}
+    recs = memory.retrieve(ids[:2])
+    assert {r.id for r in recs} == set(ids[:2])
+    np.testing.assert_allclose(np.array(recs[0].vectors["image"]), img[ids.index(recs[0].id)], atol=1e-5)
+
+
+def test_text_search_returns_image_vectors(memory):
+    img, txt, caps = random_pairs()
+    memory.add_embeddings(img, txt, caps, ids=range(len(caps)))
+    nb = memory.search(txt[:4], "text", k=2, return_modality="image")
+    np.testing.assert_allclose(nb.vectors[:, 0], img[:4], atol=1e-5)
+    assert memory.search(txt[:4], "text", k=2, return_modality=None).vectors is None
+
+
+def test_backends_agree_with_numpy_reference(tmp_path):
+    img, txt, caps = random_pairs(500, seed=3)
+    q = random_pairs(20, seed=4)[0]
+    exact = np.argsort(-(q @ img.T), axis=1)[:, :10]
+    for kind in BACKENDS:
+        with open_memory(kind, tmp_path / kind) as mem:
+            ids = mem.add_embeddings(img, txt, caps, ids=range(500))
+            nb = mem.search(q, "image", k=10)
+            expected = np.array(ids)[exact]
+            assert (nb.ids == expected).mean() >= 0.99, kind
+
+
+def test_ids_are_deterministic_and_reingest_updates(memory):
+    img, txt, caps = random_pairs(50)
+    a = memory.add_embeddings(img, txt, caps, ids=range(50), source="web")
+    assert a[7] == point_id("web", 7) == point_id("web", "7")
+    assert point_id("web", 7) != point_id("other", 7)
+    b = memory.add_embeddings(img, txt, [c + " (fixed)" for c in caps], ids=range(50), source="web")
+    assert a == b and memory.count() == 50
+    assert memory.retrieve([a[0]])[0].payload["caption"] == caps[0] + " (fixed)"
+    memory.add_embeddings(img, txt, caps)  # default ids: a hash of the content, stable too
+    memory.add_embeddings(img, txt, caps)
+    assert memory.count() == 100
+
+
+def test_k_larger_than_memory_and_empty_memory(memory):
+    img, txt, caps = random_pairs(5)
+    with pytest.raises(MemoryError_, match="empty"):
+        memory.search(img[:1], "image", k=1)
+    memory.add_embeddings(img, txt, caps)
+    with pytest.raises(ValueError, match="k=6 neighbours asked, but the memory holds 5"):
+        memory.search(img[:1], "image", k=6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x: x.__setitem__((3, 2), np.nan) or x, "row 3 holds NaN or inf"),
+    (lambda x: x.__setitem__((4, 0), np.inf) or x, "row 4 holds NaN or inf"),
+    (lambda x: x.__setitem__(5, 0.0) or x, "row 5 is a zero vector"),
+    (lambda x: x.astype(np.int64), "must be float"),
+    (lambda x: x[:, :8], "dimension 8, expected 16"),
+])
+def test_bad_vectors_rejected_and_memory_intact(memory, bad, match):
+    img, txt, caps = random_pairs(20)
+    memory.add_embeddings(img, txt, caps, ids=range(20))
+    with pytest.raises((ValueError, EncoderMismatchError), match=match):
+        memory.add_embeddings(bad(img.copy()), txt, caps, ids=range(100, 120))
+    assert memory.count() == 20
+
+
+def test_empty_caption_and_count_mismatch(memory):
+    img, txt, caps = random_pairs(10)
+    caps[6] = "  "
+    with pytest.raises(ValueError, match="row 6 has an empty"):
+        memory.add_embeddings(img, txt, caps)
+    with pytest.raises(ValueError, match="expected the same number"):
+        memory.add_embeddings(img, txt[:9], caps)
+    assert memory.count() == 0
+
+
+def test_encoder_recorded_and_checked(memory):
+    img, txt, caps = random_pairs(10)
+    memory.add_embeddings(img, txt, caps, encoder_id="open_clip/ViT-B-32/laion2b_s34b_b79k")
+    assert memory.encoder_record["id"] == "open_clip/ViT-B-32/laion2b_s34b_b79k"
+    assert memory.dim == 16
+    with pytest.raises(EncoderMismatchError, match="was built with encoder"):
+        memory.add_embeddings(img, txt, caps, encoder_id="open_clip/RN50/openai")
+    with pytest.raises(EncoderMismatchError, match="dimension 32, expected 16"):
+        memory.add_embeddings(np.ones((1, 32)), np.ones((1, 32)), ["x"])
+
+
+def test_migrations_ledger_idempotent(memory):
+    img, txt, caps = random_pairs(10)
+    memory.add_embeddings(img, txt, caps)
+    info = memory.info()
+    assert info["migrations"] == ["0001_create_memory", "0002_index_source"]
+    assert info["pending_migrations"] == [] and memory.migrate() == []
+
+
+def test_info_never_shows_the_api_key(tmp_path):
+    with Memory.open(":memory:", api_key="s3cret-key") as mem:
+        text = repr(mem.info()) + repr(mem.cfg)
+    assert "s3cret" not in text
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_edge_memory_persists_across_processes(tmp_path):
+    path = tmp_path / "mem"
+    w = _run(f"""
+        import numpy as np
+        from reco_qdrant import Memory
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((200, 16)).astype('float32')
+        with Memory.open({str(path)!r}) as m:
+            m.add_embeddings(x, x[::-1].copy(), [f"c{{i}}" for i in range(200)], ids=range(200), source="p",
+                             encoder_id="enc-a")
+        np.save({str(tmp_path / 'x.npy')!r}, x)
+    """)
+    assert w.returncode == 0, w.stderr
+    x = np.load(tmp_path / "x.npy")
+    with Memory.open(str(path)) as m:
+        assert m.count() == 200 and m.encoder_record["id"] == "enc-a"
+        nb = m.search(x[:3], "image", k=1)
+        assert nb.captions == [["c0"], ["c1"], ["c2"]]
+        np.testing.assert_allclose(nb.vectors[:, 0], x[::-1][:3] / np.linalg.norm(x[::-1][:3], axis=1)[:, None],
+                                   atol=1e-5)
+
+
+def test_second_process_gets_in_use_error(tmp_path):
+    path = tmp_path / "mem"
+    with Memory.open(str(path)) as m:
+        m.add_embeddings(*random_pairs(5))
+        r = _run(f"""
+            from reco_qdrant import Memory, MemoryInUseError
+            try:
+                Memory.open({str(path)!r})
+            except MemoryInUseError as e:
+                print("IN USE:", e)
+        """)
+        assert "IN USE:" in r.stdout and "in use by another process" in r.stdout, r.stderr
+    with Memory.open(str(path)) as m:  # released on close
+        assert m.count() == 5
+
+
+def test_same_process_second_open_is_refused(tmp_path):
+    with Memory.open(str(tmp_path / "m")):
+        with pytest.raises(MemoryInUseError):
+            Memory.open(str(tmp_path / "m"))
