@@ -36,6 +36,10 @@ class FusionConfig:
     def __post_init__(self) -> None:
         if self.aggregator not in ("transformer", "mean"):
             raise ValueError(f"aggregator must be 'transformer' or 'mean', got {self.aggregator!r}")
+        if self.search not in ("uni", "cross"):
+            raise ValueError(f"search must be one of ('uni', 'cross'), got {self.search!r}")
+        if self.fusion not in ("cross", "uni"):
+            raise ValueError(f"fusion must be one of ('cross', 'uni'), got {self.fusion!r}")
         if self.aggregator == "transformer" and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 

@@ -1,0 +1,182 @@
+"""Ingest from real files: precomputed shards, image folders, webdataset tars; idempotence, resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import open_memory, random_pairs
+from PIL import Image
+
+from reco_qdrant.ingest import ingest
+from reco_qdrant.memory import EncoderMismatchError, Memory
+from reco_qdrant.sources import EmbeddingShards, ImageFolder, WebDataset, write_embedding_shards
+
+
+def make_shards(root, n=1000, d=16, shard_size=400, seed=0):
+    img, txt, caps = random_pairs(n, d, seed)
+    write_embedding_shards(root, img, txt, caps, shard_size=shard_size,
+                           extra={"url": [f"http://x/{i}.jpg" for i in range(n)]})
+    return img, txt, caps
+
+
+def snapshot(mem: Memory) -> dict:
+    """Every point: id -> (image bytes, text bytes, payload)."""
+    out = {}
+    for recs in mem.scroll(500):
+        for r in recs:
+            out[r.id] = (np.asarray(r.vectors["image"], np.float32).tobytes(),
+                         np.asarray(r.vectors["text"], np.float32).tobytes(), r.payload)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_ingest_shards_twice_adds_nothing(tmp_path, kind):
+    make_shards(tmp_path / "laion")
+    with open_memory(kind, tmp_path) as mem:
+        r1 = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=128), progress=False)
+        assert r1.added == 1000 and mem.count() == 1000
+        r2 = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=128), progress=False)
+        assert r2.added == 0 and r2.skipped_batches == 10  # shards of 400, 400, 200 rows in batches of 128
+        r3 = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=128), progress=False, resume=False)
+        assert r3.added == 1000 and mem.count() == 1000
+        p = mem.retrieve([mem.search(random_pairs(1000)[0][:1], "image", k=1).ids[0, 0]])[0].payload
+        assert p["url"].startswith("http://x/") and p["source"] == "laion"
+
+
+def _cli_ingest(shards, mem_path, *extra):
+    return [sys.executable, "-m", "reco_qdrant.cli", "ingest", "embeddings", str(shards), "--memory", str(mem_path),
+            "--batch-size", "500", "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_killed_ingest_resumes_to_the_same_points(tmp_path):
+    """SIGKILL `reco ingest` at random points, re-run it, and compare with a clean run bit for bit."""
+    n = 40_000
+    make_shards(tmp_path / "laion", n=n, d=32, shard_size=15_000)
+    clean = tmp_path / "clean"
+    t0 = time.perf_counter()
+    subprocess.run(_cli_ingest(tmp_path / "laion", clean), check=True, capture_output=True, timeout=600)
+    t_clean = time.perf_counter() - t0
+    rng = random.Random(0)
+    killed = tmp_path / "killed"
+    kills = []
+    for _ in range(4):
+        p = subprocess.Popen(_cli_ingest(tmp_path / "laion", killed), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.4, 0.9) * t_clean)  # the clean run's time includes start-up
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        kills.append(p.returncode)
+    subprocess.run(_cli_ingest(tmp_path / "laion", killed), check=True, capture_output=True, timeout=300)
+    with Memory.open(str(clean)) as a:
+        want = snapshot(a)
+    with Memory.open(str(killed)) as b:
+        got = snapshot(b)
+        assert b.count() == n
+    assert -signal.SIGKILL in kills, f"no run was killed mid-way: {kills}"
+    assert got.keys() == want.keys()  # nothing lost, nothing duplicated
+    assert got == want  # same vectors (bit for bit) and payloads
+
+
+def test_ingest_bad_shards(tmp_path):
+    root = tmp_path / "laion"
+    make_shards(root, n=100, shard_size=100)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        ingest(mem, EmbeddingShards(root), progress=False)
+        # truncated .npy
+        f = root / "img_emb" / "img_emb_0.npy"
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="img_emb_0.npy: not a readable .npy"):
+            ingest(mem, EmbeddingShards(root), progress=False)
+        f.write_bytes(data)
+        # row-count mismatch between .npy and parquet
+        meta = root / "metadata" / "metadata_0.parquet"
+        pl.read_parquet(meta).head(90).write_parquet(meta)
+        with pytest.raises(ValueError, match="row counts differ: img_emb_0.npy has 100.*metadata_0.parquet 90"):
+            ingest(mem, EmbeddingShards(root), progress=False)
+        # missing caption column
+        with pytest.raises(ValueError, match="no column 'text'"):
+            make_shards(root, n=100, shard_size=100)
+            ingest(mem, EmbeddingShards(root, caption_column="text"), progress=False)
+        # dimension of another encoder
+        make_shards(tmp_path / "wide", n=10, d=32)
+        with pytest.raises(EncoderMismatchError, match="dimension 32, expected 16"):
+            ingest(mem, EmbeddingShards(tmp_path / "wide"), progress=False)
+        assert mem.count() == 100  # what was stored is intact
+
+
+def _png(color, size=40) -> Image.Image:
+    return Image.new("RGB", (size, size), color)
+
+
+def test_image_folder_and_webdataset(tmp_path, tiny_encoder):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    rows = []
+    for i, (name, c) in enumerate(colors.items()):
+        _png(c).save(folder / f"{name}.png")
+        rows.append({"file": f"{name}.png", "caption": f"a {name} square", "lang": "en"})
+    pl.DataFrame(rows).write_csv(tmp_path / "captions.csv")
+    tar_path = tmp_path / "shard-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, c in colors.items():
+            buf = io.BytesIO()
+            _png(c).save(buf, format="JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"a {name} photo".encode()),
+                              ("json", b'{"license": "cc-by"}')):
+                info = tarfile.TarInfo(f"sample_{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with Memory.open(str(tmp_path / "m"), encoder=tiny_encoder) as mem:
+        r = ingest(mem, ImageFolder(folder, tmp_path / "captions.csv"), tiny_encoder, progress=False)
+        assert r.added == 3
+        r = ingest(mem, WebDataset([tar_path]), tiny_encoder, progress=False)
+        assert r.added == 3 and mem.count() == 6
+        assert mem.encoder_record["id"] == tiny_encoder.id
+        q = tiny_encoder.encode_images([folder / "red.png"])
+        nb = mem.search(q, "image", k=1)
+        assert nb.captions[0][0] == "a red square" and nb.payloads[0][0]["uri"].endswith("red.png")
+        nb = mem.search(tiny_encoder.encode_texts(["a blue photo"]), "text", k=1)
+        assert nb.payloads[0][0]["license"] == "cc-by" and "#sample_blue.jpg" in nb.payloads[0][0]["uri"]
+
+
+def test_bad_images_and_texts(tmp_path, tiny_encoder):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png((1, 2, 3)).save(folder / "ok.png")
+    (folder / "notes.png").write_text("this is not an image")
+    good = folder / "ok.png"
+    (folder / "trunc.jpg").write_bytes(good.read_bytes()[:30])
+    with Memory.open(str(tmp_path / "m"), encoder=tiny_encoder) as mem:
+        for name in ("notes.png", "trunc.jpg"):
+            pl.DataFrame({"file": ["ok.png", name], "caption": ["fine", "broken"]}).write_parquet(tmp_path / "c.parquet")
+            with pytest.raises(ValueError, match=f"{name}: not a readable image"):
+                ingest(mem, ImageFolder(folder, tmp_path / "c.parquet", batch_size=1), tiny_encoder, progress=False)
+        assert mem.count() == 1  # the good batch stays, nothing else
+        (tmp_path / "bad.csv").write_bytes(b"file,caption\nok.png,caf\xe9 au lait\n")
+        with pytest.raises(ValueError, match="bad.csv: cannot read table"):
+            ImageFolder(folder, tmp_path / "bad.csv")
+        tar_path = tmp_path / "bad.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            buf = io.BytesIO()
+            _png((9, 9, 9)).save(buf, format="PNG")
+            for name, data in (("a.png", buf.getvalue()), ("a.txt", b"\xff\xfe caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with pytest.raises(ValueError, match="bad.tar: a.txt is not UTF-8"):
+            ingest(mem, WebDataset([tar_path]), tiny_encoder, progress=False)
+        assert mem.count() == 1

@@ -1,0 +1,174 @@
+"""RECO on the synthetic world: beats the baseline widely, ablations order as in the paper,
+self-exclusion matters, checkpoints round-trip, the memory can be swapped at inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reco_qdrant import FusionModel, Memory, RecoClassifier, train_fusion
+from reco_qdrant.evaluation import zero_shot_report
+from reco_qdrant.memory import point_id
+from reco_qdrant.neighbors import retrieve
+
+
+def fill(mem, w, rows=None):
+    rows = np.arange(len(w.memory_ids)) if rows is None else rows
+    mem.add_embeddings(w.memory_image[rows], w.memory_text[rows], [w.memory_captions[i] for i in rows],
+                       ids=[w.memory_ids[i] for i in rows], source="synthetic", encoder_id="synthetic")
+    return mem
+
+
+@pytest.fixture(scope="module")
+def setup(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("method")
+    mem = fill(Memory.open(str(tmp / "mem")), world)
+    ids = [point_id("synthetic", k) for k in world.train_ids]
+    names = [world.class_names[c] for c in world.eval_classes]
+    labels = np.searchsorted(world.eval_classes, world.eval_labels)
+
+    def run(**kw):
+        model = train_fusion(mem, world.train_image, world.train_text, labels=world.train_labels,
+                             class_embeddings=world.class_text, ids=ids, progress=False, cache_dir=str(tmp / "c"),
+                             device="cpu", **kw)
+        clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+        return model, clf, zero_shot_report(clf, world.eval_image, labels)
+
+    yield mem, run, names, labels, tmp
+    mem.close()
+
+
+@pytest.fixture(scope="module")
+def reco(setup):
+    return setup[1]()
+
+
+def test_reco_beats_baseline_by_25_points(reco):
+    _, _, res = reco
+    assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
+
+
+@pytest.mark.parametrize("mode", [dict(search="cross"), dict(fusion="uni")])
+def test_ablations_are_clearly_worse(setup, reco, mode):
+    _, _, res = setup[1](**mode)
+    assert res["reco"]["top1"] <= reco[2]["reco"]["top1"] - 0.2, (mode, res)
+
+
+def test_self_exclusion_prevents_copying(world, tmp_path):
+    """All training pairs in the memory, no early stopping: without self-exclusion the model learns to
+    copy its own caption (training loss collapses) and does worse on unseen classes."""
+    from reco_qdrant.synthetic import make_world
+
+    w = make_world(train_in_memory_fraction=1.0)
+    with fill(Memory.open(str(tmp_path / "m")), w) as mem:
+        ids = [point_id("synthetic", k) for k in w.train_ids]
+        names = [w.class_names[c] for c in w.eval_classes]
+        labels = np.searchsorted(w.eval_classes, w.eval_labels)
+        out = {}
+        for ex in (True, False):
+            m = train_fusion(mem, w.train_image, w.train_text, ids=ids, epochs=10, val_fraction=0, self_exclusion=ex,
+                             progress=False, cache_dir=str(tmp_path / "c"), device="cpu")
+            clf = RecoClassifier(mem, m).set_class_embeddings(w.class_text[w.eval_classes], names)
+            out[ex] = (m.history[-1]["loss"], zero_shot_report(clf, w.eval_image, labels)["reco"]["top1"])
+        nb = retrieve(mem, w.train_image[:50], "image", 10, exclude_ids=ids[:50], dedup_threshold=0.98)
+        assert (nb.ids != np.array(ids[:50])[:, None]).all() and nb.mask.all()  # never itself, still k
+    assert out[False][0] < 0.5 * out[True][0], out  # copying makes the task trivial
+    assert out[False][1] <= out[True][1] - 0.08, out
+
+
+def test_checkpoint_roundtrip_is_exact_and_pickle_free(setup, reco, tmp_path):
+    mem, _, names, labels, _ = setup
+    model, clf, _ = reco
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = FusionModel.from_pretrained(path)
+    clf2 = RecoClassifier(mem, loaded).set_class_embeddings(clf.raw_class_embeddings_, names)
+    np.testing.assert_array_equal(clf2.refine(clf.raw_class_embeddings_[:5], "text"),
+                                  clf.refine(clf.raw_class_embeddings_[:5], "text"))
+    probe = np.random.default_rng(0).standard_normal((20, model.cfg.dim)).astype(np.float32)
+    assert clf.predict_embeddings(probe) == clf2.predict_embeddings(probe)
+    # probabilities agree to float32 rounding (BLAS may sum in another order for other buffers)
+    np.testing.assert_allclose(clf.predict_proba_embeddings(probe), clf2.predict_proba_embeddings(probe),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_for_another_dim_or_mode_is_refused(setup, tmp_path):
+    from reco_qdrant.fusion import FusionConfig
+    from reco_qdrant.memory import EncoderMismatchError
+
+    mem = setup[0]
+    FusionModel(FusionConfig(dim=32, n_heads=8)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(EncoderMismatchError, match="fusion model is 32-d, memory holds 64-d"):
+        RecoClassifier(mem, FusionModel.from_pretrained(tmp_path / "wide"))
+    cfg = (tmp_path / "wide" / "config.json")
+    cfg.write_text(cfg.read_text().replace('"fusion": "cross"', '"fusion": "sideways"'))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        FusionModel.from_pretrained(tmp_path / "wide")
+    FusionModel(FusionConfig(dim=64, encoder_id="open_clip/RN50/openai")).save_pretrained(tmp_path / "other")
+    with pytest.raises(EncoderMismatchError, match="trained on 'open_clip/RN50/openai'"):
+        RecoClassifier(mem, FusionModel.from_pretrained(tmp_path / "other"))
+
+
+def test_another_memory_at_inference(world, reco, tmp_path):
+    """Train on one memory, predict with a different one (half of the pairs, another store)."""
+    model, clf, res = reco
+    names = [world.class_names[c] for c in world.eval_classes]
+    labels = np.searchsorted(world.eval_classes, world.eval_labels)
+    with fill(Memory.open(":memory:"), world, rows=np.arange(1, len(world.memory_ids), 2)) as other:
+        clf2 = RecoClassifier(other, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+        res2 = zero_shot_report(clf2, world.eval_image, labels)
+    assert res2["reco"]["top1"] >= res2["baseline"]["top1"] + 0.25, res2
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_exactly(world, tmp_path):
+    """SIGKILL a training process after a checkpoint, resume it, and match an uninterrupted run bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_method import fill
+from reco_qdrant import Memory, train_fusion
+from reco_qdrant.synthetic import make_world
+w = make_world()
+with fill(Memory.open({str(tmp_path / 'm')!r}), w) as mem:
+    train_fusion(mem, w.train_image, w.train_text, labels=w.train_labels, class_embeddings=w.class_text,
+                 epochs=4, patience=100, out_dir={str(tmp_path / 'a')!r}, cache_dir={str(tmp_path / 'c')!r},
+                 progress=False, device="cpu")
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (tmp_path / "a" / "last" / "trainer_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, p.stderr.read().decode()[-2000:]
+    kw = dict(labels=world.train_labels, class_embeddings=world.class_text, epochs=4, patience=100,
+              cache_dir=str(tmp_path / "c"), progress=False, device="cpu")
+    with Memory.open(str(tmp_path / "m")) as mem:
+        resumed = train_fusion(mem, world.train_image, world.train_text, out_dir=str(tmp_path / "a"), **kw)
+        clean = train_fusion(mem, world.train_image, world.train_text, out_dir=str(tmp_path / "b"), **kw)
+    assert resumed.history[-1]["epoch"] == 4 and len(resumed.history) == 5
+    for part in ("last", "best"):
+        a = load_file(str(tmp_path / "a" / part / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / part / "model.safetensors"))
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    for k, v in clean.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_templates_and_unknown_placeholder(tiny_encoder):
+    clf = RecoClassifier(encoder=tiny_encoder, use_retrieval=False)
+    with pytest.raises(ValueError, match=r"exactly one '\{\}' placeholder.*\{name\}"):
+        clf.set_classes(["a", "b"], ["a photo of a {name}."])
+    clf.set_classes(["cardinal", "blue jay"], "birds")
+    assert clf.class_embeddings_.shape == (2, tiny_encoder.dim)
