@@ -277,8 +277,14 @@ class ServerBackend:
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run an idempotent call with bounded exponential backoff on transient errors."""
-        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential,
-                              wait_random)
+        from tenacity import (
+            RetryError,
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_exponential,
+            wait_random,
+        )
 
         retrying = Retrying(stop=stop_after_attempt(max(1, self.cfg.retries)),
                             wait=wait_exponential(multiplier=0.1, max=self.cfg.retry_max_wait) + wait_random(0, 0.1),

@@ -244,7 +244,7 @@ def _load_shards(path: Path, label_column: str | None, key_column: str | None) -
 def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in the clip-retrieval layout")],
           out_dir: Annotated[Path, typer.Option("--out", help="checkpoints: OUT/best, OUT/last (resumable)")],
           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-          label_column: Annotated[str | None, typer.Option(help="class column, to validate on held-out classes")] = None,
+          label_column: Annotated[str | None, typer.Option(help="class column (validates on held-out classes)")] = None,
           key_column: Annotated[str | None, typer.Option(help="key column of the metadata")] = None,
           in_memory_source: Annotated[str | None, typer.Option(
               help="source name under which these pairs were ingested (excludes each pair's own point)")] = None,
@@ -375,7 +375,7 @@ def eval_retrieval(pairs: Annotated[Path, typer.Argument(help="paired embeddings
 @app.command()
 @cli_errors
 def demo(memory: MemoryOpt = None, seed: int = 0,
-         out_dir: Annotated[Path, typer.Option("--out", help="where the demo's checkpoint goes")] = Path("reco-runs/demo"),
+         out_dir: Annotated[Path, typer.Option("--out", help="the demo's checkpoint dir")] = Path("reco-runs/demo"),
          ablations: Annotated[bool, typer.Option(help="also train the paper's ablations")] = True,
          progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
     """RECO end to end on a synthetic fine-grained world: memory, training, baseline vs RECO, ablations."""

@@ -126,7 +126,7 @@ def test_image_folder_and_webdataset(tmp_path, tiny_encoder):
     folder.mkdir()
     colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
     rows = []
-    for i, (name, c) in enumerate(colors.items()):
+    for name, c in colors.items():
         _png(c).save(folder / f"{name}.png")
         rows.append({"file": f"{name}.png", "caption": f"a {name} square", "lang": "en"})
     pl.DataFrame(rows).write_csv(tmp_path / "captions.csv")
@@ -162,7 +162,8 @@ def test_bad_images_and_texts(tmp_path, tiny_encoder):
     (folder / "trunc.jpg").write_bytes(good.read_bytes()[:30])
     with Memory.open(str(tmp_path / "m"), encoder=tiny_encoder) as mem:
         for name in ("notes.png", "trunc.jpg"):
-            pl.DataFrame({"file": ["ok.png", name], "caption": ["fine", "broken"]}).write_parquet(tmp_path / "c.parquet")
+            table = pl.DataFrame({"file": ["ok.png", name], "caption": ["fine", "broken"]})
+            table.write_parquet(tmp_path / "c.parquet")
             with pytest.raises(ValueError, match=f"{name}: not a readable image"):
                 ingest(mem, ImageFolder(folder, tmp_path / "c.parquet", batch_size=1), tiny_encoder, progress=False)
         assert mem.count() == 1  # the good batch stays, nothing else
