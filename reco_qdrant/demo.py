@@ -59,11 +59,12 @@ def run_demo(location: str | None = None, collection: str = "reco_demo", seed: i
                 rows.append({"method": "baseline (no retrieval)", **res["baseline"], "train_s": 0.0, "epoch": 0})
             rows.append({"method": name, **res["reco"], "train_s": seconds, "epoch": model.best_epoch})
         fusion_reco.save_pretrained(out_dir / "fusion")
-        ex = clf_reco.explain(w.eval_image[:: max(1, len(w.eval_image) // 3)][:3], "image")
+        shown = np.arange(0, len(labels), max(1, len(labels) // 3))[:3]  # three example images
+        ex = clf_reco.explain(w.eval_image[shown], "image")
         base_pred = RecoClassifier(use_retrieval=False).set_class_embeddings(
-            w.class_text[w.eval_classes], names).predict_embeddings(w.eval_image[:: max(1, len(w.eval_image) // 3)][:3])
+            w.class_text[w.eval_classes], names).predict_embeddings(w.eval_image[shown])
         reco_pred = [names[i] for i in (ex.refined @ clf_reco.class_embeddings_.T).argmax(1)]
-        truth = [names[i] for i in labels[:: max(1, len(labels) // 3)][:3]]
+        truth = [names[i] for i in labels[shown]]
         examples = [{"truth": truth[i], "baseline": base_pred[i], "reco": reco_pred[i],
                      "neighbours": [{"caption": c, "score": float(s)} for c, s in
                                     zip(ex.neighbours.captions[i][:5], ex.neighbours.scores[i][:5])]}
