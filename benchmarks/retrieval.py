@@ -1,82 +1,211 @@
-"""Retrieval benchmark: our Memory (Qdrant Edge) vs numpy brute force on CLIP-like vectors.
+"""Retrieval benchmark: our Memory (Qdrant Edge; qdrant-client :memory: at <= 20k) vs numpy brute
+force, faiss HNSW and ScaNN, on CLIP-like 512-d vectors, all in the same run.
 
-Prints a table and writes JSON to benchmarks/results/. Usage: python benchmarks/retrieval.py --n 20000 100000
-(faiss / ScaNN columns need the `bench` extra; they are skipped when not installed).
+Workload: batches of 256 image queries (held-out items of the same distribution), k=10, each hit
+returning the other modality's vector and its caption. Reports ingest items/s, index build s,
+search ms/query (median over batches), recall@10 vs exact, resident memory and disk. Resident memory
+is the RSS growth of building the index (faiss, ScaNN) or, for an Edge memory, of a fresh process
+that opens it and runs the searches (what a user's process holds).
+
+    python benchmarks/retrieval.py --n 100000 1000000      # faiss / ScaNN need the `bench` extra
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import gc
+import math
 import tempfile
-import time
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
+from common import Timer, clip_like, dir_mb, exact_topk, print_table, recall, rss_mb, write_results
 
 from reco_qdrant import Memory
 
-
-def clip_like(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered, paired image/text vectors with a shared modality mean, L2-normalised."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 50), d)).astype(np.float32)
-    c = rng.integers(0, len(centres), n)
-    gi, gt = rng.standard_normal((2, d)).astype(np.float32)
-    img = centres[c] + 0.8 * rng.standard_normal((n, d)).astype(np.float32) + 1.5 * gi
-    txt = centres[c] + 0.8 * rng.standard_normal((n, d)).astype(np.float32) + 1.5 * gt
-    return (img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True))
+K, BATCH = 10, 256
 
 
-def run(n: int, d: int, k: int = 10, batch: int = 256, n_queries: int = 1024) -> dict:
-    img, txt = clip_like(n, d)
-    queries = clip_like(n_queries, d, seed=1)[0]
-    out: dict = {"n": n, "dim": d, "k": k, "batch": batch}
-    t = time.perf_counter()
-    exact = np.concatenate([np.argpartition(-(queries[s:s + batch] @ img.T), k, axis=1)[:, :k]
-                            for s in range(0, n_queries, batch)])
-    out["numpy_ms_per_query"] = 1000 * (time.perf_counter() - t) / n_queries
-    with tempfile.TemporaryDirectory() as tmp, Memory.open(tmp, auto_index=False) as mem:
-        caps = [f"caption {i}" for i in range(n)]
-        t = time.perf_counter()
-        ids = mem.add_embeddings(img, txt, caps, ids=range(n), source="bench")
-        mem.flush()
-        out["ingest_items_per_s"] = n / (time.perf_counter() - t)
-        t = time.perf_counter()
-        mem.optimize()
-        out["index_build_s"] = time.perf_counter() - t
-        mem.search(queries[:batch], "image", k, "text")  # warm-up
-        times = []
-        found = []
-        for s in range(0, n_queries, batch):
-            t = time.perf_counter()
-            nb = mem.search(queries[s:s + batch], "image", k, "text")
-            times.append((time.perf_counter() - t) / len(nb.ids))
-            found.append(nb.ids)
-        out["edge_ms_per_query_median"] = 1000 * float(np.median(times))
-        idx = {pid: i for i, pid in enumerate(ids)}
-        got = np.vectorize(idx.get)(np.concatenate(found))
-        out["edge_recall_at_10"] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact)]))
-        out["disk_mb"] = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 2**20
-    return out
+def _search_batches(fn, queries: np.ndarray) -> tuple[np.ndarray, float]:
+    """Run `fn(batch) -> [b, k] indices` over batches; (indices, median ms/query)."""
+    fn(queries[:BATCH])  # warm-up
+    found, times = [], []
+    for s in range(0, len(queries), BATCH):
+        with Timer() as t:
+            found.append(fn(queries[s:s + BATCH]))
+        times.append(t.s / len(found[-1]))
+    return np.concatenate(found), 1000 * float(np.median(times))
+
+
+def bench_numpy(img, txt, caps, queries, exact) -> dict:
+    def fn(q):
+        idx = exact_topk(q, img, K)
+        _ = txt[idx], [[caps[j] for j in row] for row in idx]  # same return as the others
+        return idx
+    found, ms = _search_batches(fn, queries)
+    return {"engine": "numpy exact", "ms_per_query": ms, "recall@10": recall(found, exact)}
+
+
+def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, ef: int) -> dict:
+    import faiss
+
+    r0 = rss_mb()
+    with Timer() as tb:
+        index = faiss.IndexHNSWFlat(img.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construct
+        index.add(img)
+    index.hnsw.efSearch = ef
+
+    def fn(q):
+        idx = index.search(q, K)[1]
+        _ = txt[idx], [[caps[j] for j in row] for row in idx]
+        return idx
+    found, ms = _search_batches(fn, queries)
+    row = {"engine": f"faiss HNSW m={m} efc={ef_construct} ef={ef}", "index_build_s": tb.s, "ms_per_query": ms,
+           "recall@10": recall(found, exact), "rss_mb": rss_mb() - r0}
+    return row
+
+
+def bench_scann(img, txt, caps, queries, exact) -> list[dict]:
+    """ScaNN (tree + asymmetric hashing + reordering), sweeping leaves searched; all settings reported."""
+    import scann
+
+    n = len(img)
+    leaves = max(2, int(math.sqrt(n)))
+    r0 = rss_mb()
+    with Timer() as tb:
+        searcher = (scann.scann_ops_pybind.builder(img, K, "dot_product")
+                    .tree(num_leaves=leaves, num_leaves_to_search=max(1, leaves // 10),
+                          training_sample_size=min(n, 250_000))
+                    .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(400).build())
+    rows = []
+    for frac, reorder in ((0.02, 100), (0.05, 100), (0.1, 200), (0.2, 250), (0.3, 400)):
+        search = max(1, int(leaves * frac))
+
+        def fn(q, search=search, reorder=reorder):
+            idx = searcher.search_batched_parallel(q, leaves_to_search=search,
+                                                   pre_reorder_num_neighbors=reorder)[0]
+            idx = idx.astype(np.int64)
+            _ = txt[idx], [[caps[j] for j in row] for row in idx]
+            return idx
+        found, ms = _search_batches(fn, queries)
+        rows.append({"engine": f"ScaNN leaves {search}/{leaves} reorder {reorder}", "index_build_s": tb.s,
+                     "ms_per_query": ms, "recall@10": recall(found, exact), "rss_mb": rss_mb() - r0})
+    return rows
+
+
+def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], **settings) -> list[dict]:
+    """Our Memory: ingest (upsert), index build, search at several hnsw_ef, text vectors + captions returned."""
+    n = len(img)
+    with tempfile.TemporaryDirectory() as tmp:
+        loc = tmp if location == "edge" else location
+        r0 = rss_mb()
+        with Memory.open(loc, auto_index=False, **settings) as mem:
+            with Timer() as ti:
+                ids = mem.add_embeddings(img, txt, caps, ids=range(n), source="bench")
+                mem.flush()
+            with Timer() as tb:
+                mem.optimize()
+            where = {pid: i for i, pid in enumerate(ids)}
+            label = f"Memory {location}" + (f" {settings['quantization']}" if settings.get("quantization") else "")
+            base = {"ingest_items_per_s": n / ti.s, "index_build_s": tb.s}
+            rows = []
+            for ef in efs:
+                mem.backend.cfg = replace(mem.backend.cfg, hnsw_ef=ef)
+
+                def fn(q, ret="text"):
+                    nb = mem.search(q, "image", K, ret)
+                    return np.vectorize(where.get, otypes=[np.int64])(nb.ids)
+                found, ms = _search_batches(fn, queries)
+                _, ms_ids_only = _search_batches(lambda q: fn(q, None), queries)
+                rows.append({"engine": f"{label} ef={ef}", **base, "ms_per_query": ms,
+                             "ms_without_vectors": ms_ids_only, "recall@10": recall(found, exact),
+                             "rss_mb": rss_mb() - r0})  # on Edge replaced by a fresh process's figure below
+            st = mem.backend.status()
+        extra = {"segments": st.get("segments")}
+        if location == "edge":
+            extra.update(disk_mb=dir_mb(tmp), rss_mb=_reopened_rss(tmp, queries, settings)["rss_mb"])
+        for r in rows:
+            r.update(extra)
+    return rows
+
+
+_RSS_PROBE = """
+import json, sys, numpy as np
+sys.path.insert(0, {bench!r})
+from common import rss_mb
+import qdrant_edge
+from reco_qdrant import Memory
+base = rss_mb()  # after imports: what the memory itself adds
+q = np.load({queries!r})
+with Memory.open({path!r}, **{settings!r}) as mem:
+    for s in range(0, len(q), 256):
+        mem.search(q[s:s + 256], "image", 10, "text")
+    print(json.dumps({{"rss_mb": rss_mb() - base}}))
+"""
+
+
+def _reopened_rss(path: str, queries: np.ndarray, settings: dict) -> dict:
+    """Resident memory of the memory opened afresh in another process and searched: what a user's process holds."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qfile = Path(path) / "queries.npy"
+    np.save(qfile, queries)
+    code = _RSS_PROBE.format(bench=str(Path(__file__).parent), queries=str(qfile), path=path, settings=settings)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int]) -> list[dict]:
+    img, txt = clip_like(n + n_queries, d)
+    queries, img, txt = img[n:].copy(), img[:n], txt[:n]
+    caps = [f"caption {i}" for i in range(n)]
+    exact = exact_topk(queries, img, K)
+    rows = []
+    if "numpy" in engines:
+        rows.append(bench_numpy(img, txt, caps, queries, exact))
+    if "faiss" in engines:
+        rows.append(bench_faiss(img, txt, caps, queries, exact, 16, 100, 128))
+    if "scann" in engines:
+        rows.extend(bench_scann(img, txt, caps, queries, exact))
+    gc.collect()
+    if "edge" in engines:
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs))
+    if "int8" in engines:
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization="int8"))
+    if "local" in engines and n <= 20_000:
+        rows.extend(bench_memory(img, txt, caps, queries, exact, ":memory:", efs[:1]))
+    for r in rows:
+        r["n"] = n
+        if r.get("rss_mb") is not None:
+            r["rss_bytes_per_item"] = r["rss_mb"] * 2**20 / n
+    return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[20_000, 100_000])
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=1024)
+    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="hnsw_ef values for our Memory")
+    ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "int8", "local"])
+    ap.add_argument("--out", default="retrieval")
     args = ap.parse_args()
-    rows = [run(n, args.dim) for n in args.n]
-    keys = list(rows[0])
-    print(" | ".join(f"{k:>14}" for k in keys))
-    for r in rows:
-        print(" | ".join(f"{r[k]:>14.3f}" if isinstance(r[k], float) else f"{r[k]:>14}" for k in keys))
-    res = {"machine": f"{platform.machine()} {platform.processor()} ({__import__('os').cpu_count()} cores)",
-           "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    path = Path(__file__).parent / "results" / "retrieval.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(res, indent=2))
+    engines = set(args.engines)
+    for name in ("faiss", "scann"):
+        try:
+            __import__(name)
+        except ImportError:
+            print(f"{name} not installed (pip install -e '.[bench]'): skipped")
+            engines.discard(name)
+    rows: list[dict] = []
+    for n in args.n:
+        rows.extend(run(n, args.dim, engines, args.queries, args.ef))
+        print_table([r for r in rows if r["n"] == n], f"n={n:,}, d={args.dim}, k={K}, batches of {BATCH}")
+        path = write_results(args.out, {"dim": args.dim, "k": K, "batch": BATCH, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -8,9 +8,11 @@ Both store one point per image-text pair with two named vectors, `image` and `te
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +155,8 @@ class EdgeBackend:
               for n in VECTOR_NAMES}
         hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
                                   full_scan_threshold=cfg.full_scan_threshold)
-        config = qe.EdgeConfig(vectors=vp, hnsw_config=hnsw, quantization_config=quant)
+        config = qe.EdgeConfig(vectors=vp, hnsw_config=hnsw, quantization_config=quant,
+                               on_disk_payload=cfg.on_disk_payload)
         self.shard = qe.EdgeShard.create(str(self.data_path), config)
 
     def create_payload_index(self, field: str) -> None:
@@ -169,7 +172,7 @@ class EdgeBackend:
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
                exact: bool = False) -> list[list[Hit]]:
         qe = self.qe
-        quant = qe.QuantizationSearchParams(rescore=True) if self.cfg.quantization else None
+        quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = qe.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
         with_vector = [return_vector] if return_vector else False
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
@@ -264,13 +267,14 @@ class ServerBackend:
         self.name = cfg.collection
         self.meta_name = f"{cfg.collection}__meta"
         self.local = client is None and cfg.location == ":memory:"  # exact search, no payload indexes
+        # qdrant-client's local mode is plain Python state, not thread-safe: serialise calls there only
+        self._lock = threading.RLock() if self.local else contextlib.nullcontext()
         if client is not None:
             self.client = client
         elif cfg.location == ":memory:":
             self.client = QdrantClient(":memory:")
         else:
-            self.client = QdrantClient(url=cfg.location, api_key=cfg.api_key, prefer_grpc=cfg.prefer_grpc,
-                                       grpc_port=cfg.grpc_port, timeout=int(cfg.timeout))
+            self.client = QdrantClient(**cfg.client_kwargs())
         if not self._call(self.client.collection_exists, self.meta_name):
             self._call(self.client.create_collection, self.meta_name,
                        vectors_config={_META_VECTOR: models.VectorParams(size=1, distance=models.Distance.COSINE)})
@@ -290,7 +294,8 @@ class ServerBackend:
                             wait=wait_exponential(multiplier=0.1, max=self.cfg.retry_max_wait) + wait_random(0, 0.1),
                             retry=retry_if_exception(_is_transient), reraise=False)
         try:
-            return retrying(fn, *args, **kwargs)
+            with self._lock:
+                return retrying(fn, *args, **kwargs)
         except RetryError as e:
             last = e.last_attempt.exception()
             raise MemoryUnavailableError(
@@ -315,7 +320,7 @@ class ServerBackend:
                    hnsw_config=m.HnswConfigDiff(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
                                                 full_scan_threshold=cfg.full_scan_threshold),
                    quantization_config=quant, shard_number=cfg.shard_number,
-                   replication_factor=cfg.replication_factor)
+                   replication_factor=cfg.replication_factor, on_disk_payload=cfg.on_disk_payload)
 
     def create_payload_index(self, field: str) -> None:
         if self.local:
@@ -331,7 +336,7 @@ class ServerBackend:
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
                exact: bool = False) -> list[list[Hit]]:
         m = self.m
-        quant = m.QuantizationSearchParams(rescore=True) if self.cfg.quantization else None
+        quant = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = None if self.local else m.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=True,

@@ -1,7 +1,8 @@
 """The `reco` command: a thin layer that parses options and calls the Python API.
 
-Workflow: `reco migrate` -> `reco ingest ...` -> `reco train` -> `reco predict` / `reco eval ...`;
-`reco info` and `reco search` inspect a memory; `reco demo` runs everything on a synthetic world.
+Workflow: `reco migrate` -> `reco ingest ...` -> `reco dedup` (evaluation images) -> `reco train` ->
+`reco predict` / `reco eval ...`. `reco info` and `reco search` inspect a memory, `reco copy` moves one
+between embedded and server; `reco demo` runs everything on a synthetic world.
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def migrate(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
             mem.check_encoder(encoder_id, dim, record=True)
         applied = mem.migrate(dim)
         pending = mem.pending_migrations()
-        _emit({"applied": applied, "pending": pending}, as_json)
-        if not as_json:
-            out.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+    if as_json:
+        _emit({"applied": applied, "pending": pending}, True)
+    else:
+        out.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
 
 
 def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, encoder_id: str | None,
@@ -216,6 +218,53 @@ def search(text: Annotated[str | None, typer.Option(help="a text query")] = None
     for h in hits:
         table.add_row(str(h["rank"]), f"{h['score']:.3f}", h["caption"], str(h["uri"] or ""))
     _emit(hits, as_json, table)
+
+
+@app.command()
+@cli_errors
+def copy(src: Annotated[str, typer.Argument(help="memory to copy from (directory | URL)")],
+         dst: Annotated[str, typer.Argument(help="memory to copy into (directory | URL)")],
+         collection: CollectionOpt = "reco_memory",
+         dst_collection: Annotated[str | None, typer.Option(help="collection at DST (default: same)")] = None,
+         progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
+    """Copy a memory (embedded -> server, server -> embedded), ids and payloads preserved. Idempotent."""
+    from .ingest import copy_memory
+
+    with _open(src, collection, auto_index=False) as a, _open(dst, dst_collection or collection) as b:
+        n = copy_memory(a, b, progress=progress and not as_json)
+        res = {"copied": n, "src": src, "dst": dst, "dst_count": b.count()}
+    _emit(res, as_json) if as_json else out.print(f"copied {n:,} points to {dst} (it now holds {res['dst_count']:,})")
+
+
+@app.command()
+@cli_errors
+def dedup(eval_set: Annotated[Path, typer.Argument(
+              help="evaluation images: an image folder (encoded with --model) or embeddings (img_emb/*.npy)")],
+          memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+          threshold: Annotated[float, typer.Option(help="cosine similarity counted as a near-duplicate")] = 0.95,
+          dry_run: Annotated[bool, typer.Option(help="only count, remove nothing")] = False,
+          model: ModelOpt = "ViT-B-32", pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+          encoder_kind: KindOpt = "open_clip", as_json: JsonOpt = False) -> None:
+    """Remove from the memory the near-duplicates of an evaluation set's images (do it before evaluating)."""
+    enc = None
+    if (eval_set / "img_emb").is_dir():
+        queries = _load_shards(eval_set, None, None)[0]
+    else:
+        from .evaluation import image_files
+
+        enc = _encoder(model, pretrained, encoder_kind)
+        queries = enc.encode_images(image_files(eval_set))
+    with _open(memory, collection, encoder=enc) as mem:
+        ids = mem.near_duplicates(queries, threshold)
+        if not dry_run:
+            mem.delete(ids)
+        res = {"eval_images": len(queries), "near_duplicates": len(ids), "removed": 0 if dry_run else len(ids),
+               "threshold": threshold, "memory_count": mem.count()}
+    if as_json:
+        _emit(res, True)
+    else:
+        out.print(f"{len(ids):,} near-duplicates (cosine >= {threshold}) of {len(queries):,} evaluation images "
+                  f"{'found (dry run)' if dry_run else 'removed'}; memory holds {res['memory_count']:,} points")
 
 
 # --------------------------------------------------------------------------- method

@@ -73,3 +73,14 @@ def image_folder_dataset(root: str | Path) -> tuple[list[Path], np.ndarray, list
                 paths.append(f)
                 labels.append(i)
     return paths, np.asarray(labels), [c.replace("_", " ") for c in classes]
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file under `root` (recursively), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTS))}) found")
+    return files

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -102,3 +103,34 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
     indexed = optimize and memory.count() > EXACT_SEARCH_BELOW and memory.optimize()
     return IngestReport(source.name, added, skip, seconds, added / seconds if seconds > 0 else 0.0,
                         memory.count(), bool(indexed))
+
+
+def copy_memory(src: Memory, dst: Memory, batch: int = 1024, progress: bool = False) -> int:
+    """Copy every point of `src` into `dst` (embedded -> server, or back); returns the number copied.
+
+    Point ids derive from (source, key) and the payload keeps both, so ids are preserved and copying
+    again is idempotent. The destination must be empty or hold vectors of the same encoder.
+    """
+    rec = src.encoder_record
+    if rec is None:
+        return 0
+    extra = {k: v for k, v in rec.items() if k not in ("id", "dim")}
+    dst.check_encoder(rec["id"], rec["dim"], record=True, extra=extra)
+    done = 0
+    with progress_bar(f"copy to {dst.cfg.location}", src.count(), progress) as advance:
+        for recs in src.scroll(batch, with_vectors=True):
+            by_source: dict[str, list] = {}
+            for r in recs:
+                by_source.setdefault(r.payload.get("source", "default"), []).append(r)
+            for source, group in by_source.items():
+                dst.add_embeddings(np.array([r.vectors["image"] for r in group], np.float32),
+                                   np.array([r.vectors["text"] for r in group], np.float32),
+                                   [r.payload["caption"] for r in group], ids=[r.payload["key"] for r in group],
+                                   source=source, payloads=[r.payload for r in group], encoder_id=rec["id"],
+                                   origin=f"{src.cfg.location} -> {dst.cfg.location}")
+            done += len(recs)
+            advance(len(recs))
+    dst.flush()
+    if dst.count() > EXACT_SEARCH_BELOW:
+        dst.optimize()
+    return done

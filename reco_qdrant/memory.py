@@ -65,7 +65,11 @@ def validate_embeddings(x: Any, name: str, dim: int | None = None, origin: str =
     if (norms <= 1e-12).any():
         row = int(np.flatnonzero(norms[:, 0] <= 1e-12)[0]) + row_offset
         raise ValueError(f"{origin}: {name} row {row} is a zero vector")
-    return x / norms
+    off = np.abs(norms[:, 0] - 1.0) > 1e-6  # rows already unit-norm keep their exact bits (copies stay identical)
+    if off.any():
+        x = x.copy()
+        x[off] /= norms[off]
+    return x
 
 
 @dataclass
@@ -285,6 +289,31 @@ class Memory:
         for s in range(0, len(q), batch_size):
             hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact))
         return _to_neighbours(hits, k, q.shape[1] if return_modality else None)
+
+    def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
+                        exact: bool = False, batch_size: int = 256) -> list[str]:
+        """Ids of the points whose `modality` vector has cosine >= `threshold` with any query [B, d].
+
+        Used to purge an evaluation set's images from the memory before evaluating (as the paper does);
+        the search widens until the last hit of every query falls below the threshold. `exact` searches
+        by brute force instead of the index (slow on large memories; near-duplicates are easy for HNSW).
+        """
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        q = np.asarray(queries)
+        q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "near_duplicates")
+        total = self.count()
+        found: set[str] = set()
+        for s in range(0, len(q), batch_size):
+            todo, k = q[s : s + batch_size], min(16, total)
+            while len(todo) and total:
+                nb = self.search(todo, modality, k, None, exact=exact)
+                found.update(nb.ids[nb.mask & (nb.scores >= threshold)].tolist())
+                more = nb.scores[:, -1] >= threshold
+                if k >= total or not more.any():
+                    break
+                todo, k = todo[more], min(4 * k, total)
+        return sorted(found)
 
     def retrieve(self, ids: Sequence[str], with_vectors: bool = True) -> list[Record]:
         return self.backend.retrieve(list(ids), with_vectors)

@@ -77,3 +77,112 @@ def test_demo_and_predict_from_its_checkpoint(tmp_path):
     assert (tmp_path / "run" / "fusion" / "model.safetensors").exists()
     assert res["examples"][0]["neighbours"][0]["caption"]
     assert np.isfinite(res["ingest"]["items_per_s"])
+
+
+def test_copy_embedded_to_server_api_and_back(tmp_path):
+    """`reco copy` Edge -> qdrant-client (the server API, local mode) -> Edge: same ids, vectors, payloads."""
+    from test_ingest import snapshot
+
+    from reco_qdrant import Memory
+    from reco_qdrant.ingest import copy_memory
+
+    make_shards(tmp_path / "laion", n=700)
+    a = str(tmp_path / "a")
+    runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", a, "--encoder-id", "enc",
+                        "--no-progress"])
+    with Memory.open(a) as src, Memory.open(":memory:") as server, Memory.open(str(tmp_path / "b")) as back:
+        assert copy_memory(src, server, batch=300) == 700
+        assert copy_memory(server, back, batch=256) == 700
+        assert copy_memory(server, back) == 700 and back.count() == 700  # idempotent
+        want = snapshot(src)
+        for got in (snapshot(server), snapshot(back)):  # Qdrant re-normalises cosine vectors: equal to 1 ulp
+            assert got.keys() == want.keys()
+            for pid, (im, tx, payload) in got.items():
+                assert payload == want[pid][2]
+                for x, y in ((im, want[pid][0]), (tx, want[pid][1])):
+                    np.testing.assert_allclose(np.frombuffer(x, np.float32), np.frombuffer(y, np.float32), atol=1e-6)
+        assert back.encoder_record["id"] == "enc"
+    r = runner.invoke(app, ["copy", a, str(tmp_path / "c"), "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["dst_count"] == 700, r.output
+    with Memory.open(a) as src, Memory.open(str(tmp_path / "c")) as c:
+        assert snapshot(c) == snapshot(src)  # embedded -> embedded: bit for bit
+    make_shards(tmp_path / "wide", n=5, d=32)
+    runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "wide"), "--memory", str(tmp_path / "w"),
+                        "--no-progress"])
+    r = runner.invoke(app, ["copy", str(tmp_path / "w"), str(tmp_path / "c"), "--no-progress"])
+    assert r.exit_code == 1 and "32-d" in r.output
+    with Memory.open(str(tmp_path / "c")) as c:
+        assert c.count() == 700  # the refused copy left the destination as it was
+
+
+def test_dedup_removes_near_duplicates_of_eval_images(tmp_path):
+    from reco_qdrant import Memory
+    from reco_qdrant.sources import write_embedding_shards
+
+    img, txt, caps = make_shards(tmp_path / "laion", n=600)
+    mem = str(tmp_path / "m")
+    runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", mem, "--no-progress"])
+    rng = np.random.default_rng(5)
+    dup_rows = rng.choice(600, 40, replace=False)
+    # evaluation images: 40 slightly perturbed copies of memory images (cosine ~0.99) + 20 unrelated ones
+    ev = np.concatenate([img[dup_rows] + 0.01 * rng.standard_normal((40, 16)), rng.standard_normal((20, 16))])
+    ev = (ev / np.linalg.norm(ev, axis=1, keepdims=True)).astype(np.float32)
+    write_embedding_shards(tmp_path / "eval", ev, ev, [f"eval {i}" for i in range(60)])
+    r = runner.invoke(app, ["dedup", str(tmp_path / "eval"), "--memory", mem, "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    sims = ev @ img.T
+    expected = int((sims >= 0.95).any(axis=0).sum())
+    assert res["near_duplicates"] == expected >= 40 and res["removed"] == 0 and res["memory_count"] == 600
+    r = runner.invoke(app, ["dedup", str(tmp_path / "eval"), "--memory", mem, "--json"])
+    assert json.loads(r.output)["removed"] == expected
+    with Memory.open(mem) as m:
+        assert m.count() == 600 - expected
+        left = m.search(ev, "image", 1, "image", exact=True)
+        assert (left.scores[:, 0] < 0.95).all()
+
+
+def test_dedup_widens_search_past_many_duplicates(tmp_path):
+    from reco_qdrant import Memory
+
+    img, txt, caps = random_pairs_for_dedup()
+    with Memory.open(":memory:") as m:
+        m.add_embeddings(img, txt, caps, ids=range(len(caps)))
+        ids = m.near_duplicates(img[:1], threshold=0.95)
+        assert len(ids) == 50  # 50 copies of one image: more than the first search's k
+        import pytest
+
+        with pytest.raises(ValueError, match="threshold"):
+            m.near_duplicates(img[:1], threshold=1.5)
+
+
+def random_pairs_for_dedup():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(16)
+    img = np.concatenate([base + 0.001 * rng.standard_normal((50, 16)), rng.standard_normal((100, 16))])
+    img = (img / np.linalg.norm(img, axis=1, keepdims=True)).astype(np.float32)
+    return img, img.copy(), [f"c{i}" for i in range(150)]
+
+
+def test_shell_completion_lists_the_workflow():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reco = Path(sys.executable).parent / "reco"  # the console script `pip install` made
+    assert reco.exists(), "install the package (pip install -e .) so that `reco` exists"
+
+    def complete(words: str, cword: int) -> set[str]:
+        env = {**os.environ, "_RECO_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        return set(subprocess.run([str(reco)], env=env, capture_output=True, text=True, timeout=120).stdout.split())
+
+    assert {"migrate", "ingest", "dedup", "train", "predict", "eval", "copy", "demo"} <= complete("reco ", 1)
+    assert {"embeddings", "images", "webdataset"} <= complete("reco ingest ", 2)
+    script = subprocess.run([str(reco), "--show-completion", "bash"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SHELL": "/bin/bash"})
+    assert "_RECO_COMPLETE=complete_bash" in script.stdout
+    r = runner.invoke(app, ["--help"])
+    for step in ("migrate", "ingest", "dedup", "train", "predict", "eval", "copy", "info", "search"):
+        assert step in r.output

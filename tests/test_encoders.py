@@ -73,3 +73,56 @@ def test_classifier_end_to_end_on_generated_images(tiny_encoder, tmp_path):
     assert len(pred) == 4 and set(pred) <= set(colors)
     assert proba.shape == (4, 4)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def _hf_clip_folder(root):
+    """A local Hugging Face CLIPModel folder with random weights and open_clip's bundled BPE vocabulary."""
+    import gzip
+    import json
+
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root.mkdir()
+    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {specials.get(k, k): v for k, v in SimpleTokenizer().encoder.items()}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=77, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(root)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(proc, tok).save_pretrained(root)
+    return root
+
+
+def test_sentence_transformers_clip_folder(tmp_path):
+    """A local CLIPModel folder through sentence-transformers: same embeddings as transformers, into a memory."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = _hf_clip_folder(tmp_path / "hf-clip")
+    enc = load_encoder(str(folder), kind="sentence-transformers", device="cpu")
+    assert enc.dim == 16 and enc.id.startswith("sentence-transformers/dir-sha256:")
+    texts = ["a photo of a red bird", "ein Foto eines Vogels", "x"]
+    ims = [Image.new("RGB", (48, 40), (200, 20, 20)), Image.new("RGB", (32, 32), (20, 20, 200))]
+    t, v = enc.encode_texts(texts), enc.encode_images(ims)
+    assert t.shape == (3, 16) and v.shape == (2, 16) and t.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+
+    ref, proc = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        rt = ref.get_text_features(**proc(text=texts, return_tensors="pt", padding=True))
+        rv = ref.get_image_features(**proc(images=ims, return_tensors="pt"))
+    rt, rv = (getattr(x, "pooler_output", x) for x in (rt, rv))
+    np.testing.assert_allclose(t, torch.nn.functional.normalize(rt, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(v, torch.nn.functional.normalize(rv, dim=-1).numpy(), atol=1e-5)
+    assert load_encoder(str(folder), kind="st", device="cpu").id == enc.id  # the id is the folder's content
+
+    with Memory.open(str(tmp_path / "mem"), encoder=enc) as mem:
+        mem.add_embeddings(v, t[:2], texts[:2], encoder_id=enc.id)
+        nb = mem.search(enc.encode_texts(["a photo of a red bird"]), "text", 1, "image")
+        assert nb.captions[0][0] == "a photo of a red bird" and nb.scores[0, 0] > 0.999

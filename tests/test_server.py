@@ -107,3 +107,132 @@ def test_conformance_against_compose_qdrant(docker_services):
         assert list(nb.ids[:, 0]) == ids[:5]
         np.testing.assert_allclose(nb.vectors[:, 0], txt[:5], atol=1e-5)
         assert mem.count() == 300
+
+
+def _make_certs(d: Path) -> dict[str, Path]:
+    """A throw-away CA and a localhost server certificate signed by it (openssl CLI)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=reco test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@pytest.fixture
+def https_qdrant_stand_in(tmp_path):
+    """An HTTPS server answering Qdrant's REST `collection exists` call, recording the headers it gets."""
+    import http.server
+    import json
+    import ssl
+    import threading
+
+    certs = _make_certs(tmp_path)
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(dict(self.headers))
+            body = json.dumps({"result": {"exists": True}, "status": "ok", "time": 0}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs["cert"], certs["key"])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", certs, seen
+    server.shutdown()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
+def test_tls_with_private_ca_and_api_key(https_qdrant_stand_in, monkeypatch):
+    """REST over TLS: the CA from RECO_TLS_CA_CERT verifies the server, the API key travels, nothing leaks."""
+    url, certs, seen = https_qdrant_stand_in
+    monkeypatch.setenv("RECO_API_KEY", "s3cret-key")
+    monkeypatch.setenv("RECO_TLS_CA_CERT", str(certs["ca"]))
+    cfg = MemoryConfig(location=url, prefer_grpc=False, retries=1).with_env()
+    backend = ServerBackend(cfg)
+    assert backend.has_collection() is True
+    assert seen and seen[-1].get("api-key") == "s3cret-key"
+    assert "s3cret-key" not in repr(cfg)
+    assert str(certs["key"]) not in repr(MemoryConfig(tls_client_key=str(certs["key"])))
+    backend.client.close()
+    monkeypatch.delenv("RECO_TLS_CA_CERT")  # without our CA the certificate is not trusted: refused, not ignored
+    with pytest.raises(MemoryUnavailableError, match="did not answer"):
+        ServerBackend(MemoryConfig(location=url, prefer_grpc=False, retries=1).with_env())
+
+
+def test_tls_options_are_checked_before_connecting(tmp_path):
+    with pytest.raises(ValueError, match="not an https:// URL"):
+        MemoryConfig(location="http://localhost:6333", tls_ca_cert="ca.pem").client_kwargs()
+    with pytest.raises(FileNotFoundError, match="tls_ca_cert: cannot read .*missing.pem"):
+        MemoryConfig(location="https://localhost:6333", tls_ca_cert=str(tmp_path / "missing.pem")).client_kwargs()
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="junk.pem is not a PEM file"):
+        MemoryConfig(location="https://localhost:6333", tls_ca_cert=str(tmp_path / "junk.pem")).client_kwargs()
+    with pytest.raises(ValueError, match="needs both"):
+        MemoryConfig(location="https://localhost:6333", tls_client_cert="c.pem").client_kwargs()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
+def test_grpc_tls_options_carry_the_pem_bytes(tmp_path):
+    certs = _make_certs(tmp_path)
+    kw = MemoryConfig(location="https://qdrant.example:6333", tls_ca_cert=str(certs["ca"]),
+                      tls_client_cert=str(certs["cert"]), tls_client_key=str(certs["key"])).client_kwargs()
+    assert kw["https"] is True and kw["grpc_options"]["root_certificates"] == certs["ca"].read_bytes()
+    assert kw["grpc_options"]["private_key"] == certs["key"].read_bytes()
+    QdrantClient(**kw).close()  # qdrant-client accepts them (a gRPC channel connects lazily)
+
+
+@pytest.mark.parametrize("location", [":memory:", "edge"])
+def test_readers_and_a_writer_in_threads(location, tmp_path):
+    """Threads sharing one memory: searches run while batches are upserted; nothing fails or is lost.
+
+    (Across processes the server path is exercised by the compose test below.)"""
+    import threading
+
+    img, txt, caps = random_pairs(3000, d=16, seed=3)
+    errors: list[BaseException] = []
+    with Memory.open(str(tmp_path / "m") if location == "edge" else location) as mem:
+        mem.add_embeddings(img[:500], txt[:500], caps[:500], ids=range(500))
+        done = threading.Event()
+
+        def writer():
+            try:
+                for s in range(500, 3000, 250):
+                    mem.add_embeddings(img[s:s + 250], txt[s:s + 250], caps[s:s + 250], ids=range(s, s + 250))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            finally:
+                done.set()
+
+        def reader(seed: int):
+            rng = np.random.default_rng(seed)
+            try:
+                while not done.is_set():
+                    rows = rng.integers(0, 500, 8)
+                    nb = mem.search(img[rows], "image", k=5)
+                    assert (nb.ids[:, 0] != "").all() and (nb.scores[:, 0] > 0.999).all()
+                    assert [c[0] for c in nb.captions] == [caps[r] for r in rows]
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert mem.count() == 3000
