@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reco_qdrant import Memory
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -124,3 +126,15 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def open_memory(root: Path, n: int, dim: int) -> Memory:
+    """The memory of n CLIP-like pairs at root/n{n}-d{dim}, built (ingest + index) unless it is there already."""
+    path = root / f"n{n}-d{dim}"
+    mem = Memory.open(str(path), auto_index=False)
+    if mem.count() != n:
+        img, txt = clip_like(n, dim)
+        mem.add_embeddings(img, txt, [f"caption {i}" for i in range(n)], ids=range(n), source="bench")
+        mem.flush()
+        mem.optimize()
+    return mem

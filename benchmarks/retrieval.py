@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import shutil
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from common import Timer, clip_like, dir_mb, exact_topk, print_table, recall, rss_mb, write_results
@@ -94,10 +96,17 @@ def bench_scann(img, txt, caps, queries, exact) -> list[dict]:
     return rows
 
 
-def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], **settings) -> list[dict]:
-    """Our Memory: ingest (upsert), index build, search at several hnsw_ef, text vectors + captions returned."""
+def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], keep: Path | None = None,
+                 **settings) -> list[dict]:
+    """Our Memory: ingest (upsert), index build, search at several hnsw_ef, text vectors + captions returned.
+
+    With `keep`, the Edge memory is built there (and left for inference.py / training.py to reuse)."""
     n = len(img)
     with tempfile.TemporaryDirectory() as tmp:
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir(parents=True)
+            tmp = str(keep)
         loc = tmp if location == "edge" else location
         r0 = rss_mb()
         with Memory.open(loc, auto_index=False, **settings) as mem:
@@ -150,16 +159,16 @@ def _reopened_rss(path: str, queries: np.ndarray, settings: dict) -> dict:
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    qfile = Path(path) / "queries.npy"
-    np.save(qfile, queries)
-    code = _RSS_PROBE.format(bench=str(Path(__file__).parent), queries=str(qfile), path=path, settings=settings)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory() as qdir:
+        qfile = Path(qdir) / "queries.npy"
+        np.save(qfile, queries)
+        code = _RSS_PROBE.format(bench=str(Path(__file__).parent), queries=str(qfile), path=path, settings=settings)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int]) -> list[dict]:
+def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep: Path | None) -> list[dict]:
     img, txt = clip_like(n + n_queries, d)
     queries, img, txt = img[n:].copy(), img[:n], txt[:n]
     caps = [f"caption {i}" for i in range(n)]
@@ -173,7 +182,8 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int]) -> li
         rows.extend(bench_scann(img, txt, caps, queries, exact))
     gc.collect()
     if "edge" in engines:
-        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs))
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs,
+                                 keep=keep / f"n{n}-d{d}" if keep else None))
     if "int8" in engines:
         rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization="int8"))
     if "local" in engines and n <= 20_000:
@@ -193,6 +203,8 @@ def main() -> None:
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="hnsw_ef values for our Memory")
     ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "int8", "local"])
     ap.add_argument("--out", default="retrieval")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the Edge memories in KEEP/n<N>-d<D> (inference.py and training.py reuse them)")
     args = ap.parse_args()
     engines = set(args.engines)
     for name in ("faiss", "scann"):
@@ -203,7 +215,7 @@ def main() -> None:
             engines.discard(name)
     rows: list[dict] = []
     for n in args.n:
-        rows.extend(run(n, args.dim, engines, args.queries, args.ef))
+        rows.extend(run(n, args.dim, engines, args.queries, args.ef, args.keep))
         print_table([r for r in rows if r["n"] == n], f"n={n:,}, d={args.dim}, k={K}, batches of {BATCH}")
         path = write_results(args.out, {"dim": args.dim, "k": K, "batch": BATCH, "rows": rows})
     print(f"wrote {path}")

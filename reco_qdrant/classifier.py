@@ -71,6 +71,7 @@ class RecoClassifier:
             if self.k > fusion.cfg.k:
                 raise ValueError(f"k={self.k} exceeds the fusion model's k={fusion.cfg.k}")
             self.device = device or str(fusion.device)
+            fusion.to(self.device)
             if memory is not None and memory.dim is not None and memory.dim != fusion.cfg.dim:
                 raise EncoderMismatchError(f"fusion model is {fusion.cfg.dim}-d, memory holds {memory.dim}-d")
             rec = memory.encoder_record if memory is not None else None
@@ -106,11 +107,7 @@ class RecoClassifier:
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
             nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-            with torch.no_grad():
-                r, _ = self.fusion.eval().refine(modality, torch.from_numpy(q).to(self.device),
-                                                 torch.from_numpy(nb.vectors).to(self.device),
-                                                 torch.from_numpy(nb.mask).to(self.device))
-            out.append(r.cpu().numpy())
+            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask))
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ classes

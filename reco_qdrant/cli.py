@@ -299,7 +299,9 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
               help="source name under which these pairs were ingested (excludes each pair's own point)")] = None,
           k: int = 10, epochs: int = 30, batch_size: int = 128, lr: float = 3e-4, seed: int = 0,
           search: str = "uni", fusion: str = "cross", aggregator: str = "transformer",
-          device: str | None = None, progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
+          device: str | None = None,
+          precision: Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 if the chip has it)")] = "auto",
+          progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
     """Train the fusion model on image-text pairs (encoders frozen), early-stopped on held-out classes."""
     from .memory import point_id
     from .training import train_fusion
@@ -309,7 +311,7 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
     with _open(memory, collection) as mem:
         model = train_fusion(mem, img, txt, labels=labels, ids=ids, k=k, epochs=epochs, batch_size=batch_size,
                              lr=lr, seed=seed, search=search, fusion=fusion, aggregator=aggregator,
-                             device=device, out_dir=str(out_dir), progress=progress)
+                             device=device, precision=precision, out_dir=str(out_dir), progress=progress)
     model.save_pretrained(out_dir / "best")
     res = {"checkpoint": str(out_dir / "best"), "best_epoch": model.best_epoch, "history": model.history}
     if as_json:

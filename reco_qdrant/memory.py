@@ -361,21 +361,34 @@ def _content_key(vec: np.ndarray, caption: str) -> str:
 
 
 def _to_neighbours(hits: list[list[Any]], k: int, dim: int | None) -> Neighbours:
-    b = len(hits)
-    ids = np.full((b, k), "", dtype=object)
-    scores = np.full((b, k), -np.inf, dtype=np.float32)
-    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
-    vectors = np.zeros((b, k, dim), np.float32) if dim else None
-    for i, row in enumerate(hits):
-        n = len(row)
+    """Backend hits (rows of `Hit`) -> `Neighbours`, vectors re-normalised (quantised storage may drift)."""
+    nb = pad_neighbours([[h.id for h in row] for row in hits], [[h.score for h in row] for row in hits],
+                        [[h.vector for h in row] for row in hits] if dim else None,
+                        [[h.payload for h in row] for row in hits], k, dim)
+    if nb.vectors is not None:
+        norms = np.linalg.norm(nb.vectors, axis=-1, keepdims=True)
+        np.divide(nb.vectors, norms, out=nb.vectors, where=norms > 0)
+    return nb
+
+
+def pad_neighbours(ids: list[list[str]], scores: list[list[float]], vectors: list | None,
+                   payloads: list[list[dict]], k: int, dim: int | None) -> Neighbours:
+    """Rows of up to k hits -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero vector)."""
+    b = len(ids)
+    if b and all(len(r) == k for r in ids):  # the common case: one conversion for the whole batch
+        vec = None if vectors is None else np.asarray(vectors, np.float32).reshape(b, k, dim)
+        return Neighbours(np.asarray(ids, dtype=str).reshape(b, k), np.asarray(scores, np.float32).reshape(b, k),
+                          vec, [list(p) for p in payloads])
+    out_ids = np.full((b, k), "", dtype=object)
+    out_scores = np.full((b, k), -np.inf, dtype=np.float32)
+    out_payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
+    out_vectors = np.zeros((b, k, dim), np.float32) if vectors is not None else None
+    for i in range(b):
+        n = len(ids[i])
         if not n:
             continue
-        ids[i, :n] = [h.id for h in row]
-        scores[i, :n] = [h.score for h in row]
-        payloads[i][:n] = [h.payload for h in row]
-        if vectors is not None:
-            vectors[i, :n] = [h.vector for h in row]
-    if vectors is not None:
-        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-        vectors = np.divide(vectors, norms, out=vectors, where=norms > 0)
-    return Neighbours(ids.astype(str), scores, vectors, payloads)
+        out_ids[i, :n], out_scores[i, :n] = ids[i], scores[i]
+        out_payloads[i][:n] = payloads[i]
+        if out_vectors is not None:
+            out_vectors[i, :n] = vectors[i]
+    return Neighbours(out_ids.astype(str), out_scores, out_vectors, out_payloads)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .memory import Memory, Neighbours
+from .memory import Memory, Neighbours, pad_neighbours
 
 SEARCH_MODES = ("uni", "cross")
 FUSION_MODES = ("cross", "uni")
@@ -74,17 +74,5 @@ def retrieve(
                        [nb.payloads[j][t] for t in idx])
         todo = np.asarray(short, dtype=int)
         fetch = min(total, fetch * 2)
-    return _pack(rows, k, q.shape[1])
-
-
-def _pack(rows: list, k: int, dim: int) -> Neighbours:
-    b = len(rows)
-    ids = np.full((b, k), "", dtype=object)
-    scores = np.full((b, k), -np.inf, np.float32)
-    vectors = np.zeros((b, k, dim), np.float32)
-    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
-    for i, (rid, sc, vec, pay) in enumerate(rows):
-        n = len(rid)
-        ids[i, :n], scores[i, :n], vectors[i, :n] = rid, sc, vec
-        payloads[i][:n] = pay
-    return Neighbours(ids.astype(str), scores, vectors, payloads)
+    return pad_neighbours([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                          [r[3] for r in rows], k, q.shape[1])

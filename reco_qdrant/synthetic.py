@@ -12,6 +12,7 @@ images (or images of textually similar captions) recovers the fine identity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -127,3 +128,66 @@ def make_world(cfg: WorldConfig | None = None, **overrides: object) -> World:
         train_labels=train_labels, train_ids=train_ids, eval_image=images(eval_labels),
         eval_labels=eval_labels, class_text=texts(np.arange(c), cfg.prompt_noise),
     )
+
+
+# --------------------------------------------------------------------------- a world of image files
+
+IMAGE_CLASSES = {  # name -> (RGB colour, shape): look-alike pairs differ in one attribute only
+    "crimson rosefinch": ((200, 30, 40), "disc"), "scarlet minivet": ((200, 30, 40), "box"),
+    "azure tit": ((40, 80, 210), "disc"), "indigo bunting": ((40, 80, 210), "box"),
+    "citrine wagtail": ((220, 200, 40), "disc"), "yellowhammer": ((220, 200, 40), "box"),
+    "olive warbler": ((70, 150, 60), "disc"), "greenfinch": ((70, 150, 60), "box"),
+}
+
+
+@dataclass
+class ImageWorld:
+    """Image files on disk: a captioned memory folder and an evaluation ImageFolder (root/<class>/<image>)."""
+
+    class_names: list[str]
+    memory_dir: str  # images of the memory
+    captions: str  # table file, caption, label (csv)
+    eval_dir: str  # eval_dir/<class name with underscores>/*.png
+
+
+def _draw(rng: np.random.Generator, colour: tuple[int, int, int], shape: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(0.4, 0.6, 2) * size
+    r = rng.uniform(0.3, 0.4) * size
+    inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if shape == "disc" else (
+        (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r))
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = 200 + rng.uniform(-10, 10, 3)  # background
+    img[inside] = np.asarray(colour, np.float32) + rng.normal(0, 12, 3)
+    return np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def write_image_world(root: str | Path, per_class: int = 24, eval_per_class: int = 6, size: int = 64,
+                      seed: int = 0) -> ImageWorld:
+    """Write a tiny fine-grained image world to `root`: a memory of captioned images and an evaluation set.
+
+    Classes come in look-alike pairs (same colour, different shape); captions name the class in
+    varied sentences, a few of them wrong, as web captions are. Meant for notebooks and tests that
+    need real files and a real image encoder (randomly initialised) rather than embeddings.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    mem, ev = root / "memory", root / "eval"
+    mem.mkdir(parents=True, exist_ok=True)
+    names = list(IMAGE_CLASSES)
+    phrases = ["a photo of a {}", "{} in the garden", "my best shot of a {} today", "a {} on a branch",
+               "spotted a {} near the lake"]
+    rows = ["file,caption,label"]
+    for c, name in enumerate(names):
+        colour, shape = IMAGE_CLASSES[name]
+        (ev / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            said = name if rng.random() > 0.1 else names[c ^ 1]  # 10% of captions name the look-alike
+            Image.fromarray(_draw(rng, colour, shape, size)).save(mem / f"{c}_{i}.png")
+            rows.append(f"{c}_{i}.png,\"{phrases[i % len(phrases)].format(said)}\",{name}")
+        for i in range(eval_per_class):
+            Image.fromarray(_draw(rng, colour, shape, size)).save(ev / name.replace(" ", "_") / f"{i}.png")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return ImageWorld(names, str(mem), str(root / "captions.csv"), str(ev))

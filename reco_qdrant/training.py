@@ -46,9 +46,30 @@ class TrainConfig:
     n_heads: int = 8
     dropout: float = 0.1
     token_dropout: float = 0.2
+    precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": bf16 where the chip has it
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
     cache_dir: str | None = None  # neighbour cache; default ~/.cache/reco_qdrant/neighbours
     progress: bool = True
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """Whether to train under bf16 autocast: asked for, or "auto" on hardware with fast bf16 matmuls
+    (CUDA with bf16 support; CPUs with AMX or AVX512-BF16), where it is 1.5-2x faster."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def _adamw(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    try:  # the fused kernel (torch >= 2.4 on CPU) is ~10% faster per step; same state dict
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _digest(*parts: Any) -> str:
@@ -111,20 +132,13 @@ class _Validation:
             self.answer = np.arange(len(img))
             self.metric = "val_recall@1"
 
-    @torch.no_grad()
-    def score(self, model: FusionModel | None, device: str) -> float:
-        def refine(mod: str, q: np.ndarray, nb: tuple) -> torch.Tensor:
-            qt = torch.from_numpy(np.asarray(q, np.float32)).to(device)
-            if model is None:
-                return qt
-            out = [model.refine(mod, qt[s:s + 1024], torch.from_numpy(np.asarray(nb[0][s:s + 1024], np.float32))
-                                .to(device), torch.from_numpy(np.asarray(nb[1][s:s + 1024])).to(device))[0]
-                   for s in range(0, len(q), 1024)]
-            return torch.cat(out)
+    def score(self, model: FusionModel | None) -> float:
+        def refine(mod: str, q: np.ndarray, nb: tuple) -> np.ndarray:
+            return np.asarray(q, np.float32) if model is None else model.refine_numpy(mod, q, nb[0], nb[1])
 
         v = refine("image", self.img, self.img_nb)
         t = refine("text", self.targets, self.target_nb)
-        pred = (v @ t.T).argmax(1).cpu().numpy()
+        pred = (v @ t.T).argmax(1)
         return float((pred == self.answer).mean())
 
 
@@ -198,9 +212,9 @@ def train_fusion(
         val = _Validation(memory, cfg, img[va], sub(img_nb), None if labels is None else np.asarray(labels)[va],
                           class_embeddings, txt[va], sub(txt_nb))
     history: list[dict[str, float]] = []
-    baseline = val.score(None, device) if val else float("nan")
+    baseline = val.score(None) if val else float("nan")
     if cfg.aggregator == "mean" or cfg.epochs == 0:  # nothing to learn
-        model.history = [{"epoch": 0, "val": val.score(model.eval(), device) if val else float("nan"),
+        model.history = [{"epoch": 0, "val": val.score(model) if val else float("nan"),
                           "val_baseline": baseline}]
         model.best_epoch = 0
         return model.eval()
@@ -208,10 +222,11 @@ def train_fusion(
     steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(total * cfg.warmup_fraction))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(list(model.parameters()), cfg)
+    bf16 = use_bf16(cfg.precision, str(device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    start, best, best_epoch, bad = 0, (val.score(model.eval(), device) if val else -math.inf), 0, 0
+    start, best, best_epoch, bad = 0, (val.score(model) if val else -math.inf), 0, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history.append({"epoch": 0, "loss": float("nan"), "val": best, "val_baseline": baseline, "seconds": 0.0})
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -237,16 +252,17 @@ def train_fusion(
                 b = [torch.from_numpy(np.asarray(a[idx], np.float32)).to(device)
                      for a in (img, txt, img_nb[0], txt_nb[0])]
                 m_i, m_t = (torch.from_numpy(np.asarray(a[idx])).to(device) for a in (img_nb[1], txt_nb[1]))
-                v_ref, _ = model.refine("image", b[0], b[2], m_i)
-                t_ref, _ = model.refine("text", b[1], b[3], m_t)
-                loss = reco_loss(v_ref, t_ref, b[0], b[1], model.logit_scale)
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    v_ref, _ = model.refine("image", b[0], b[2], m_i)
+                    t_ref, _ = model.refine("text", b[1], b[3], m_t)
+                loss = reco_loss(v_ref.float(), t_ref.float(), b[0], b[1], model.logit_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
                 advance(len(idx))
-        score = val.score(model.eval(), device) if val else -float(np.mean(losses))
+        score = val.score(model) if val else -float(np.mean(losses))
         if score > best:
             best, best_epoch, bad = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -109,6 +109,65 @@ def test_conformance_against_compose_qdrant(docker_services):
         assert mem.count() == 300
 
 
+_READER = """
+import sys, numpy as np
+from reco_qdrant import Memory
+img = np.load(sys.argv[1])
+with Memory.open(sys.argv[2], collection=sys.argv[3]) as mem:
+    for i in range(40):
+        nb = mem.search(img[i % 100][None], "image", k=3)
+        assert nb.scores[0, 0] > 0.999, nb.scores
+print("ok")
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine runs here: the compose Qdrant cannot start")
+def test_workflow_against_compose_qdrant(docker_services, tmp_path):
+    """Over gRPC on the compose server: ingest (CLI), train, predict; two reader processes run while one writes."""
+    import sys
+
+    from test_method import fill
+    from typer.testing import CliRunner
+
+    from reco_qdrant import RecoClassifier, train_fusion
+    from reco_qdrant.cli import app
+    from reco_qdrant.evaluation import zero_shot_report
+    from reco_qdrant.memory import point_id
+    from reco_qdrant.sources import write_embedding_shards
+    from reco_qdrant.synthetic import make_world
+
+    url, coll = "http://127.0.0.1:6333", f"reco_wf_{int(time.time())}"
+    docker_services.wait_until_responsive(timeout=120, pause=1,
+                                          check=lambda: QdrantClient(url=url, timeout=2).get_collections() and True)
+    img, txt, caps = random_pairs(3000, d=16, seed=7)
+    write_embedding_shards(tmp_path / "laion", img[:100], txt[:100], caps[:100])
+    r = CliRunner().invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", url,
+                                 "--collection", coll, "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    np.save(tmp_path / "img.npy", img)
+    readers = [subprocess.Popen([sys.executable, "-c", _READER, str(tmp_path / "img.npy"), url, coll],
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    with Memory.open(url, collection=coll) as mem:
+        for s in range(100, 3000, 200):
+            mem.add_embeddings(img[s:s + 200], txt[s:s + 200], caps[s:s + 200], ids=range(s, s + 200), source="w")
+        assert [p.communicate(timeout=300)[0].strip() for p in readers] == ["ok", "ok"]
+        assert mem.count() == 3000
+    w = make_world()
+    with fill(Memory.open(url, collection=coll + "_world"), w) as mem:
+        model = train_fusion(mem, w.train_image, w.train_text, labels=w.train_labels, class_embeddings=w.class_text,
+                             ids=[point_id("synthetic", k) for k in w.train_ids], progress=False, device="cpu",
+                             epochs=5, cache_dir=str(tmp_path / "c"))
+        names = [w.class_names[c] for c in w.eval_classes]
+        clf = RecoClassifier(mem, model).set_class_embeddings(w.class_text[w.eval_classes], names)
+        res = zero_shot_report(clf, w.eval_image, np.searchsorted(w.eval_classes, w.eval_labels))
+        assert res["reco"]["top1"] > res["baseline"]["top1"] + 0.2, res
+    client = QdrantClient(url=url)
+    for c in (coll, coll + "_world"):
+        for name in (c, c + "__meta"):
+            client.delete_collection(name)
+
+
 def _make_certs(d: Path) -> dict[str, Path]:
     """A throw-away CA and a localhost server certificate signed by it (openssl CLI)."""
     def ssl(*args: str) -> None:

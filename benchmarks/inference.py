@@ -1,0 +1,96 @@
+"""Inference benchmark: plain CLIP predict vs RECO predict, same encoder, same 64 images, 100 classes.
+
+The encoders are real open_clip models with random weights (ViT-B-32, and the smallest built-in
+config ViT-S-32-alt); the memory holds CLIP-like vectors of the encoder's dimension (see common.py).
+Class embeddings are refined once (`set_classes`, reported apart); predict then costs encode +
+search + fuse + score. Reports both predict times, their ratio, and the split.
+
+    python benchmarks/inference.py --n 100000 1000000 [--memory-dir DIR]   # DIR: reuse/keep memories
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import Timer, open_memory, print_table, write_results
+from PIL import Image
+
+from reco_qdrant import RecoClassifier, load_encoder
+from reco_qdrant.fusion import FusionConfig, FusionModel
+
+K = 10
+
+
+def images(n: int = 64, size: int = 224, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        with Timer() as t:
+            fn()
+        times.append(t.s)
+    return min(times)
+
+
+def run(model: str, n: int, root: Path, repeat: int) -> dict:
+    torch.manual_seed(0)
+    enc = load_encoder(model, None, device="cpu")
+    ims = images()
+    classes = [f"species number {i}" for i in range(100)]
+    with open_memory(root, n, enc.dim) as mem:
+        fusion = FusionModel(FusionConfig(dim=enc.dim, k=K))
+        plain = RecoClassifier(encoder=enc, use_retrieval=False).set_classes(classes)
+        reco = RecoClassifier(mem, fusion, encoder=enc)
+        with Timer() as tc:
+            reco.set_classes(classes)
+        t_plain = best_of(lambda: plain.predict(ims), repeat)
+        t_reco = best_of(lambda: reco.predict(ims), repeat)
+        emb = enc.encode_images(ims)
+        nb = mem.search(emb, "image", K, "text")
+        split = {
+            "encode_s": best_of(lambda: enc.encode_images(ims), repeat),
+            "search_s": best_of(lambda: mem.search(emb, "image", K, "text"), repeat),
+            "fuse_s": best_of(lambda: fusion.refine_numpy("image", emb, nb.vectors, nb.mask), repeat),
+            "score_s": best_of(lambda: softmax(100 * emb @ reco.class_embeddings_.T), repeat),
+        }
+    return {"model": model, "dim": enc.dim, "memory_n": n, "images": len(ims), "classes": len(classes),
+            "plain_predict_s": t_plain, "reco_predict_s": t_reco, "ratio": t_reco / t_plain,
+            "set_classes_once_s": tc.s, **split}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-S-32-alt"])
+    ap.add_argument("--small-model-n", type=int, default=100_000, help="memory size for models after the first")
+    ap.add_argument("--memory-dir", type=Path, default=None, help="where memories are kept between runs")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.memory_dir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for i, model in enumerate(args.models):
+            for n in (args.n if i == 0 else [args.small_model_n]):
+                rows.append(run(model, n, root, args.repeat))
+                print_table(rows[-1:], f"{model}, memory {n:,}")
+                path = write_results("inference", {"k": K, "rows": rows})
+    print_table(rows, "plain CLIP vs RECO predict (64 images, 100 classes, k=10)")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
