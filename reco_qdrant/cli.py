@@ -253,7 +253,7 @@ def dedup(eval_set: Annotated[Path, typer.Argument(
         from .evaluation import image_files
 
         enc = _encoder(model, pretrained, encoder_kind)
-        queries = enc.encode_images(image_files(eval_set))
+        queries = enc.encode_images(image_files(eval_set), progress=not as_json)
     with _open(memory, collection, encoder=enc) as mem:
         ids = mem.near_duplicates(queries, threshold)
         if not dry_run:
@@ -393,7 +393,7 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
     clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind)
     try:
         clf.set_classes(names, templates)
-        res = zero_shot_report(clf, clf.encoder.encode_images(paths), labels)
+        res = zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels)
     finally:
         mem.close()
     if output:

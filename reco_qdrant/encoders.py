@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .progress import progress_bar
+
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
@@ -22,7 +24,7 @@ class Encoder(Protocol):
     id: str  # identifies weights and preprocessing; recorded with every memory
     dim: int
 
-    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    def encode_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Images (paths or PIL) -> float32 [N, dim], L2-normalised."""
         ...
 
@@ -106,12 +108,14 @@ class OpenClipEncoder:
         self.preprocess_id = f"size={size}"
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    def encode_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Images (paths or PIL) -> float32 [N, dim], L2-normalised."""
         out = [np.zeros((0, self.dim), np.float32)]
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([self.preprocess(open_image(im)) for im in images[i : i + batch_size]])
-            out.append(_l2(self.model.encode_image(x.to(self.device))))
+        with progress_bar("encode images", len(images), progress) as advance:
+            for i in range(0, len(images), batch_size):
+                x = torch.stack([self.preprocess(open_image(im)) for im in images[i : i + batch_size]])
+                out.append(_l2(self.model.encode_image(x.to(self.device))))
+                advance(len(x))
         return np.concatenate(out)
 
     @torch.no_grad()
@@ -138,11 +142,16 @@ class SentenceTransformersEncoder:
         self.id = f"sentence-transformers/{tag}"
         self.dim = int(self.encode_texts(["x"]).shape[1])
 
-    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    def encode_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Images (paths or PIL) -> float32 [N, dim], L2-normalised."""
-        ims = [open_image(im) for im in images]
-        emb = self.model.encode(ims, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True)
-        return np.asarray(emb, np.float32).reshape(len(ims), -1)
+        out = [np.zeros((0, self.dim), np.float32)]
+        with progress_bar("encode images", len(images), progress) as advance:
+            for i in range(0, len(images), batch_size):
+                ims = [open_image(im) for im in images[i : i + batch_size]]
+                emb = self.model.encode(ims, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True)
+                out.append(np.asarray(emb, np.float32).reshape(len(ims), -1))
+                advance(len(ims))
+        return np.concatenate(out)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> float32 [N, dim], L2-normalised."""

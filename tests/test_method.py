@@ -172,3 +172,20 @@ def test_templates_and_unknown_placeholder(tiny_encoder):
         clf.set_classes(["a", "b"], ["a photo of a {name}."])
     clf.set_classes(["cardinal", "blue jay"], "birds")
     assert clf.class_embeddings_.shape == (2, tiny_encoder.dim)
+
+
+def test_fp32_and_bf16_training_both_learn(setup):
+    """Both precisions train (bf16 autocast is the default where the chip has fast bf16; fp32 elsewhere)."""
+    from reco_qdrant.training import use_bf16
+
+    _, run, *_ = setup
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        model, _, res = run(precision=precision, epochs=3, patience=10)
+        scores[precision] = res["reco"]["top1"]
+        assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, (precision, res)
+    assert abs(scores["fp32"] - scores["bf16"]) < 0.1, scores
+    assert use_bf16("fp32", "cpu") is False and use_bf16("bf16", "cpu") is True
+    assert use_bf16("auto", "cpu", dim=64) is False  # too narrow to gain
+    with pytest.raises(ValueError, match="precision must be"):
+        use_bf16("fp8", "cpu")
