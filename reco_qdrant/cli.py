@@ -233,7 +233,10 @@ def copy(src: Annotated[str, typer.Argument(help="memory to copy from (directory
     with _open(src, collection, auto_index=False) as a, _open(dst, dst_collection or collection) as b:
         n = copy_memory(a, b, progress=progress and not as_json)
         res = {"copied": n, "src": src, "dst": dst, "dst_count": b.count()}
-    _emit(res, as_json) if as_json else out.print(f"copied {n:,} points to {dst} (it now holds {res['dst_count']:,})")
+    if as_json:
+        _emit(res, True)
+    else:
+        out.print(f"copied {n:,} points to {dst} (it now holds {res['dst_count']:,})")
 
 
 @app.command()
