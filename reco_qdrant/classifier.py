@@ -124,7 +124,15 @@ class RecoClassifier:
         """Embed each class with every template (averaged), refine once, cache."""
         if self.encoder is None:
             raise ValueError("set_classes needs an encoder; use set_class_embeddings for precomputed ones")
-        templates = TEMPLATES[templates] if isinstance(templates, str) else list(templates)
+        if isinstance(templates, str):
+            if templates in TEMPLATES:
+                templates = TEMPLATES[templates]
+            elif "{" in templates:
+                templates = [templates]  # one template of the user's own
+            else:
+                raise ValueError(f"unknown template set {templates!r}: expected one of {sorted(TEMPLATES)} "
+                                 "or a template with one '{}' placeholder")
+        templates = list(templates)
         for t in templates:
             check_template(t)
         prompts = [t.format(c) for c in class_names for t in templates]

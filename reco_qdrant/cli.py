@@ -352,7 +352,8 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
 def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
             classes: Annotated[str, typer.Option(help="class names: a file (one per line) or a comma list")],
             fusion: Annotated[Path | None, typer.Option(help="fusion checkpoint dir (none = plain CLIP)")] = None,
-            templates: Annotated[str, typer.Option(help="generic | birds | flowers | cars | dogs")] = "generic",
+            templates: Annotated[str, typer.Option(
+                help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
             memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = "ViT-B-32",
             pretrained: PretrainedOpt = "laion2b_s34b_b79k", encoder_kind: KindOpt = "open_clip",
             as_json: JsonOpt = False) -> None:
