@@ -4,7 +4,7 @@ The memory holds 100k CLIP-like pairs (common.py); the training pairs are 100k o
 same distribution. The cache is built once (image and text queries), then `train_fusion` runs a
 few epochs on it without validation (pure training time per epoch).
 
-    python benchmarks/training.py [--pairs 100000] [--memory-n 100000] [--memory-dir DIR]
+    python benchmarks/training.py [--pairs 100000] [--memory-n 100000] [--batch-size 128 256] [--memory-dir DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--memory-n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[128], help="one row per batch size")
     ap.add_argument("--memory-dir", type=Path, default=None, help="where memories are kept between runs")
     args = ap.parse_args()
     img, txt = clip_like(args.memory_n + args.pairs, args.dim)
@@ -41,14 +42,16 @@ def main() -> None:
                 neighbour_cache(mem, img, "image", cfg, None)
                 neighbour_cache(mem, txt, "text", cfg, None)
             for device in devices:
-                with Timer() as tt:
-                    model = train_fusion(mem, img, txt, config=cfg, epochs=args.epochs, device=device)
-                epochs = [h["seconds"] for h in model.history if h["epoch"] > 0]
-                rows.append({"device": device, "pairs": args.pairs, "memory_n": args.memory_n, "dim": args.dim,
-                             "cache_build_s": tc.s, "cache_items_per_s": 2 * args.pairs / tc.s,
-                             "epoch_s": min(epochs), "epochs": len(epochs),
-                             "train_call_s": tt.s, "cache_reuse_s": tt.s - sum(epochs)})
-    print_table(rows, f"fusion training on {args.pairs:,} cached pairs (batch {cfg.batch_size}, k={cfg.k})")
+                for bs in args.batch_size:
+                    with Timer() as tt:
+                        model = train_fusion(mem, img, txt, config=cfg, epochs=args.epochs, device=device,
+                                             batch_size=bs)
+                    epochs = [h["seconds"] for h in model.history if h["epoch"] > 0]
+                    rows.append({"device": device, "batch_size": bs, "pairs": args.pairs, "memory_n": args.memory_n,
+                                 "dim": args.dim, "cache_build_s": tc.s, "cache_items_per_s": 2 * args.pairs / tc.s,
+                                 "epoch_s": min(epochs), "epochs": len(epochs),
+                                 "train_call_s": tt.s, "cache_reuse_s": tt.s - sum(epochs)})
+    print_table(rows, f"fusion training on {args.pairs:,} cached pairs (k={cfg.k})")
     print(f"wrote {write_results('training', {'rows': rows})}")
 
 
