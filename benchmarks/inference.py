@@ -75,7 +75,7 @@ def run(model: str, n: int, root: Path, repeat: int) -> dict:
         split = {
             "encode_s": best_of(lambda: enc.encode_images(ims), repeat),
             "search_s": best_of(lambda: mem.search(emb, "image", K, "text"), repeat),
-            "fuse_s": best_of(lambda: fusion.refine_numpy("image", emb, nb.vectors, nb.mask), repeat),
+            "fuse_s": best_of(lambda: fusion.refine_numpy("image", emb, nb.vectors, nb.mask)[0], repeat),
             "score_s": best_of(lambda: softmax(100 * emb @ reco.class_embeddings_.T), repeat),
         }
     base = split["encode_s"] + split["score_s"]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from .encoders import Encoder
 from .fusion import FusionModel
@@ -91,11 +90,8 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         cfg = self.fusion.cfg
         nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-        with torch.no_grad():
-            out, w = self.fusion.eval().refine(
-                modality, torch.from_numpy(x).to(self.device), torch.from_numpy(nb.vectors).to(self.device),
-                torch.from_numpy(nb.mask).to(self.device), need_weights=True)
-        return Explanation(out.cpu().numpy(), nb, None if w is None else w.cpu().numpy())
+        refined, attention = self.fusion.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True)
+        return Explanation(refined, nb, attention)
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
         """[B, d] -> refined [B, d] (unchanged, normalised, when retrieval is off)."""
@@ -107,7 +103,7 @@ class RecoClassifier:
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
             nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask))
+            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask)[0])
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ classes

@@ -148,17 +148,25 @@ class FusionModel(nn.Module):
 
     @torch.no_grad()
     def refine_numpy(self, modality: str, q: np.ndarray, vectors: np.ndarray, mask: np.ndarray,
-                     batch_size: int = 1024) -> np.ndarray:
-        """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k] -> [B, D]."""
+                     need_weights: bool = False, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+        """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k]
+        -> (refined [B, D], the query token's attention [B, 1+k] or None)."""
         was_training = self.training
         self.eval()
         dev = self.device
-        out = [self.refine(modality, torch.from_numpy(np.ascontiguousarray(q[s:s + batch_size], np.float32)).to(dev),
-                           torch.from_numpy(np.ascontiguousarray(vectors[s:s + batch_size], np.float32)).to(dev),
-                           torch.from_numpy(np.ascontiguousarray(mask[s:s + batch_size])).to(dev))[0].cpu().numpy()
-               for s in range(0, len(q), batch_size)]
+        out, weights = [], []
+        def tensor(a: np.ndarray, s: int, dtype: Any = None) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[s:s + batch_size], dtype)).to(dev)
+
+        for s in range(0, len(q), batch_size):
+            r, w = self.refine(modality, tensor(q, s, np.float32), tensor(vectors, s, np.float32), tensor(mask, s),
+                               need_weights)
+            out.append(r.cpu().numpy())
+            if w is not None:
+                weights.append(w.cpu().numpy())
         self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.dim), np.float32)
+        refined = np.concatenate(out) if out else np.zeros((0, self.cfg.dim), np.float32)
+        return refined, (np.concatenate(weights) if weights else None)
 
     @property
     def device(self) -> torch.device:

@@ -136,7 +136,7 @@ class _Validation:
 
     def score(self, model: FusionModel | None) -> float:
         def refine(mod: str, q: np.ndarray, nb: tuple) -> np.ndarray:
-            return np.asarray(q, np.float32) if model is None else model.refine_numpy(mod, q, nb[0], nb[1])
+            return np.asarray(q, np.float32) if model is None else model.refine_numpy(mod, q, nb[0], nb[1])[0]
 
         v = refine("image", self.img, self.img_nb)
         t = refine("text", self.targets, self.target_nb)
