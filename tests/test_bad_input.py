@@ -3,14 +3,11 @@ names the file/row and what was expected, and the memory left as it was."""
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-from test_ingest import make_shards
+from test_ingest import image_bytes, make_shards, write_tar
 from typer.testing import CliRunner
 
 from reco_qdrant import Memory
@@ -96,9 +93,7 @@ def test_empty_caption(stored, tmp_path):
 def _folder(tmp_path, files: dict[str, bytes], captions: bytes | None = None):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="PNG")
-    (folder / "ok.png").write_bytes(buf.getvalue())
+    (folder / "ok.png").write_bytes(image_bytes((10, 200, 30)))
     for name, data in files.items():
         (folder / name).write_bytes(data)
     table = tmp_path / "captions.csv"
@@ -108,9 +103,7 @@ def _folder(tmp_path, files: dict[str, bytes], captions: bytes | None = None):
 
 
 def test_corrupt_or_truncated_image(tmp_path):
-    png = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(png, format="PNG")
-    fails(_folder(tmp_path, {"cut.png": png.getvalue()[:40]}), "cut.png", "not a readable image",
+    fails(_folder(tmp_path, {"cut.png": image_bytes()[:40]}), "cut.png", "not a readable image",
           memory=str(tmp_path / "img-mem"), count=1)  # the good image before it stays
 
 
@@ -124,14 +117,7 @@ def test_non_utf8_captions_table(tmp_path):
 
 
 def test_non_utf8_webdataset_text(tmp_path):
-    tar_path = tmp_path / "bad.tar"
-    png = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(png, format="PNG")
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in (("a.png", png.getvalue()), ("a.txt", b"\xff\xfe caption")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    tar_path = write_tar(tmp_path / "bad.tar", {"a.png": image_bytes(), "a.txt": b"\xff\xfe caption"})
     fails(["ingest", "webdataset", str(tar_path), "--memory", str(tmp_path / "w"), "--no-progress", *TINY],
           "bad.tar", "a.txt is not UTF-8")
 

@@ -121,6 +121,22 @@ def _png(color, size=40) -> Image.Image:
     return Image.new("RGB", (size, size), color)
 
 
+def image_bytes(color=(0, 0, 0), size=32, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    _png(color, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path, members: dict[str, bytes]):
+    """A tar shard holding `members` (name -> bytes), as webdataset writers make them."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def test_image_folder_and_webdataset(tmp_path, tiny_encoder):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -130,16 +146,10 @@ def test_image_folder_and_webdataset(tmp_path, tiny_encoder):
         _png(c).save(folder / f"{name}.png")
         rows.append({"file": f"{name}.png", "caption": f"a {name} square", "lang": "en"})
     pl.DataFrame(rows).write_csv(tmp_path / "captions.csv")
-    tar_path = tmp_path / "shard-000.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, c in colors.items():
-            buf = io.BytesIO()
-            _png(c).save(buf, format="JPEG")
-            for ext, data in (("jpg", buf.getvalue()), ("txt", f"a {name} photo".encode()),
-                              ("json", b'{"license": "cc-by"}')):
-                info = tarfile.TarInfo(f"sample_{name}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    tar_path = write_tar(tmp_path / "shard-000.tar", {
+        f"sample_{name}.{ext}": data for name, c in colors.items()
+        for ext, data in (("jpg", image_bytes(c, 40, "JPEG")), ("txt", f"a {name} photo".encode()),
+                          ("json", b'{"license": "cc-by"}'))})
     with Memory.open(str(tmp_path / "m"), encoder=tiny_encoder) as mem:
         r = ingest(mem, ImageFolder(folder, tmp_path / "captions.csv"), tiny_encoder, progress=False)
         assert r.added == 3
@@ -170,14 +180,8 @@ def test_bad_images_and_texts(tmp_path, tiny_encoder):
         (tmp_path / "bad.csv").write_bytes(b"file,caption\nok.png,caf\xe9 au lait\n")
         with pytest.raises(ValueError, match="bad.csv: cannot read table"):
             ImageFolder(folder, tmp_path / "bad.csv")
-        tar_path = tmp_path / "bad.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            buf = io.BytesIO()
-            _png((9, 9, 9)).save(buf, format="PNG")
-            for name, data in (("a.png", buf.getvalue()), ("a.txt", b"\xff\xfe caption")):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        tar_path = write_tar(tmp_path / "bad.tar", {"a.png": image_bytes((9, 9, 9), 40),
+                                                    "a.txt": b"\xff\xfe caption"})
         with pytest.raises(ValueError, match="bad.tar: a.txt is not UTF-8"):
             ingest(mem, WebDataset([tar_path]), tiny_encoder, progress=False)
         assert mem.count() == 1
