@@ -63,11 +63,12 @@ class Backend(Protocol):
     def create_payload_index(self, field: str) -> None: ...
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False) -> list[list[Hit]]: ...
+               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]: ...
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
     def delete(self, ids: list[str]) -> None: ...
-    def count(self) -> int: ...
+    def count(self, source: str | None = None) -> int: ...
+    def stored_quantization(self) -> str | None: ...
     def optimize(self) -> bool: ...
     def status(self) -> dict[str, Any]: ...
     def meta_get(self, key: str) -> Any: ...
@@ -170,13 +171,13 @@ class EdgeBackend:
         self._require().update(qe.UpdateOperation.upsert_points(points))
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]:
         qe = self.qe
         quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = qe.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
         with_vector = [return_vector] if return_vector else False
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
-                                with_payload=True, params=params) for q in queries.tolist()]
+                                with_payload=with_payload, params=params) for q in queries.tolist()]
         res = self._require().query_batch(qe.QueryBatchRequest(reqs))
         return [[Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None,
                      p.payload or {}) for p in hits] for hits in res]
@@ -194,8 +195,18 @@ class EdgeBackend:
     def delete(self, ids: list[str]) -> None:
         self._require().update(self.qe.UpdateOperation.delete_points(list(ids)))
 
-    def count(self) -> int:
-        return 0 if self.shard is None else int(self.shard.count(self.qe.CountRequest(exact=True)))
+    def count(self, source: str | None = None) -> int:
+        if self.shard is None:
+            return 0
+        qe = self.qe
+        flt = None if source is None else qe.Filter(must=[qe.FieldCondition(key="source",
+                                                                             match=qe.MatchValue(value=source))])
+        return int(self.shard.count(qe.CountRequest(exact=True, filter=flt)))
+
+    def stored_quantization(self) -> str | None:
+        """The quantization the engine actually stores (read from the shard's own config file)."""
+        cfg = json.loads((self.data_path / "edge_config.json").read_text())
+        return "int8" if (cfg.get("quantization_config") or {}).get("scalar") else None
 
     def optimize(self) -> bool:
         return bool(self._require().optimize())
@@ -334,12 +345,12 @@ class ServerBackend:
         self._call(self.client.upsert, self.name, points=batch, wait=True)
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]:
         m = self.m
         quant = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = None if self.local else m.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
-        reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=True,
+        reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
                                with_vector=[return_vector] if return_vector else False)
                 for q in queries.tolist()]
         res = self._call(self.client.query_batch_points, self.name, requests=reqs)
@@ -360,10 +371,17 @@ class ServerBackend:
         self._call(self.client.delete, self.name, points_selector=self.m.PointIdsList(points=list(ids)),
                    wait=True)
 
-    def count(self) -> int:
+    def count(self, source: str | None = None) -> int:
         if not self.has_collection():
             return 0
-        return int(self._call(self.client.count, self.name, exact=True).count)
+        m = self.m
+        flt = None if source is None else m.Filter(must=[m.FieldCondition(key="source",
+                                                                           match=m.MatchValue(value=source))])
+        return int(self._call(self.client.count, self.name, count_filter=flt, exact=True).count)
+
+    def stored_quantization(self) -> str | None:
+        info = self._call(self.client.get_collection, self.name)
+        return "int8" if info.config.quantization_config is not None else None
 
     def optimize(self) -> bool:
         return False  # the server builds its indexes in the background

@@ -132,9 +132,13 @@ def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, 
     if as_json:
         _emit(rep.to_dict(), True)
     else:
-        out.print(f"{rep.source}: {rep.added:,} items upserted in {rep.seconds:.1f} s ({rep.items_per_s:,.0f} it/s), "
-                  f"{rep.skipped_batches} batches already done; memory holds {rep.count:,} points"
-                  + (" (index built)" if rep.indexed else ""))
+        out.print(f"{rep.source}: {rep.added:,} added, {rep.updated:,} updated in {rep.seconds:.1f} s "
+                  f"({rep.items_per_s:,.0f} it/s), {rep.skipped_batches} batches already done; memory holds "
+                  f"{rep.count:,} points" + (" (index built)" if rep.indexed else ""))
+        if rep.updated:
+            err.print(f"[yellow]note:[/] {rep.updated:,} points already existed under source {rep.source!r} with the "
+                      "same keys and were replaced; use --source to store another data set beside them",
+                      highlight=False)
 
 
 @ingest_app.command("embeddings")
@@ -142,7 +146,8 @@ def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, 
 def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img_emb/ text_emb/ metadata/")],
                       memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                       caption_column: str = "caption", key_column: str | None = None,
-                      source: Annotated[str | None, typer.Option(help="source name (default: folder name)")] = None,
+                      source: Annotated[str | None, typer.Option(
+                          help="source name (default: the folder's full path); ids derive from source + key")] = None,
                       encoder_id: Annotated[str | None, typer.Option(help="id of the encoder that made them")] = None,
                       batch_size: int = 4096, progress: ProgressOpt = True,
                       restart: Annotated[bool, typer.Option(help="ignore the resume ledger")] = False,
@@ -304,8 +309,13 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
           search: str = "uni", fusion: str = "cross", aggregator: str = "transformer",
           device: str | None = None,
           precision: Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 if the chip has it)")] = "auto",
+          restart: Annotated[bool, typer.Option(
+              help="OUT holds a run on other data or settings: train afresh there (else it is refused)")] = False,
           progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
-    """Train the fusion model on image-text pairs (encoders frozen), early-stopped on held-out classes."""
+    """Train the fusion model on image-text pairs (encoders frozen), early-stopped on held-out classes.
+
+    Re-running with the same data and settings resumes (or returns the finished run); with others it is
+    refused unless --restart."""
     from .memory import point_id
     from .training import train_fusion
 
@@ -314,7 +324,8 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
     with _open(memory, collection) as mem:
         model = train_fusion(mem, img, txt, labels=labels, ids=ids, k=k, epochs=epochs, batch_size=batch_size,
                              lr=lr, seed=seed, search=search, fusion=fusion, aggregator=aggregator,
-                             device=device, precision=precision, out_dir=str(out_dir), progress=progress)
+                             device=device, precision=precision, out_dir=str(out_dir), progress=progress,
+                             on_mismatch="restart" if restart else "error")
     model.save_pretrained(out_dir / "best")
     res = {"checkpoint": str(out_dir / "best"), "best_epoch": model.best_epoch, "history": model.history}
     if as_json:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .classifier import RecoClassifier
+from .memory import validate_embeddings
 from .sources import IMAGE_EXTS
 
 
@@ -44,16 +45,26 @@ def _raw_class_embeddings(clf: RecoClassifier) -> np.ndarray:
 
 
 def recall_at_k(queries: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Row i of queries [N, d] should retrieve row i of targets [N, d] -> {"R@1": ...}."""
-    sims = queries @ targets.T
-    rank = (sims > sims[np.arange(len(sims)), np.arange(len(sims))][:, None]).sum(1)
+    """Row i of queries [N, d] should retrieve row i of targets [N, d] -> {"R@1": ...}.
+
+    Inputs are L2-normalised first; a tie with another target counts against the query (a collapsed
+    model whose outputs are all equal scores 0, not 1).
+    """
+    if len(queries) != len(targets):
+        raise ValueError(f"recall_at_k: {len(queries)} queries but {len(targets)} targets; row i must pair with row i")
+    q = validate_embeddings(queries, "queries", None, "recall_at_k")
+    t = validate_embeddings(targets, "targets", q.shape[1], "recall_at_k")
+    sims = q @ t.T
+    own = sims[np.arange(len(sims)), np.arange(len(sims))][:, None]
+    rank = (sims >= own).sum(1) - 1  # targets scoring at least as high as the right one, itself excluded
     return {f"R@{k}": float((rank < k).mean()) for k in ks}
 
 
 def retrieval_report(clf: RecoClassifier, image_embeddings: np.ndarray, text_embeddings: np.ndarray,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Image->text and text->image recall@K for paired embeddings, baseline and refined."""
-    v, t = image_embeddings, text_embeddings
+    v = validate_embeddings(image_embeddings, "image embeddings", None, "retrieval_report")
+    t = validate_embeddings(text_embeddings, "text embeddings", v.shape[1], "retrieval_report")
     vr, tr = clf.refine(v, "image"), clf.refine(t, "text")
     return {"n_pairs": int(len(v)),
             "baseline": {"image_to_text": recall_at_k(v, t, ks), "text_to_image": recall_at_k(t, v, ks)},

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .encoders import Encoder
-from .memory import EXACT_SEARCH_BELOW, Memory
+from .memory import EXACT_SEARCH_BELOW, Memory, point_id
 from .progress import progress_bar
 from .sources import Source
 
@@ -19,7 +19,8 @@ __all__ = ["IngestReport", "copy_memory", "ingest"]
 @dataclass
 class IngestReport:
     source: str
-    added: int  # items upserted in this run
+    added: int  # new points written in this run
+    updated: int  # points that already existed (same source and key) and were replaced
     skipped_batches: int  # batches already done by an earlier (interrupted) run
     seconds: float
     items_per_s: float
@@ -47,11 +48,17 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
     if encoder is not None:
         encoder_id = encoder.id
         memory.check_encoder(encoder.id, encoder.dim)
-    state_key = f"ingest:{source.name}:{source.fingerprint()}"
+    legacy = getattr(source, "legacy_name", None)
+    if legacy and legacy != source.name and memory.count(legacy):
+        raise ValueError(f"memory {memory.cfg.location} holds {memory.count(legacy):,} points of source {legacy!r} "
+                         f"(named by folder basename by reco-qdrant 0.1); sources are now named by their path "
+                         f"({source.name!r}), so this ingest would store them twice: pass source={legacy!r} "
+                         "(--source) to update those points, or another name to keep both")
+    state_key = f"ingest:{memory.collection_uid}:{source.name}:{source.fingerprint()}"
     state = (memory.get_state(state_key) if resume else None) or {"batches": 0, "items": 0}
     skip = int(state["batches"])
     total = source.total()
-    t0, added = time.perf_counter(), 0
+    t0, added, updated = time.perf_counter(), 0, 0
     with progress_bar(f"ingest {source.name}", total, progress) as advance:
         advance(int(state["items"]))
         for batch in source.batches(skip=skip):
@@ -61,18 +68,21 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
                     raise ValueError(f"{batch.origin}: this source holds images; pass an encoder to embed them")
                 img = encoder.encode_images(batch.images)
                 txt = encoder.encode_texts(batch.captions)
+            existing = len(memory.existing_ids([point_id(source.name, k) for k in batch.keys]))
             memory.add_embeddings(img, txt, batch.captions, ids=batch.keys, source=source.name,
                                   payloads=batch.payloads, encoder_id=encoder_id, origin=batch.origin,
                                   row_offset=batch.row_offset)
+            state_key = f"ingest:{memory.collection_uid}:{source.name}:{source.fingerprint()}"  # created by the 1st add
             state = {"batches": state["batches"] + 1, "items": state["items"] + len(batch.keys)}
             memory.set_state(state_key, state)  # after the upsert: a crash in between only re-does it
-            added += len(batch.keys)
+            added += len(batch.keys) - existing
+            updated += existing
             advance(len(batch.keys))
     memory.flush()
     seconds = time.perf_counter() - t0
     indexed = optimize and memory.count() > EXACT_SEARCH_BELOW and memory.optimize()
-    return IngestReport(source.name, added, skip, seconds, added / seconds if seconds > 0 else 0.0,
-                        memory.count(), bool(indexed))
+    return IngestReport(source.name, added, updated, skip, seconds,
+                        (added + updated) / seconds if seconds > 0 else 0.0, memory.count(), bool(indexed))
 
 
 def copy_memory(src: Memory, dst: Memory, batch: int = 1024, progress: bool = False) -> int:

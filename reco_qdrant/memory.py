@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -22,18 +23,26 @@ from .backends import (
 )
 from .config import MemoryConfig
 
-__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "MemoryInUseError", "MemoryUnavailableError",
-           "MemoryError_", "point_id", "validate_embeddings"]
+__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "MemoryInUseError",
+           "MemoryUnavailableError", "MemoryError_", "point_id", "validate_embeddings"]
 
 _ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
 ENCODER_KEY = "encoder"
 UID_KEY = "memory_uid"
+WRITE_VERSION_KEY = "write_version"  # {"n": writes so far, "token": random}: keys caches of search results
+LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0001 and 0003)
+COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
+UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
 EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
 RESERVED_PAYLOAD = ("caption", "source", "key")
 
 
 class EncoderMismatchError(MemoryError_):
     """Vectors or an encoder that do not match the encoder the memory was built with."""
+
+
+class UnverifiedEncoderWarning(UserWarning):
+    """The memory records no encoder id, so an encoder used with it cannot be checked."""
 
 
 def point_id(source: str, key: str | int) -> str:
@@ -101,6 +110,8 @@ class Memory:
     def __init__(self, backend: Backend, cfg: MemoryConfig) -> None:
         self.backend = backend
         self.cfg = cfg
+        self._explicit: set[str] = set()  # MemoryConfig fields the caller set (not defaults)
+        self._encoder_record: dict[str, Any] | None = None  # cached once known (it never changes back)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -118,9 +129,12 @@ class Memory:
         cfg = MemoryConfig(**settings) if location is None else MemoryConfig(location=str(location), **settings)
         cfg = cfg.with_env()
         mem = cls(open_backend(cfg), cfg)
+        defaults = MemoryConfig(location=cfg.location)
+        mem._explicit = {f.name for f in fields(MemoryConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
         try:
             if mem.backend.meta_get(UID_KEY) is None:
                 mem.backend.meta_set(UID_KEY, str(uuid.uuid4()))
+            mem._adopt_layout()
             if encoder is not None:
                 mem.check_encoder(getattr(encoder, "id", encoder), getattr(encoder, "dim", None))
             if migrate and (mem.dim is not None or mem.backend.has_collection()):
@@ -145,7 +159,10 @@ class Memory:
     @property
     def encoder_record(self) -> dict[str, Any] | None:
         """{"id": encoder id, "dim": d, ...} recorded with the memory, or None before any data."""
-        return self.backend.meta_get(ENCODER_KEY)
+        rec = self._encoder_record
+        if rec is None or rec["id"] == UNSPECIFIED:  # another process may record it meanwhile
+            rec = self._encoder_record = self.backend.meta_get(ENCODER_KEY)
+        return rec
 
     @property
     def dim(self) -> int | None:
@@ -159,24 +176,78 @@ class Memory:
 
     def check_encoder(self, encoder_id: str | None, dim: int | None = None,
                       record: bool = False, extra: dict[str, Any] | None = None) -> None:
-        """Fail clearly when `encoder_id`/`dim` differ from the memory's encoder; record them if new."""
+        """Fail clearly when `encoder_id`/`dim` differ from the memory's encoder; record them if new.
+
+        A memory filled without an encoder id records "unspecified". The first write that names an
+        encoder (`record=True`) pins it; from then on every other id is refused. A read that names an
+        encoder while none is pinned cannot be checked and warns (pin it with `reco migrate --encoder-id`).
+        """
         rec = self.encoder_record
         if rec is None:
             if record and dim is not None:
-                self.backend.meta_set(ENCODER_KEY, {"id": encoder_id or "unspecified", "dim": int(dim),
-                                                    "normalized": True, **(extra or {})})
+                self._set_encoder_record({"id": encoder_id or UNSPECIFIED, "dim": int(dim), "normalized": True,
+                                          **(extra or {})})
             return
         if dim is not None and int(dim) != int(rec["dim"]):
             raise EncoderMismatchError(f"memory {self.cfg.location} holds {rec['dim']}-d vectors "
                                        f"from {rec['id']!r}; got {dim}-d from {encoder_id or 'input'!r}")
-        if encoder_id and rec["id"] != "unspecified" and encoder_id != rec["id"]:
+        if encoder_id and rec["id"] == UNSPECIFIED:
+            if record:
+                self._set_encoder_record({**rec, **(extra or {}), "id": encoder_id})
+            else:
+                warnings.warn(f"memory {self.cfg.location} records no encoder id, so {encoder_id!r} cannot be "
+                              "checked against the encoder that made its vectors; record it with "
+                              "`reco migrate --encoder-id ID`", UnverifiedEncoderWarning, stacklevel=3)
+        elif encoder_id and encoder_id != rec["id"]:
             raise EncoderMismatchError(f"memory {self.cfg.location} was built with encoder {rec['id']!r}, "
                                        f"not {encoder_id!r}; use the same encoder or another memory")
+
+    def _set_encoder_record(self, rec: dict[str, Any]) -> None:
+        self.backend.meta_set(ENCODER_KEY, rec)
+        self._encoder_record = rec
+
+    @property
+    def write_version(self) -> str:
+        """Changes with every upsert and delete (from any process): keys caches of search results."""
+        v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0, "token": ""}
+        return f"{v['n']}-{v['token']}"
+
+    def _bump_write_version(self) -> None:
+        # Bumped *before* the write: a crash in between costs a cache miss, never a stale hit. The random
+        # token keeps two writers that both read n from colliding on n + 1.
+        v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0}
+        self.backend.meta_set(WRITE_VERSION_KEY, {"n": int(v["n"]) + 1, "token": uuid.uuid4().hex[:12]})
+
+    @property
+    def collection_uid(self) -> str:
+        """A random id given to the collection when it was (re)created; "" before that."""
+        return str(self.backend.meta_get(COLLECTION_UID_KEY) or "")
+
+    def _adopt_layout(self) -> None:
+        """Take the settings the collection was created with (quantization, ...) from its record.
+
+        Settings the caller left at their defaults are filled from the record, so an int8 memory
+        reopened without `quantization=` still searches with rescoring; one set to another value is refused.
+        """
+        layout = self.backend.meta_get(LAYOUT_KEY)
+        if not layout:
+            return
+        clash = {k: (getattr(self.cfg, k), v) for k, v in layout.items()
+                 if k in self._explicit and getattr(self.cfg, k) != v}
+        if clash:
+            said = ", ".join(f"{k}={got!r} (created with {want!r})" for k, (got, want) in clash.items())
+            raise ValueError(f"memory {self.cfg.location} was created with other settings: {said}; these are fixed "
+                             "when the collection is created: omit them, or copy into a new memory (`reco copy`)")
+        self.cfg = replace(self.cfg, **{k: v for k, v in layout.items() if hasattr(self.cfg, k)})
+        self.backend.cfg = self.cfg
 
     # ------------------------------------------------------------------ schema
     def migrate(self, dim: int | None = None) -> list[str]:
         """Apply pending schema migrations in order; returns the names applied (none if up to date)."""
-        return migrations.apply_pending(self.backend, self.cfg, dim or self.dim)
+        applied = migrations.apply_pending(self.backend, self.cfg, dim or self.dim)
+        if applied:
+            self._adopt_layout()
+        return applied
 
     def pending_migrations(self) -> list[str]:
         return [f"{m.version:04d}_{m.name}" for m in migrations.pending(self.backend)]
@@ -226,11 +297,17 @@ class Memory:
         keys = list(ids) if ids is not None else [_content_key(img[i], captions[i]) for i in range(n)]
         pids = [point_id(source, k) for k in keys]
         if len(set(pids)) != n:
-            raise ValueError(f"{origin}: duplicate ids within one batch")
+            seen: dict[str, int] = {}
+            for i, pid in enumerate(pids):
+                if pid in seen:
+                    raise ValueError(f"{origin}: rows {seen[pid] + row_offset} and {i + row_offset} have the same "
+                                     f"key {str(keys[i])!r}: keys must be unique within a source")
+                seen[pid] = i
         out = []
         for i in range(n):
             extra = {k: v for k, v in (payloads[i] if payloads else {}).items() if k not in RESERVED_PAYLOAD}
             out.append({"caption": captions[i], "source": source, "key": str(keys[i]), **extra})
+        self._bump_write_version()
         step = self.cfg.upsert_batch
         for s in range(0, n, step):
             self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
@@ -239,6 +316,7 @@ class Memory:
     def delete(self, ids: Sequence[str]) -> None:
         """Remove points by id."""
         if ids:
+            self._bump_write_version()
             self.backend.delete(list(ids))
 
     def optimize(self) -> bool:
@@ -257,12 +335,19 @@ class Memory:
         self.backend.flush()
 
     # ------------------------------------------------------------------ reading
-    def count(self) -> int:
-        return self.backend.count()
+    def count(self, source: str | None = None) -> int:
+        """Points in the memory (of one `source` only, when given)."""
+        return self.backend.count(source)
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The subset of point `ids` already stored (an upsert of these replaces them)."""
+        if not ids or not self.backend.has_collection():
+            return set()
+        return {r.id for r in self.backend.retrieve(list(ids), with_vectors=False)}
 
     def search(self, queries: np.ndarray, modality: str = "image", k: int = 10,
                return_modality: str | None = "text", exact: bool = False,
-               batch_size: int = 256) -> Neighbours:
+               batch_size: int = 256, with_payload: bool = True) -> Neighbours:
         """Nearest neighbours of each query among the memory's `modality` vectors.
 
         Args:
@@ -272,6 +357,7 @@ class Memory:
             return_modality: which vector of each hit to return ("text", "image" or None).
             exact: brute-force search instead of the index (ground truth for recall).
             batch_size: queries per request to Qdrant (one batched call each).
+            with_payload: return captions and metadata (False when only vectors are needed: faster).
         Returns:
             `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
         """
@@ -287,7 +373,8 @@ class Memory:
             raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
         hits = []
         for s in range(0, len(q), batch_size):
-            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact))
+            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
+                                            with_payload))
         return _to_neighbours(hits, k, q.shape[1] if return_modality else None)
 
     def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
@@ -340,6 +427,7 @@ class Memory:
             "encoder": self.encoder_record,
             "memory_uid": self.uid,
             "quantization": cfg.quantization,
+            "write_version": self.write_version,
             "migrations": [f"{e['version']:04d}_{e['name']}" for e in migrations.applied(self.backend)],
             "pending_migrations": self.pending_migrations(),
             "api_key_set": bool(self.cfg.api_key),

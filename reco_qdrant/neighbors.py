@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .memory import Memory, Neighbours, pad_neighbours
+from .memory import Memory, Neighbours
 
 SEARCH_MODES = ("uni", "cross")
 FUSION_MODES = ("cross", "uni")
@@ -41,38 +41,72 @@ def retrieve(
     exclude_ids: Sequence[str | None] | None = None,
     dedup_threshold: float | None = None,
     batch_size: int = 256,
+    with_payload: bool = True,
 ) -> Neighbours:
     """k neighbours of each query [B, d] under the mode; vectors [B, k, d] of the returned modality.
 
-    With `exclude_ids` (one point id per query, or None) and/or `dedup_threshold` (drop hits whose
-    score in the searched modality is >= the threshold), a query never retrieves itself or its
-    near-duplicates: hits are over-fetched and the list is filled up to k from further down the
-    ranking; when fewer than k remain, the rest is padded (mask False).
+    With `exclude_ids` (one point id per query, or None) and/or `dedup_threshold`, a query never
+    retrieves itself or its near-duplicates: hits whose vector in the *query's* modality has cosine
+    >= the threshold with the query are dropped (in cross-modal search that takes a uni-modal search
+    of its own: there the hits' scores compare the query with the other modality, where its own pair
+    scores ~0.3). Hits are over-fetched and the list is filled up to k from further down the ranking;
+    when fewer than k remain, the rest is padded (mask False).
     """
     searched, returned = mode_modalities(query_modality, search, fusion)
     if exclude_ids is None and dedup_threshold is None:
-        return memory.search(queries, searched, k, returned, batch_size=batch_size)
+        return memory.search(queries, searched, k, returned, batch_size=batch_size, with_payload=with_payload)
     q = np.asarray(queries, np.float32)
-    total = memory.count()
+    if exclude_ids is not None and len(exclude_ids) != len(q):
+        raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(q)} queries")
+    n, total = len(q), memory.count()
+    own = np.array([i or "" for i in exclude_ids] if exclude_ids is not None else [""] * n, dtype=object)
+    score_dedup = dedup_threshold is not None and searched == query_modality
+    banned = (_near_duplicate_ids(memory, q, query_modality, dedup_threshold, batch_size)
+              if dedup_threshold is not None and not score_dedup else None)
+    ids = np.full((n, k), "", dtype=object)
+    scores = np.full((n, k), -np.inf, np.float32)
+    vectors = np.zeros((n, k, q.shape[1]), np.float32) if returned else None
+    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(n)]
     fetch = min(total, k + max(8, k // 2))
-    rows: list[tuple[list[str], list[float], list, list[dict]] | None] = [None] * len(q)
-    todo = np.arange(len(q))
+    todo = np.arange(n)
     while len(todo):
-        nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size)
-        short = []
-        for j, i in enumerate(todo):
-            keep = nb.mask[j].copy()
-            if exclude_ids is not None and exclude_ids[i] is not None:
-                keep &= nb.ids[j] != exclude_ids[i]
-            if dedup_threshold is not None:
-                keep &= nb.scores[j] < dedup_threshold
-            idx = np.flatnonzero(keep)[:k]
-            if len(idx) < k and fetch < total:
-                short.append(i)
-                continue
-            rows[i] = (nb.ids[j, idx].tolist(), nb.scores[j, idx].tolist(), nb.vectors[j, idx],
-                       [nb.payloads[j][t] for t in idx])
-        todo = np.asarray(short, dtype=int)
+        nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size, with_payload=with_payload)
+        keep = nb.mask & (nb.ids != own[todo][:, None])  # (T, fetch)
+        if score_dedup:
+            keep &= nb.scores < dedup_threshold
+        if banned is not None:
+            for j, i in enumerate(todo):
+                if banned[i]:
+                    keep[j] &= ~np.isin(nb.ids[j], list(banned[i]))
+        done = (keep.sum(1) >= k) | (fetch >= total)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept hits first, in rank order
+        valid = np.take_along_axis(keep, order, 1)
+        rows, sel, ok = todo[done], order[done], valid[done]
+        ids[rows] = np.where(ok, np.take_along_axis(nb.ids[done], sel, 1), "")
+        scores[rows] = np.where(ok, np.take_along_axis(nb.scores[done], sel, 1), -np.inf)
+        if vectors is not None:
+            vectors[rows] = np.take_along_axis(nb.vectors[done], sel[..., None], 1) * ok[..., None]
+        if with_payload:
+            for r, s_, o, j in zip(rows, sel, ok, np.flatnonzero(done)):
+                payloads[r] = [nb.payloads[j][t] if v else {} for t, v in zip(s_, o)]
+        todo = todo[~done]
         fetch = min(total, fetch * 2)
-    return pad_neighbours([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                          [r[3] for r in rows], k, q.shape[1])
+    return Neighbours(ids.astype(str), scores, vectors, payloads)
+
+
+def _near_duplicate_ids(memory: Memory, q: np.ndarray, modality: str, threshold: float,
+                        batch_size: int) -> list[set[str]]:
+    """For each query [B, d], the ids of memory points whose `modality` vector has cosine >= threshold."""
+    total = memory.count()
+    found: list[set[str]] = [set() for _ in range(len(q))]
+    todo, m = np.arange(len(q)), min(16, total)
+    while len(todo):
+        nb = memory.search(q[todo], modality, m, None, batch_size=batch_size, with_payload=False)
+        hit = nb.mask & (nb.scores >= threshold)
+        for j, i in enumerate(todo):
+            found[i].update(nb.ids[j, hit[j]].tolist())
+        more = hit[:, -1]  # all m were near-duplicates: there may be more
+        if m >= total or not more.any():
+            break
+        todo, m = todo[more], min(4 * m, total)
+    return found

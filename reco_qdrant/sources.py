@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,8 @@ class Batch:
 
 
 class Source(Protocol):
-    name: str  # stored in each point's payload as `source`
+    name: str  # stored in each point's payload as `source`; with the key it derives the point id
+    legacy_name: str | None  # what reco-qdrant 0.1 called it by default (a bare basename), if not named explicitly
 
     def fingerprint(self) -> str:
         """Changes when the files change: keys the resume ledger."""
@@ -86,6 +88,29 @@ def _require_column(df: pl.DataFrame, col: str, origin: str) -> None:
         raise ValueError(f"{origin}: no column {col!r}; columns are {df.columns}")
 
 
+def default_source_name(path: Path) -> str:
+    """A source named by the resolved path of its folder: two data sets in folders of the same name
+    (`cub/embeddings`, `flowers/embeddings`) never share point ids. Pass `source=` for a name that
+    survives moving the files."""
+    return str(path.resolve())
+
+
+def check_keys(keys: Sequence[Any], origin: str, row_offset: int = 0) -> list[str]:
+    """Keys as strings, each non-empty and unique; errors name the file and row."""
+    out, seen = [], {}
+    for i, k in enumerate(keys):
+        if k is None or (isinstance(k, float) and k != k) or not str(k).strip():
+            raise ValueError(f"{origin}: row {i + row_offset} has an empty key ({k!r}); every item needs a key "
+                             "unique within its source")
+        k = str(k)
+        if k in seen:
+            raise ValueError(f"{origin}: rows {seen[k] + row_offset} and {i + row_offset} have the same key {k!r}; "
+                             "keys must be unique within a source (one would overwrite the other)")
+        seen[k] = i
+        out.append(k)
+    return out
+
+
 def _payload_rows(df: pl.DataFrame, skip: Sequence[str]) -> list[dict[str, Any]]:
     cols = [c for c in df.columns if c not in skip]
     return df.select(cols).to_dicts() if cols else [{} for _ in range(df.height)]
@@ -120,7 +145,8 @@ class EmbeddingShards:
                 if not p.is_file():
                     raise FileNotFoundError(f"{p}: missing, expected beside {f}")
             self.shards.append((f, txt, meta))
-        self.name = source or self.root.resolve().name
+        self.name = source or default_source_name(self.root)
+        self.legacy_name = None if source else self.root.resolve().name
 
     def fingerprint(self) -> str:
         files = [p for s in self.shards for p in s]
@@ -149,8 +175,8 @@ class EmbeddingShards:
             if self.key_column:
                 _require_column(meta, self.key_column, str(meta_path))
             captions = meta[self.caption_column].cast(pl.Utf8).fill_null("").to_list()
-            keys = (meta[self.key_column].cast(pl.Utf8).to_list() if self.key_column
-                    else [f"{_shard_index(img_path)}:{r}" for r in range(n)])
+            keys = (check_keys(meta[self.key_column].cast(pl.Utf8).to_list(), f"{meta_path} column {self.key_column!r}")
+                    if self.key_column else [f"{_shard_index(img_path)}:{r}" for r in range(n)])
             payloads = _payload_rows(meta, [self.caption_column])
             for b in range(n_batches):
                 seen += 1
@@ -204,7 +230,10 @@ class ImageFolder:
         _require_column(self.table, file_column, str(self.table_path))
         _require_column(self.table, caption_column, str(self.table_path))
         self.file_column, self.caption_column, self.batch_size = file_column, caption_column, batch_size
-        self.name = source or self.root.resolve().name
+        self.name = source or default_source_name(self.root)
+        self.legacy_name = None if source else self.root.resolve().name
+        self.keys = check_keys(self.table[file_column].cast(pl.Utf8).to_list(),
+                               f"{self.table_path} column {file_column!r}")
 
     def fingerprint(self) -> str:
         return _files_fingerprint([self.table_path], str(self.root.resolve()), self.batch_size)
@@ -213,7 +242,7 @@ class ImageFolder:
         return self.table.height
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
-        files = self.table[self.file_column].cast(pl.Utf8).to_list()
+        files = self.keys
         captions = self.table[self.caption_column].cast(pl.Utf8).fill_null("").to_list()
         payloads = _payload_rows(self.table, [self.file_column, self.caption_column])
         for b, s in enumerate(range(0, len(files), self.batch_size)):
@@ -245,7 +274,11 @@ class WebDataset:
             if not s.is_file():
                 raise FileNotFoundError(f"{s}: no such tar shard")
         self.batch_size = batch_size
-        self.name = source or (self.shards[0].parent.resolve().name if self.shards else "webdataset")
+        # keys are "<shard path relative to the shards' common folder>/<sample key>": train/00000.tar and
+        # val/00000.tar ingested together never collide, and apart they are two sources
+        self.base = Path(os.path.commonpath([s.resolve().parent for s in self.shards])) if self.shards else Path(".")
+        self.name = source or default_source_name(self.base)
+        self.legacy_name = None if source else (self.shards[0].parent.resolve().name if self.shards else None)
 
     def fingerprint(self) -> str:
         return _files_fingerprint(self.shards, self.batch_size)
@@ -281,10 +314,14 @@ class WebDataset:
         b = 0
         for shard in self.shards:
             keys, caps, ims, pays, row0 = [], [], [], [], 0
+            prefix, seen = shard.resolve().relative_to(self.base).as_posix(), set()
             for row, (key, group) in enumerate(self._samples(shard)):
+                if key in seen:
+                    raise ValueError(f"{shard}: sample key {key!r} appears twice (row {row}); keys must be unique")
+                seen.add(key)
                 if b >= skip:
                     caption, image, extra = self._decode(shard, key, group)
-                    keys.append(f"{shard.name}/{key}")
+                    keys.append(f"{prefix}/{key}")
                     caps.append(caption)
                     ims.append(image)
                     pays.append(extra)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from .encoders import default_device
 from .fusion import FusionConfig, FusionModel
 from .loss import reco_loss
-from .memory import Memory
+from .memory import Memory, validate_embeddings
 from .neighbors import retrieve
 from .progress import progress_bar
 
@@ -49,8 +50,13 @@ class TrainConfig:
     token_dropout: float = 0.2
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
-    cache_dir: str | None = None  # neighbour cache; default ~/.cache/reco_qdrant/neighbours
+    on_mismatch: str = "error"  # out_dir holds a run on other inputs or settings: "error" | "restart" (train afresh)
+    cache_dir: str | None = None  # neighbour cache; default out_dir/cache, else $RECO_CACHE or ~/.cache/reco_qdrant
+    cache_keep: int = 8  # neighbour caches kept in the cache directory (the least recently used are pruned)
     progress: bool = True
+
+
+_NOT_IN_DIGEST = ("progress", "out_dir", "on_mismatch", "cache_dir", "cache_keep", "device")
 
 
 def use_bf16(precision: str, device: str, dim: int = 512) -> bool:
@@ -69,11 +75,21 @@ def use_bf16(precision: str, device: str, dim: int = 512) -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def _adamw(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: not on the temperature, LayerNorm gains, biases or the
+    type/rank embeddings (CLIP's practice; decaying the temperature pulls it towards 1)."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith("_emb") else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
     try:  # the fused kernel (torch >= 2.4 on CPU) is ~10% faster per step; same state dict
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def _digest(*parts: Any) -> str:
@@ -83,15 +99,36 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def cache_root(cfg: TrainConfig) -> Path:
+    """Where neighbour caches live: `cache_dir`, else beside the run (`out_dir/cache`), else $RECO_CACHE
+    or ~/.cache/reco_qdrant."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir) / "neighbours"
+    if cfg.out_dir:
+        return Path(cfg.out_dir) / "cache" / "neighbours"
+    return Path(os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco_qdrant")) / "neighbours"
+
+
+def _prune_cache(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used caches in `root`."""
+    entries = sorted(root.glob("*.vectors.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[max(keep, 0):]:
+        key = old.name.removesuffix(".vectors.npy")
+        for p in (old, root / f"{key}.mask.npy"):
+            p.unlink(missing_ok=True)
+
+
 def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cfg: TrainConfig,
                     ids: list[str | None] | None) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour vectors [N, k, d] (float16, memory-mapped) and mask [N, k] for each query, cached on
-    disk under a key of the memory's id and point count, the mode and the queries."""
-    root = Path(cfg.cache_dir or os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco_qdrant")) / "neighbours"
-    key = _digest(memory.uid, memory.count(), cfg.k, cfg.search, cfg.fusion, query_modality,
+    disk under a key of the memory's id and write version (it changes with every upsert and delete),
+    the mode and the queries."""
+    root = cache_root(cfg)
+    key = _digest(memory.uid, memory.write_version, cfg.k, cfg.search, cfg.fusion, query_modality,
                   cfg.self_exclusion, cfg.dedup_threshold, ids, queries)
     vec_path, mask_path = root / f"{key}.vectors.npy", root / f"{key}.mask.npy"
     if vec_path.exists() and mask_path.exists():
+        os.utime(vec_path)  # recently used: pruned last
         return np.load(vec_path, mmap_mode="r"), np.load(mask_path)
     root.mkdir(parents=True, exist_ok=True)
     n, d = queries.shape
@@ -104,13 +141,15 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
             e = min(n, s + step)
             nb = retrieve(memory, queries[s:e], query_modality, cfg.k, cfg.search, cfg.fusion,
                           exclude_ids=(ids[s:e] if ids is not None else None) if cfg.self_exclusion else None,
-                          dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None)
+                          dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None,
+                          with_payload=False)
             vecs[s:e], mask[s:e] = nb.vectors, nb.mask
             advance(e - s)
     vecs.flush()
     del vecs
     np.save(mask_path, mask)
     os.replace(tmp, vec_path)  # the cache appears whole or not at all
+    _prune_cache(root, cfg.cache_keep)
     return np.load(vec_path, mmap_mode="r"), mask
 
 
@@ -185,16 +224,15 @@ def train_fusion(
     cfg = config or TrainConfig()
     if overrides:
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
-    img = np.ascontiguousarray(image_embeddings, np.float32)
-    txt = np.ascontiguousarray(text_embeddings, np.float32)
-    if img.shape != txt.shape or img.ndim != 2:
-        raise ValueError(f"image embeddings {img.shape} and text embeddings {txt.shape}: expected the same [N, d]")
-    if memory.dim is not None and img.shape[1] != memory.dim:
-        raise ValueError(f"training embeddings are {img.shape[1]}-d, the memory holds {memory.dim}-d vectors")
+    if cfg.on_mismatch not in ("error", "restart"):
+        raise ValueError(f"on_mismatch must be 'error' or 'restart', got {cfg.on_mismatch!r}")
+    img, txt, labels, class_embeddings = _check_inputs(memory, image_embeddings, text_embeddings, labels,
+                                                       class_embeddings, ids)
     if memory.count() < cfg.k:
         raise ValueError(f"the memory holds {memory.count()} points, fewer than k={cfg.k}: ingest data first")
-    if labels is not None and len(labels) != len(img):
-        raise ValueError(f"{len(labels)} labels for {len(img)} pairs")
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    run = _run_digest(memory, cfg, img, txt, labels, class_embeddings, ids)
+    resumable = out is not None and _prepare_out_dir(out, run, cfg.on_mismatch)
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -224,15 +262,14 @@ def train_fusion(
     steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     warm = max(1, int(total * cfg.warmup_fraction))
-    opt = _adamw(list(model.parameters()), cfg)
+    opt = _adamw(model, cfg)
     bf16 = use_bf16(cfg.precision, str(device), img.shape[1])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     start, best, best_epoch, bad = 0, (val.score(model) if val else -math.inf), 0, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history.append({"epoch": 0, "loss": float("nan"), "val": best, "val_baseline": baseline, "seconds": 0.0})
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    if out and (out / "last" / "trainer_state.pt").exists():
+    if resumable:
         start, best, best_epoch, bad, history = _resume(out, model, opt, sched, device)
         best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").state_dict().items()}
 
@@ -278,25 +315,103 @@ def train_fusion(
     return model.eval()
 
 
+def _check_inputs(memory: Memory, image_embeddings: np.ndarray, text_embeddings: np.ndarray, labels: Any,
+                  class_embeddings: Any, ids: Any) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """Validate and L2-normalise the training inputs as ingest does; refuse misaligned ones by name."""
+    img = validate_embeddings(image_embeddings, "training image embeddings", memory.dim, "train_fusion")
+    txt = validate_embeddings(text_embeddings, "training text embeddings", img.shape[1], "train_fusion")
+    n = len(img)
+    if len(txt) != n:
+        raise ValueError(f"train_fusion: {n} image embeddings but {len(txt)} text embeddings; expected pairs")
+    if ids is not None and len(ids) != n:
+        raise ValueError(f"train_fusion: {len(ids)} ids for {n} pairs; ids[i] must be the point id of pair i")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise ValueError(f"train_fusion: {len(labels)} labels for {n} pairs")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"train_fusion: labels must be integer class indices, got dtype {labels.dtype}")
+    if class_embeddings is not None:
+        if labels is None:
+            raise ValueError("train_fusion: class_embeddings are indexed by labels; pass labels too")
+        class_embeddings = validate_embeddings(class_embeddings, "class embeddings", img.shape[1], "train_fusion")
+        if labels.min() < 0 or labels.max() >= len(class_embeddings):
+            raise ValueError(f"train_fusion: labels run from {labels.min()} to {labels.max()}, but there are "
+                             f"{len(class_embeddings)} class embeddings: label c must be the 0-based row of its "
+                             "class in class_embeddings")
+    return img, txt, labels, class_embeddings
+
+
+def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarray, labels: Any,
+                class_embeddings: Any, ids: Any) -> dict[str, str]:
+    """Everything a training result depends on, digested part by part (so a mismatch can be named)."""
+    return {"training pairs": _digest(img, txt), "labels": _digest(labels),
+            "class embeddings": _digest(class_embeddings), "ids": _digest(ids),
+            "memory (id and write version)": f"{memory.uid}@{memory.write_version}",
+            **{f"setting {k}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST}}
+
+
+RUN_FILE = "run.json"
+
+
+def _prepare_out_dir(out: Path, run: dict[str, str], on_mismatch: str) -> bool:
+    """Recover an interrupted checkpoint rotation, compare the run in `out` with this one, and say
+    whether to resume. A run on other inputs is refused, or cleared when the user chose "restart"."""
+    _recover(out)
+    existing = any((out / p).exists() for p in ("last", "best", RUN_FILE))
+    if existing:
+        try:
+            before = json.loads((out / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            before = {}
+        changed = [k for k in run if before.get(k) != run[k]] if before else ["unknown (no run.json: older version)"]
+        if changed and on_mismatch == "error":
+            raise ValueError(f"{out} holds a training run on other inputs or settings (changed: {', '.join(changed)}); "
+                             "resume only continues the same run: use another output directory, or "
+                             "on_mismatch='restart' (reco train --restart) to train afresh there")
+        if changed:
+            for p in ("last", "best"):
+                shutil.rmtree(out / p, ignore_errors=True)
+        elif (out / "last" / "trainer_state.pt").exists():
+            return True
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=1))
+    os.replace(tmp, out / RUN_FILE)
+    return False
+
+
+def _recover(out: Path) -> None:
+    """Finish a checkpoint rotation that a crash interrupted: a final directory renamed away but not yet
+    replaced is restored from its `.old` copy; leftover `.old`/`.tmp` directories are removed."""
+    for name in ("best", "last"):
+        final, old, tmp = out / name, out / f".{name}.old", out / f".{name}.tmp"
+        if not final.exists() and old.exists():
+            os.replace(old, final)
+        for leftover in (old, tmp):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+
 def _checkpoint(out: Path, model: FusionModel, opt: Any, sched: Any, epoch: int, best: float, best_epoch: int,
                 bad: int, history: list, best_state: dict) -> None:
     """last/ (weights + optimiser state, to resume) and best/ (the model to use). Written then renamed."""
     best_model = FusionModel(model.cfg)
     best_model.load_state_dict({k: v.cpu() for k, v in best_state.items()})
     for name, m in (("best", best_model), ("last", model)):
-        tmp = out / f".{name}.tmp"
+        tmp, old = out / f".{name}.tmp", out / f".{name}.old"
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
         m.save_pretrained(tmp)
         if name == "last":
             torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad,
                         "history_json": json.dumps(history), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict()}, tmp / "trainer_state.pt")
         final = out / name
-        if final.exists():
-            old = out / f".{name}.old"
+        if final.exists():  # a crash between these renames is undone by `_recover`
             os.replace(final, old)
             os.replace(tmp, final)
-            import shutil
-
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)

@@ -17,7 +17,7 @@ def test_migrate_ingest_info_search(tmp_path):
     mem = str(tmp_path / "m")
     r = runner.invoke(app, ["migrate", "--memory", mem, "--dim", "16", "--encoder-id", "enc", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["applied"] == ["0001_create_memory", "0002_index_source"]
+    assert json.loads(r.output)["applied"] == ["0001_create_memory", "0002_index_source", "0003_record_layout"]
     r = runner.invoke(app, ["migrate", "--memory", mem, "--json"])
     assert json.loads(r.output)["applied"] == []
     make_shards(tmp_path / "laion", n=300)

@@ -48,9 +48,9 @@ def test_ingest_shards_twice_adds_nothing(tmp_path, kind):
         r2 = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=128), progress=False)
         assert r2.added == 0 and r2.skipped_batches == 10  # shards of 400, 400, 200 rows in batches of 128
         r3 = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=128), progress=False, resume=False)
-        assert r3.added == 1000 and mem.count() == 1000
+        assert r3.added == 0 and r3.updated == 1000 and mem.count() == 1000  # an overwrite is never silent
         p = mem.retrieve([mem.search(random_pairs(1000)[0][:1], "image", k=1).ids[0, 0]])[0].payload
-        assert p["url"].startswith("http://x/") and p["source"] == "laion"
+        assert p["url"].startswith("http://x/") and p["source"] == str((tmp_path / "laion").resolve())
 
 
 def _cli_ingest(shards, mem_path, *extra):

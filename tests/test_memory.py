@@ -113,7 +113,7 @@ def test_migrations_ledger_idempotent(memory):
     img, txt, caps = random_pairs(10)
     memory.add_embeddings(img, txt, caps)
     info = memory.info()
-    assert info["migrations"] == ["0001_create_memory", "0002_index_source"]
+    assert info["migrations"] == ["0001_create_memory", "0002_index_source", "0003_record_layout"]
     assert info["pending_migrations"] == [] and memory.migrate() == []
 
 

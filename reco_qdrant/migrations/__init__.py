@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +18,9 @@ from typing import Any
 from ..config import MemoryConfig
 
 LEDGER_KEY = "migrations"
+# MemoryConfig fields fixed when the collection is created, recorded with the memory (0001, 0003)
+LAYOUT_FIELDS = ("quantization", "on_disk", "on_disk_payload", "hnsw_m", "hnsw_ef_construct", "full_scan_threshold",
+                 "shard_number", "replication_factor")
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 
@@ -49,13 +53,18 @@ def applied(backend: Any) -> list[dict]:
 
 
 def pending(backend: Any) -> list[Migration]:
-    done = {e["version"] for e in applied(backend)}
+    """Migrations not yet applied; all of them when the collection itself is gone (deleted by hand)."""
+    done = {e["version"] for e in applied(backend)} if backend.has_collection() else set()
     return [m for m in discover() if m.version not in done]
 
 
 def apply_pending(backend: Any, cfg: MemoryConfig, dim: int | None) -> list[str]:
     """Apply pending migrations in order; record each in the ledger right after it succeeds."""
     ledger = applied(backend)
+    if ledger and not backend.has_collection():
+        warnings.warn(f"memory {cfg.location}: collection {cfg.collection!r} is gone but its ledger survived "
+                      "(deleted by hand?): re-creating it empty and applying every migration again", stacklevel=2)
+        ledger = []
     names = []
     for mig in pending(backend):
         mig.module.upgrade(MigrationContext(backend, cfg, dim))
