@@ -44,8 +44,9 @@ class MemoryUnavailableError(MemoryError_):
 class Hit:
     id: str
     score: float
-    vector: list[float] | None
+    vector: list[float] | None  # of the requested return modality
     payload: dict[str, Any]
+    key: list[float] | None = None  # the vector that was searched (with_key=True)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Backend(Protocol):
     def create_payload_index(self, field: str) -> None: ...
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]: ...
+               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]: ...
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
     def delete(self, ids: list[str]) -> None: ...
@@ -84,6 +85,16 @@ def _named(vec: Any, name: str) -> list[float] | None:
     if vec is None:
         return None
     return vec.get(name) if isinstance(vec, dict) else vec
+
+
+def _vector_names(return_vector: str | None, using: str, with_key: bool) -> list[str] | bool:
+    names = list(dict.fromkeys(n for n in (return_vector, using if with_key else None) if n))
+    return names or False
+
+
+def _hit(p: Any, return_vector: str | None, using: str, with_key: bool) -> Hit:
+    return Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None, p.payload or {},
+               _named(p.vector, using) if with_key else None)
 
 
 # --------------------------------------------------------------------------- Qdrant Edge
@@ -171,16 +182,15 @@ class EdgeBackend:
         self._require().update(qe.UpdateOperation.upsert_points(points))
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]:
         qe = self.qe
         quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = qe.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
-        with_vector = [return_vector] if return_vector else False
+        with_vector = _vector_names(return_vector, using, with_key)
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
                                 with_payload=with_payload, params=params) for q in queries.tolist()]
         res = self._require().query_batch(qe.QueryBatchRequest(reqs))
-        return [[Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None,
-                     p.payload or {}) for p in hits] for hits in res]
+        return [[_hit(p, return_vector, using, with_key) for p in hits] for hits in res]
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._require().retrieve(list(ids), with_payload=True, with_vector=with_vectors)
@@ -345,17 +355,16 @@ class ServerBackend:
         self._call(self.client.upsert, self.name, points=batch, wait=True)
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]:
         m = self.m
         quant = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
         params = None if self.local else m.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
-                               with_vector=[return_vector] if return_vector else False)
+                               with_vector=_vector_names(return_vector, using, with_key))
                 for q in queries.tolist()]
         res = self._call(self.client.query_batch_points, self.name, requests=reqs)
-        return [[Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None,
-                     p.payload or {}) for p in r.points] for r in res]
+        return [[_hit(p, return_vector, using, with_key) for p in r.points] for r in res]
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,

@@ -18,10 +18,11 @@ from .synthetic import WorldConfig, make_world
 from .training import train_fusion
 
 ABLATIONS = [  # (row name, search, fusion, aggregator)
-    ("RECO (uni-modal search, cross-modal fusion)", "uni", "cross", "transformer"),
-    ("cross-modal search, cross-modal fusion", "cross", "cross", "transformer"),
-    ("uni-modal search, uni-modal fusion", "uni", "uni", "transformer"),
-    ("mean fusion (no transformer)", "uni", "cross", "mean"),
+    ("RECO (uni-modal search, cross-modal fusion, relevance fusion)", "uni", "cross", "relevance"),
+    ("RECO with the paper's fusion transformer", "uni", "cross", "transformer"),
+    ("cross-modal search, cross-modal fusion", "cross", "cross", "relevance"),
+    ("uni-modal search, uni-modal fusion", "uni", "uni", "relevance"),
+    ("mean fusion (nothing learned)", "uni", "cross", "mean"),
 ]
 
 

@@ -7,6 +7,7 @@ No I/O besides save/load, no Qdrant.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+AGGREGATORS = ("relevance", "transformer", "mean")
 
 
 @dataclass
@@ -29,14 +31,17 @@ class FusionConfig:
     n_layers: int = 1
     dropout: float = 0.1  # inside attention and MLP
     token_dropout: float = 0.2  # training only: share of retrieved tokens hidden from the query
-    aggregator: str = "transformer"  # "transformer" (RECO) or "mean" (the paper's mean-fusion ablation)
+    # "relevance" (neighbours weighed by their search scores, a learned trust gate; see RelevanceFuser),
+    # "transformer" (the paper's fusion transformer) or "mean" (the paper's mean-fusion ablation)
+    aggregator: str = "relevance"
+    projection: bool = True  # relevance: a learned D x D map on the fused neighbours (P below)
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
     encoder_id: str | None = None  # encoder whose embeddings this model was trained on
 
     def __post_init__(self) -> None:
-        if self.aggregator not in ("transformer", "mean"):
-            raise ValueError(f"aggregator must be 'transformer' or 'mean', got {self.aggregator!r}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         if self.search not in ("uni", "cross"):
             raise ValueError(f"search must be one of ('uni', 'cross'), got {self.search!r}")
         if self.fusion not in ("cross", "uni"):
@@ -93,9 +98,9 @@ class Fuser(nn.Module):
         nn.init.normal_(self.pos_emb, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists
+    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
+                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores unused (the paper's model)
         b, k, _ = r.shape
         if k > self.cfg.k:
             raise ValueError(f"{k} retrieved tokens given, this model takes at most {self.cfg.k}")
@@ -120,13 +125,79 @@ class MeanFuser(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
+                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = mask.to(r.dtype)[..., None]  # (B, K, 1)
         mean = (r * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
         w = torch.cat([torch.ones_like(m[:, :1, 0]), m[..., 0]], 1) if need_weights else None
         return F.normalize(q + F.normalize(mean, dim=-1) * (m.sum(1) > 0), dim=-1), (
             w / w.sum(1, keepdim=True) if w is not None else None)
+
+
+class RelevanceFuser(nn.Module):
+    """Fusion that weighs each neighbour by how well it matched the query, and retrieval as a whole by
+    how far it can be trusted:
+
+        out = normalize(q + g * normalize(m + P m)),   m = sum_j w_j r_j
+        w_j = softmax_j(a * s_j + b * c_j + rank_j)    s_j: search score of neighbour j (searched modality)
+                                                       c_j: its agreement with the other neighbours
+        g   = softplus(gate(features))                 top/mean/spread of scores, agreement, share present
+
+    The search scores compare the query with each neighbour in the *searched* modality, the reliable
+    signal that the paper's transformer never sees (it attends across modalities). Initialised to mean
+    fusion exactly (a = b = rank = 0, P = 0, g = 1): training leaves it only where that helps.
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.score_scale = nn.Parameter(torch.zeros(()))  # a
+        self.consensus_scale = nn.Parameter(torch.zeros(()))  # b
+        self.rank_emb = nn.Parameter(torch.zeros(cfg.k))  # rank_j
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.projection else None  # P
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+        self.gate = nn.Sequential(nn.Linear(5, 32), nn.GELU(), nn.Linear(32, 1))
+        nn.init.zeros_(self.gate[2].weight)
+        nn.init.constant_(self.gate[2].bias, math.log(math.e - 1))  # softplus(.) = 1
+
+    def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
+                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q (B, D), r (B, K, D), mask (B, K), scores (B, K) cosine of query and neighbour in the searched modality
+        if scores is None:
+            raise ValueError("relevance fusion needs the neighbours' search scores")
+        b, k, _ = r.shape
+        if k > self.cfg.k:
+            raise ValueError(f"{k} retrieved tokens given, this model takes at most {self.cfg.k}")
+        mask = mask.clone()
+        if self.training and self.cfg.token_dropout > 0:
+            mask &= torch.rand(mask.shape, device=mask.device) >= self.cfg.token_dropout
+        m = mask.to(r.dtype)  # (B, K)
+        n = m.sum(1, keepdim=True)  # (B, 1)
+        s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))  # padded scores are -inf
+        mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
+        c = torch.einsum("bkd,bd->bk", r, F.normalize(mean, dim=-1))  # (B, K) agreement of each with the rest
+        logits = self.score_scale * s + self.consensus_scale * c + self.rank_emb[:k]
+        w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)  # (B, K); all-pad -> 0
+        fused = (w[..., None] * r).sum(1)  # (B, D)
+        fused = F.normalize(fused + self.proj(fused) if self.proj is not None else fused, dim=-1)
+        g = F.softplus(self.gate(self.features(r, mask, scores))) * (n > 0)  # (B, 1)
+        out = F.normalize(q + g * fused, dim=-1)
+        weights = torch.cat([1 / (1 + g), g * w / (1 + g)], dim=1) if need_weights else None
+        return out, weights
+
+    @staticmethod
+    def features(r: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """What the gate sees (B, 5): top, mean and spread of the search scores, the neighbours' agreement
+        (length of their mean: 1 when all coincide), and the share of the k neighbours present."""
+        m = mask.to(r.dtype)
+        n = m.sum(1, keepdim=True)
+        s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))
+        agreement = ((r * m[..., None]).sum(1) / n.clamp_min(1.0)).norm(dim=-1, keepdim=True)
+        s_mean = (s * m).sum(1, keepdim=True) / n.clamp_min(1.0)
+        s_top = s.masked_fill(~mask, -1.0).max(1, keepdim=True).values
+        spread = s_top - s.masked_fill(~mask, 2.0).min(1, keepdim=True).values.clamp(max=1.0)
+        return torch.cat([s_top, s_mean, spread, agreement, n / mask.shape[1]], dim=1)
 
 
 class FusionModel(nn.Module):
@@ -135,22 +206,26 @@ class FusionModel(nn.Module):
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        make = Fuser if cfg.aggregator == "transformer" else MeanFuser
+        make = {"transformer": Fuser, "mean": MeanFuser, "relevance": RelevanceFuser}[cfg.aggregator]
         self.phi_img = make(cfg)
         self.phi_txt = make(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
 
     def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
-               need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Refined, L2-normalised [B, D] embeddings of queries of `modality` ("image" or "text")."""
+               need_weights: bool = False, scores: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Refined, L2-normalised [B, D] embeddings of queries of `modality` ("image" or "text").
+
+        q [B, D], r [B, K, D] retrieved vectors, mask [B, K], scores [B, K] their search scores."""
         phi = {"image": self.phi_img, "text": self.phi_txt}[modality]
-        return phi(q, r, mask, need_weights)
+        return phi(q, r, mask, need_weights, scores)
 
     @torch.no_grad()
     def refine_numpy(self, modality: str, q: np.ndarray, vectors: np.ndarray, mask: np.ndarray,
-                     need_weights: bool = False, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
-        """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k]
-        -> (refined [B, D], the query token's attention [B, 1+k] or None)."""
+                     need_weights: bool = False, batch_size: int = 1024, scores: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k],
+        scores [B, k] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
         was_training = self.training
         self.eval()
         dev = self.device
@@ -160,7 +235,7 @@ class FusionModel(nn.Module):
 
         for s in range(0, len(q), batch_size):
             r, w = self.refine(modality, tensor(q, s, np.float32), tensor(vectors, s, np.float32), tensor(mask, s),
-                               need_weights)
+                               need_weights, None if scores is None else tensor(scores, s, np.float32))
             out.append(r.cpu().numpy())
             if w is not None:
                 weights.append(w.cpu().numpy())

@@ -7,7 +7,7 @@ fusion "cross": return the other modality's vectors of the hits (image query -> 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -38,39 +38,49 @@ def retrieve(
     k: int,
     search: str = "uni",
     fusion: str = "cross",
-    exclude_ids: Sequence[str | None] | None = None,
+    exclude_ids: Sequence[str | Collection[str] | None] | None = None,
     dedup_threshold: float | None = None,
     batch_size: int = 256,
     with_payload: bool = True,
+    with_keys: bool = False,
 ) -> Neighbours:
     """k neighbours of each query [B, d] under the mode; vectors [B, k, d] of the returned modality.
 
-    With `exclude_ids` (one point id per query, or None) and/or `dedup_threshold`, a query never
+    With `exclude_ids` (per query: a point id, a collection of ids, or None) and/or `dedup_threshold`, a query never
     retrieves itself or its near-duplicates: hits whose vector in the *query's* modality has cosine
     >= the threshold with the query are dropped (in cross-modal search that takes a uni-modal search
     of its own: there the hits' scores compare the query with the other modality, where its own pair
     scores ~0.3). Hits are over-fetched and the list is filled up to k from further down the ranking;
-    when fewer than k remain, the rest is padded (mask False).
+    when fewer than k remain, the rest is padded (mask False). `with_keys` also returns the hits'
+    vectors in the searched modality (`Neighbours.keys`).
     """
     searched, returned = mode_modalities(query_modality, search, fusion)
     if exclude_ids is None and dedup_threshold is None:
-        return memory.search(queries, searched, k, returned, batch_size=batch_size, with_payload=with_payload)
+        return memory.search(queries, searched, k, returned, batch_size=batch_size, with_payload=with_payload,
+                             with_keys=with_keys)
     q = np.asarray(queries, np.float32)
     if exclude_ids is not None and len(exclude_ids) != len(q):
         raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(q)} queries")
     n, total = len(q), memory.count()
-    own = np.array([i or "" for i in exclude_ids] if exclude_ids is not None else [""] * n, dtype=object)
+    given = list(exclude_ids) if exclude_ids is not None else [None] * n
+    own = np.array([e if isinstance(e, str) else "" for e in given], dtype=object)
     score_dedup = dedup_threshold is not None and searched == query_modality
     banned = (_near_duplicate_ids(memory, q, query_modality, dedup_threshold, batch_size)
-              if dedup_threshold is not None and not score_dedup else None)
+              if dedup_threshold is not None and not score_dedup else [set() for _ in range(n)])
+    for b, e in zip(banned, given):
+        if e is not None and not isinstance(e, str):
+            b.update(e)
+    banned = banned if any(banned) else None
     ids = np.full((n, k), "", dtype=object)
     scores = np.full((n, k), -np.inf, np.float32)
     vectors = np.zeros((n, k, q.shape[1]), np.float32) if returned else None
+    keys = np.zeros((n, k, q.shape[1]), np.float32) if with_keys else None
     payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(n)]
     fetch = min(total, k + max(8, k // 2))
     todo = np.arange(n)
     while len(todo):
-        nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size, with_payload=with_payload)
+        nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size, with_payload=with_payload,
+                           with_keys=with_keys)
         keep = nb.mask & (nb.ids != own[todo][:, None])  # (T, fetch)
         if score_dedup:
             keep &= nb.scores < dedup_threshold
@@ -84,14 +94,15 @@ def retrieve(
         rows, sel, ok = todo[done], order[done], valid[done]
         ids[rows] = np.where(ok, np.take_along_axis(nb.ids[done], sel, 1), "")
         scores[rows] = np.where(ok, np.take_along_axis(nb.scores[done], sel, 1), -np.inf)
-        if vectors is not None:
-            vectors[rows] = np.take_along_axis(nb.vectors[done], sel[..., None], 1) * ok[..., None]
+        for out, got in ((vectors, nb.vectors), (keys, nb.keys)):
+            if out is not None:
+                out[rows] = np.take_along_axis(got[done], sel[..., None], 1) * ok[..., None]
         if with_payload:
             for r, s_, o, j in zip(rows, sel, ok, np.flatnonzero(done)):
                 payloads[r] = [nb.payloads[j][t] if v else {} for t, v in zip(s_, o)]
         todo = todo[~done]
         fetch = min(total, fetch * 2)
-    return Neighbours(ids.astype(str), scores, vectors, payloads)
+    return Neighbours(ids.astype(str), scores, vectors, payloads, keys)
 
 
 def _near_duplicate_ids(memory: Memory, q: np.ndarray, modality: str, threshold: float,

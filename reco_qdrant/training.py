@@ -33,10 +33,10 @@ class TrainConfig:
     k: int = 10  # neighbours per query
     epochs: int = 30  # upper bound; early stopping usually ends sooner
     batch_size: int = 128
-    lr: float = 3e-4
+    lr: float | None = None  # default: the aggregator's (DEFAULT_LR)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05  # of all steps, then cosine decay
-    patience: int = 4  # epochs without validation improvement before stopping
+    patience: int = 6  # epochs without validation improvement before stopping
     val_fraction: float = 0.2  # of classes (or of pairs, without labels) held out for validation
     seed: int = 0
     device: str | None = None  # default: cuda when available
@@ -44,10 +44,15 @@ class TrainConfig:
     dedup_threshold: float = 0.98  # cosine in the searched modality
     search: str = "uni"
     fusion: str = "cross"
-    aggregator: str = "transformer"
+    aggregator: str = "relevance"  # "relevance" (default), "transformer" (the paper's), "mean"
+    projection: bool = True  # relevance aggregator: learn the D x D map on fused neighbours
     n_heads: int = 8
     dropout: float = 0.1
     token_dropout: float = 0.2
+    swap_fraction: float = 0.25  # of training queries given another query's neighbours (teaches distrust)
+    uncovered_fraction: float = 0.5  # of classes treated as absent from the memory in training and validation
+    unknown_fraction: float = 0.0  # of classes whose names the encoder is taken not to know (measured: see README)
+    class_loss: float = 1.0  # weight of the zero-shot loss (refined images vs refined prompts) when labels are given
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
     on_mismatch: str = "error"  # out_dir holds a run on other inputs or settings: "error" | "restart" (train afresh)
@@ -56,6 +61,7 @@ class TrainConfig:
     progress: bool = True
 
 
+DEFAULT_LR = {"relevance": 2e-3, "transformer": 3e-4, "mean": 0.0}  # measured: the transformer degrades above 3e-4
 _NOT_IN_DIGEST = ("progress", "out_dir", "on_mismatch", "cache_dir", "cache_keep", "device")
 
 
@@ -87,9 +93,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     try:  # the fused kernel (torch >= 2.4 on CPU) is ~10% faster per step; same state dict
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr or DEFAULT_LR[cfg.aggregator], fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr or DEFAULT_LR[cfg.aggregator])
 
 
 def _digest(*parts: Any) -> str:
@@ -114,71 +120,136 @@ def _prune_cache(root: Path, keep: int) -> None:
     entries = sorted(root.glob("*.vectors.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[max(keep, 0):]:
         key = old.name.removesuffix(".vectors.npy")
-        for p in (old, root / f"{key}.mask.npy"):
+        for p in (old, root / f"{key}.keys.npy", root / f"{key}.mask.npy"):
             p.unlink(missing_ok=True)
 
 
 def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cfg: TrainConfig,
-                    ids: list[str | None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour vectors [N, k, d] (float16, memory-mapped) and mask [N, k] for each query, cached on
-    disk under a key of the memory's id and write version (it changes with every upsert and delete),
-    the mode and the queries."""
+                    ids: list[str | None] | None, class_out: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query [N, d]: neighbour vectors [N, k, d] of the fused modality, their keys [N, k, d]
+    (vectors of the searched modality; float16, memory-mapped) and mask [N, k]. Cached on disk under a
+    key of the memory's id and write version (it changes with every upsert and delete), the mode and
+    the queries.
+
+    With `class_out` (labels [N] of the queries, whose `ids` are memory points), each query retrieves as
+    if its class were absent from the memory: every point of its class is excluded."""
     root = cache_root(cfg)
     key = _digest(memory.uid, memory.write_version, cfg.k, cfg.search, cfg.fusion, query_modality,
-                  cfg.self_exclusion, cfg.dedup_threshold, ids, queries)
-    vec_path, mask_path = root / f"{key}.vectors.npy", root / f"{key}.mask.npy"
-    if vec_path.exists() and mask_path.exists():
-        os.utime(vec_path)  # recently used: pruned last
-        return np.load(vec_path, mmap_mode="r"), np.load(mask_path)
+                  cfg.self_exclusion, cfg.dedup_threshold, ids, queries, class_out)
+    exclude = ids if cfg.self_exclusion else None
+    if class_out is not None:
+        members = class_members(ids, class_out)
+        exclude = [members[c] for c in class_out]
+    paths = {p: root / f"{key}.{p}.npy" for p in ("vectors", "keys", "mask")}
+    if all(p.exists() for p in paths.values()):
+        os.utime(paths["vectors"])  # recently used: pruned last
+        return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), np.load(paths["mask"])
     root.mkdir(parents=True, exist_ok=True)
     n, d = queries.shape
-    tmp = root / f"{key}.{os.getpid()}.tmp.npy"
-    vecs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, cfg.k, d))
+    tmp = {p: root / f"{key}.{os.getpid()}.{p}.tmp.npy" for p in ("vectors", "keys")}
+    vecs, keys = (np.lib.format.open_memmap(tmp[p], mode="w+", dtype=np.float16, shape=(n, cfg.k, d))
+                  for p in ("vectors", "keys"))
     mask = np.zeros((n, cfg.k), bool)
     step = 1024
     with progress_bar(f"neighbours ({query_modality} queries)", n, cfg.progress) as advance:
         for s in range(0, n, step):
             e = min(n, s + step)
             nb = retrieve(memory, queries[s:e], query_modality, cfg.k, cfg.search, cfg.fusion,
-                          exclude_ids=(ids[s:e] if ids is not None else None) if cfg.self_exclusion else None,
+                          exclude_ids=exclude[s:e] if exclude is not None else None,
                           dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None,
-                          with_payload=False)
-            vecs[s:e], mask[s:e] = nb.vectors, nb.mask
+                          with_payload=False, with_keys=True)
+            vecs[s:e], keys[s:e], mask[s:e] = nb.vectors, nb.keys, nb.mask
             advance(e - s)
-    vecs.flush()
-    del vecs
-    np.save(mask_path, mask)
-    os.replace(tmp, vec_path)  # the cache appears whole or not at all
+    for a in (vecs, keys):
+        a.flush()
+    del vecs, keys
+    np.save(paths["mask"], mask)
+    os.replace(tmp["keys"], paths["keys"])
+    os.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
     _prune_cache(root, cfg.cache_keep)
-    return np.load(vec_path, mmap_mode="r"), mask
+    return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), mask
+
+
+def class_members(ids: list[str], labels: np.ndarray) -> dict[int, frozenset[str]]:
+    """Class -> the memory point ids of its pairs."""
+    return {int(c): frozenset(ids[i] for i in np.flatnonzero(labels == c)) for c in np.unique(labels)}
+
+
+def _pick(rows: np.ndarray, a: tuple, b: tuple) -> tuple:
+    """Neighbour arrays (vectors, keys, mask) taken from `a` where rows [N] is True, else from `b`."""
+    return tuple(np.where(rows.reshape(-1, *[1] * (np.ndim(x) - 1)), x, y) for x, y in zip(a, b))
+
+
+def _tensors(nb: tuple, idx: np.ndarray, device: Any) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.asarray(a[idx])).to(device) for a in nb]
+
+
+def search_scores(q: np.ndarray | torch.Tensor, keys: Any, mask: Any) -> Any:
+    """Cosine of each query [B, d] with its neighbours' keys [B, k, d] (their search scores); -inf where
+    mask [B, k] is False. numpy or torch, as given."""
+    if isinstance(q, torch.Tensor):
+        return torch.einsum("bd,bkd->bk", q, keys).masked_fill(~mask, float("-inf"))
+    s = np.einsum("bd,bkd->bk", q, np.asarray(keys, np.float32))
+    return np.where(mask, s, -np.inf).astype(np.float32)
+
+
+class _Prompts:
+    """One embedding per class [C, d] (its prompt, or without prompts its captions' mean) and its neighbours."""
+
+    def __init__(self, memory: Memory, cfg: TrainConfig, classes: np.ndarray, class_embeddings: np.ndarray | None,
+                 txt: np.ndarray, labels: np.ndarray, members: dict[int, frozenset[str]] | None = None) -> None:
+        emb = (class_embeddings[classes] if class_embeddings is not None else
+               np.stack([txt[labels == c].mean(0) for c in classes]))
+        self.classes = classes
+        self.emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+        nb = retrieve(memory, self.emb, "text", cfg.k, cfg.search, cfg.fusion, with_keys=True, with_payload=False)
+        self.nb = (nb.vectors, nb.keys, nb.mask)
+        self.nb_out = None  # as if each class were absent from the memory (its members excluded)
+        if members is not None:
+            nb = retrieve(memory, self.emb, "text", cfg.k, cfg.search, cfg.fusion, with_keys=True, with_payload=False,
+                          exclude_ids=[members[int(c)] for c in classes])
+            self.nb_out = (nb.vectors, nb.keys, nb.mask)
+
+    def refined(self, model: FusionModel, absent: torch.Tensor | None = None,
+                unknown: torch.Tensor | None = None) -> torch.Tensor:
+        """The class embeddings refined by the model, a differentiable tensor [C, d]. Classes where
+        `absent` [C] is True retrieve as if absent from the memory; where `unknown` [C] is True the encoder
+        does not know the name: the query term is another class's prompt (retrieval, done in the text
+        modality, still finds the class)."""
+        everything = np.arange(len(self.classes))
+        q = torch.from_numpy(self.emb).to(model.device)
+        shown = q
+        if unknown is not None and int(unknown.sum()) > 1:
+            rows = torch.nonzero(unknown).flatten().to(q.device)
+            shown = q.clone()
+            shown[rows] = q[rows.roll(1)]
+        out = _refine_batch(model, "text", shown, *_tensors(self.nb, everything, model.device), 0.0, score_q=q)
+        if absent is not None and self.nb_out is not None and bool(absent.any()):
+            out_absent = _refine_batch(model, "text", shown, *_tensors(self.nb_out, everything, model.device), 0.0,
+                                       score_q=q)
+            out = torch.where(absent.to(out.device)[:, None], out_absent, out)
+        return out
 
 
 class _Validation:
-    """Zero-shot accuracy on held-out classes, or image->text recall@1 on held-out pairs."""
+    """Zero-shot accuracy of held-out classes' images among *all* classes' prompts (as evaluation scores
+    them), or, without labels, image->text recall@1 on held-out pairs. `img_nb`/`target_nb` are the
+    neighbour arrays (vectors, keys, mask) of the images and the targets."""
 
-    def __init__(self, memory: Memory, cfg: TrainConfig, img: np.ndarray, img_nb: tuple, labels: np.ndarray | None,
-                 class_embeddings: np.ndarray | None, txt: np.ndarray, txt_nb: tuple) -> None:
-        self.img, self.img_nb = img, img_nb
-        if labels is not None:
-            classes = np.unique(labels)
-            cls_emb = (class_embeddings[classes] if class_embeddings is not None else
-                       np.stack([txt[labels == c].mean(0) for c in classes]))
-            cls_emb = cls_emb / np.linalg.norm(cls_emb, axis=1, keepdims=True)
-            nb = retrieve(memory, cls_emb, "text", cfg.k, cfg.search, cfg.fusion)
-            self.targets, self.target_nb = cls_emb.astype(np.float32), (nb.vectors, nb.mask)
-            self.answer = np.searchsorted(classes, labels)
-            self.metric = "val_zero_shot_top1"
-        else:
-            self.targets, self.target_nb = txt, txt_nb
-            self.answer = np.arange(len(img))
-            self.metric = "val_recall@1"
+    def __init__(self, img: np.ndarray, img_nb: tuple, targets: np.ndarray, target_nb: tuple,
+                 answer: np.ndarray, searched_with: np.ndarray | None = None) -> None:
+        self.img, self.img_nb, self.targets, self.target_nb, self.answer = img, img_nb, targets, target_nb, answer
+        self.searched_with = targets if searched_with is None else searched_with  # what the targets' search used
 
     def score(self, model: FusionModel | None) -> float:
-        def refine(mod: str, q: np.ndarray, nb: tuple) -> np.ndarray:
-            return np.asarray(q, np.float32) if model is None else model.refine_numpy(mod, q, nb[0], nb[1])[0]
+        def refine(mod: str, q: np.ndarray, nb: tuple, searched_with: np.ndarray) -> np.ndarray:
+            if model is None:
+                return np.asarray(q, np.float32)
+            return model.refine_numpy(mod, q, nb[0], nb[2], scores=search_scores(searched_with, nb[1], nb[2]))[0]
 
-        v = refine("image", self.img, self.img_nb)
-        t = refine("text", self.targets, self.target_nb)
+        v = refine("image", self.img, self.img_nb, self.img)
+        t = refine("text", self.targets, self.target_nb, self.searched_with)
         pred = (v @ t.T).argmax(1)
         return float((pred == self.answer).mean())
 
@@ -239,21 +310,50 @@ def train_fusion(
     enc_id = encoder_id or (memory.encoder_record or {}).get("id")
     model = FusionModel(FusionConfig(dim=img.shape[1], k=cfg.k, n_heads=cfg.n_heads, dropout=cfg.dropout,
                                      token_dropout=cfg.token_dropout, aggregator=cfg.aggregator,
+                                     projection=cfg.projection,
                                      search=cfg.search, fusion=cfg.fusion, encoder_id=enc_id)).to(device)
 
     img_nb = neighbour_cache(memory, img, "image", cfg, ids)
     txt_nb = neighbour_cache(memory, txt, "text", cfg, ids)
-    is_val = _split(len(img), None if labels is None else np.asarray(labels), cfg.val_fraction, rng)
+    # Coverage: a memory never holds every class a user asks about. With labels and the pairs' point ids, a
+    # share of classes is treated as absent (every point of the class excluded from its retrieval), in
+    # training and in validation, so the model learns, and is selected for, knowing when retrieval misleads.
+    learns = cfg.aggregator != "mean" and cfg.epochs > 0
+    class_out = learns and labels is not None and ids is not None and cfg.uncovered_fraction > 0
+    members = class_members(ids, labels) if class_out else None
+    img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=labels) if class_out else None
+    txt_out = neighbour_cache(memory, txt, "text", cfg, ids, class_out=labels) if class_out else None
+    classes = np.unique(labels) if labels is not None else None
+    is_val = _split(len(img), labels, cfg.val_fraction, rng)
     tr = np.flatnonzero(~is_val)
     va = np.flatnonzero(is_val)
     val = None
     if len(va):
-        sub = lambda nb: (nb[0][va], nb[1][va])  # noqa: E731
-        val = _Validation(memory, cfg, img[va], sub(img_nb), None if labels is None else np.asarray(labels)[va],
-                          class_embeddings, txt[va], sub(txt_nb))
+        sub = lambda nb: tuple(a[va] for a in nb)  # noqa: E731
+        if labels is None:
+            val = _Validation(img[va], sub(img_nb), txt[va], sub(txt_nb), np.arange(len(va)))
+        else:
+            prompts = _Prompts(memory, cfg, classes, class_embeddings, txt, labels, members)
+            target_nb, val_nb = prompts.nb, sub(img_nb)
+            if class_out:
+                held = np.unique(labels[va])
+                absent = rng.choice(held, int(round(len(held) * cfg.uncovered_fraction)), replace=False)
+                target_nb = _pick(np.isin(classes, absent), prompts.nb_out, prompts.nb)
+                val_nb = _pick(np.isin(labels[va], absent), sub(img_out), val_nb)
+            shown = prompts.emb
+            if learns and cfg.unknown_fraction > 0:  # names the encoder does not know (see _Prompts.refined)
+                held = np.flatnonzero(np.isin(classes, labels[va]))
+                rows = rng.choice(held, int(round(len(held) * cfg.unknown_fraction)), replace=False)
+                if len(rows) > 1:
+                    shown = shown.copy()
+                    shown[rows] = prompts.emb[np.roll(rows, 1)]
+            val = _Validation(img[va], val_nb, shown, target_nb, np.searchsorted(classes, labels[va]), prompts.emb)
+    train_prompts = None
+    if learns and labels is not None and class_embeddings is not None and cfg.class_loss > 0:
+        train_prompts = _Prompts(memory, cfg, np.unique(labels[tr]), class_embeddings, txt, labels, members)
     history: list[dict[str, float]] = []
     baseline = val.score(None) if val else float("nan")
-    if cfg.aggregator == "mean" or cfg.epochs == 0:  # nothing to learn
+    if not learns:
         model.history = [{"epoch": 0, "val": val.score(model) if val else float("nan"),
                           "val_baseline": baseline}]
         model.best_epoch = 0
@@ -286,13 +386,27 @@ def train_fusion(
                 idx = np.sort(order[s : s + cfg.batch_size])
                 if len(idx) < 2:
                     continue
-                b = [torch.from_numpy(np.asarray(a[idx], np.float32)).to(device)
-                     for a in (img, txt, img_nb[0], txt_nb[0])]
-                m_i, m_t = (torch.from_numpy(np.asarray(a[idx])).to(device) for a in (img_nb[1], txt_nb[1]))
+                q_i, q_t = (torch.from_numpy(a[idx]).to(device) for a in (img, txt))
+                nb_i, nb_t = _tensors(img_nb, idx, device), _tensors(txt_nb, idx, device)
+                absent = None
+                if class_out:  # this step's absent classes: their queries retrieve without their class
+                    absent = torch.rand(len(classes)) < cfg.uncovered_fraction
+                    rows = absent[np.searchsorted(classes, labels[idx])].to(device)
+                    nb_i = [torch.where(rows.view(-1, *[1] * (a.dim() - 1)), o, a)
+                            for a, o in zip(nb_i, _tensors(img_out, idx, device))]
+                    nb_t = [torch.where(rows.view(-1, *[1] * (a.dim() - 1)), o, a)
+                            for a, o in zip(nb_t, _tensors(txt_out, idx, device))]
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                    v_ref, _ = model.refine("image", b[0], b[2], m_i)
-                    t_ref, _ = model.refine("text", b[1], b[3], m_t)
-                loss = reco_loss(v_ref.float(), t_ref.float(), b[0], b[1], model.logit_scale)
+                    v_ref = _refine_batch(model, "image", q_i, *nb_i, cfg.swap_fraction)
+                    t_ref = _refine_batch(model, "text", q_t, *nb_t, cfg.swap_fraction)
+                loss = reco_loss(v_ref.float(), t_ref.float(), q_i, q_t, model.logit_scale)
+                if train_prompts is not None:  # the zero-shot task itself, on the training classes
+                    target = torch.from_numpy(np.searchsorted(train_prompts.classes, labels[idx])).to(device)
+                    cls_absent = None if absent is None else absent[np.searchsorted(classes, train_prompts.classes)]
+                    unknown = torch.rand(len(train_prompts.classes)) < cfg.unknown_fraction
+                    logits = (model.logit_scale.exp().clamp(max=100.0) * v_ref.float()
+                              @ train_prompts.refined(model, cls_absent, unknown).T)
+                    loss = loss + cfg.class_loss * torch.nn.functional.cross_entropy(logits, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -313,6 +427,22 @@ def train_fusion(
     model.history = history
     model.best_epoch = best_epoch
     return model.eval()
+
+
+def _refine_batch(model: FusionModel, modality: str, q: torch.Tensor, vectors: torch.Tensor, keys: torch.Tensor,
+                  mask: torch.Tensor, swap_fraction: float, score_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Refine a training batch. A share of the queries is handed another query's neighbours, scored against
+    itself: a memory never covers every class, and the model must learn when retrieval has nothing to offer.
+    `score_q` is the vector the neighbours were searched with, when it is not `q` itself."""
+    vectors, keys = vectors.float(), keys.float()
+    if swap_fraction > 0:
+        rows = torch.nonzero(torch.rand(len(q), device=q.device) < swap_fraction).flatten()
+        if len(rows) > 1:
+            donors = rows.roll(1)
+            vectors, keys, mask = vectors.clone(), keys.clone(), mask.clone()
+            vectors[rows], keys[rows], mask[rows] = vectors[donors], keys[donors], mask[donors]
+    scores = search_scores(q if score_q is None else score_q, keys, mask)
+    return model.refine(modality, q, vectors, mask, scores=scores)[0]
 
 
 def _check_inputs(memory: Memory, image_embeddings: np.ndarray, text_embeddings: np.ndarray, labels: Any,

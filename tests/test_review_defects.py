@@ -354,10 +354,18 @@ def test_10_memory_of_version_0_1_gets_its_settings_recorded(tmp_path):
 def test_11_no_weight_decay_on_temperature_norms_biases_and_embeddings():
     from reco_qdrant.fusion import FusionConfig, FusionModel
 
-    model = FusionModel(FusionConfig(dim=32, n_heads=4))
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed, free = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.05))
-    assert "logit_scale" in free and "phi_img.type_emb" in free and "phi_img.pos_emb" in free
+    def groups(aggregator):
+        model = FusionModel(FusionConfig(dim=32, n_heads=4, aggregator=aggregator))
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed, free = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.05))
+        assert decayed | free == set(names.values()) and not decayed & free
+        assert all(n.endswith("weight") and "ln" not in n for n in decayed)
+        return decayed, free
+
+    decayed, free = groups("transformer")
+    assert {"logit_scale", "phi_img.type_emb", "phi_img.pos_emb", "phi_img.blocks.0.ln1.weight"} <= free
     assert all(("ln" in n or n.endswith("bias")) for n in free if "." in n and not n.endswith("_emb"))
-    assert all(n.endswith("weight") and "ln" not in n for n in decayed)
     assert "phi_img.blocks.0.attn.in_proj_weight" in decayed
+    decayed, free = groups("relevance")
+    assert {"phi_img.score_scale", "phi_img.consensus_scale", "phi_img.rank_emb", "phi_img.gate.0.bias"} <= free
+    assert {"phi_img.proj.weight", "phi_img.gate.0.weight"} <= decayed

