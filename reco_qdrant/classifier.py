@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .encoders import Encoder
+from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
 from .neighbors import retrieve
@@ -44,7 +44,7 @@ class Explanation:
 
     refined: np.ndarray  # [B, d]
     neighbours: Neighbours  # ids/scores/captions [B, k], vectors [B, k, d]
-    attention: np.ndarray | None  # [B, 1 + k]: the query token's attention over [query, neighbours]
+    attention: np.ndarray | None  # [B, 1 + k]: the weight of the query and of each neighbour in the result
 
 
 class RecoClassifier:
@@ -53,7 +53,8 @@ class RecoClassifier:
     Args:
         memory: the memory to retrieve from (any memory built with the same encoder).
         fusion: a trained `FusionModel`; its mode (search/fusion) and k are used.
-        encoder: needed for `set_classes`/`predict` on raw images and names; not for `*_embeddings`.
+        encoder: for `set_classes`/`predict` on raw images and names (default: the one the memory records,
+            loaded when first needed); not needed for `*_embeddings`.
         k: neighbours per query (default: the fusion model's k).
         use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
     """
@@ -90,7 +91,8 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         cfg = self.fusion.cfg
         nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-        refined, attention = self.fusion.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True)
+        refined, attention = self.fusion.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True,
+                                                      scores=nb.scores)
         return Explanation(refined, nb, attention)
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
@@ -103,7 +105,7 @@ class RecoClassifier:
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
             nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask)[0])
+            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask, scores=nb.scores)[0])
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ classes
@@ -118,8 +120,7 @@ class RecoClassifier:
 
     def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:
         """Embed each class with every template (averaged), refine once, cache."""
-        if self.encoder is None:
-            raise ValueError("set_classes needs an encoder; use set_class_embeddings for precomputed ones")
+        self._need_encoder("set_classes")
         if isinstance(templates, str):
             if templates in TEMPLATES:
                 templates = TEMPLATES[templates]
@@ -156,9 +157,17 @@ class RecoClassifier:
         return [self.classes_[i] for i in self.predict_proba_embeddings(image_embeddings).argmax(1)]
 
     def _encode(self, images: Sequence[Any]) -> np.ndarray:
+        return self._need_encoder("predicting from images").encode_images(list(images))
+
+    def _need_encoder(self, what: str) -> Encoder:
+        """The encoder given, else the one the memory records (loaded once), else a clear error."""
         if self.encoder is None:
-            raise ValueError("predicting from images needs an encoder; use predict_embeddings otherwise")
-        return self.encoder.encode_images(list(images))
+            rec = self.memory.encoder_record if self.memory is not None else None
+            if rec is None:
+                raise ValueError(f"{what} needs an encoder (RecoClassifier(encoder=load_encoder(...))); "
+                                 "use the *_embeddings methods for precomputed embeddings")
+            self.encoder = encoder_from_record(rec)
+        return self.encoder
 
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         """Images (paths or PIL) -> class probabilities [B, C]."""

@@ -32,9 +32,11 @@ MemoryOpt = Annotated[str | None, typer.Option("--memory", "-m", help="directory
                                                "default $RECO_MEMORY or ./reco-data")]
 CollectionOpt = Annotated[str, typer.Option(help="collection (one memory per collection)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
-ModelOpt = Annotated[str, typer.Option("--model", help="open_clip model name, or a sentence-transformers model")]
-PretrainedOpt = Annotated[str | None, typer.Option("--pretrained",
-                                                   help="open_clip tag or local checkpoint file; 'none' = random")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="open_clip model name, or a sentence-transformers model "
+                                              "(default: the encoder the memory records, else ViT-B-32)")]
+PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="open_clip tag or local checkpoint file; "
+                                                   "'none' = random (default with --model: laion2b_s34b_b79k)")]
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
@@ -81,10 +83,24 @@ def _open(memory: str | None, collection: str, **kw: Any) -> Any:
     return Memory.open(memory, collection=collection, **kw)
 
 
-def _encoder(model: str, pretrained: str | None, kind: str = "open_clip") -> Any:
-    from .encoders import load_encoder
+def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str | None, collection: str) -> Any:
+    """The encoder a command uses: the one named by --model/--pretrained; else the one the memory records
+    (said in one line); else, for a new memory, ViT-B-32 / laion2b_s34b_b79k."""
+    from .config import MemoryConfig
+    from .encoders import encoder_from_record, load_encoder
 
-    return load_encoder(model, None if pretrained in (None, "none") else pretrained, kind=kind)
+    if model is None and pretrained is None:
+        cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
+        rec = None
+        if cfg.kind != "edge" or Path(cfg.location).exists():  # never create a memory just to look
+            with _open(memory, collection, migrate=False, auto_index=False) as mem:
+                rec = mem.encoder_record
+        if rec is not None:
+            enc = encoder_from_record(rec)
+            err.print(f"encoder: {rec['id']} (recorded with the memory)", highlight=False)
+            return enc
+    pretrained = DEFAULT_PRETRAINED if pretrained is None else pretrained
+    return load_encoder(model or DEFAULT_MODEL, None if pretrained in (None, "none") else pretrained, kind=kind)
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -164,29 +180,31 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
 def ingest_images(folder: Path, captions: Annotated[Path, typer.Option(help="table: file -> caption")],
                   memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                   file_column: str = "file", caption_column: str = "caption", source: str | None = None,
-                  model: ModelOpt = "ViT-B-32", pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+                  model: ModelOpt = None, pretrained: PretrainedOpt = None,
                   encoder_kind: KindOpt = "open_clip", batch_size: int = 64, progress: ProgressOpt = True,
                   restart: bool = False, as_json: JsonOpt = False) -> None:
     """An image folder plus a captions table (parquet/csv/jsonl), encoded with the given model."""
     from .sources import ImageFolder
 
     src = ImageFolder(folder, captions, file_column, caption_column, source, batch_size)
-    _run_ingest(memory, collection, src, _encoder(model, pretrained, encoder_kind), None, progress, restart, as_json)
+    enc = _encoder(model, pretrained, encoder_kind, memory, collection)
+    _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
 
 
 @ingest_app.command("webdataset")
 @cli_errors
 def ingest_webdataset(shards: Annotated[list[Path], typer.Argument(help=".tar shards")],
                       memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                      source: str | None = None, model: ModelOpt = "ViT-B-32",
-                      pretrained: PretrainedOpt = "laion2b_s34b_b79k", encoder_kind: KindOpt = "open_clip",
+                      source: str | None = None, model: ModelOpt = None,
+                      pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
                       batch_size: int = 64, progress: ProgressOpt = True, restart: bool = False,
                       as_json: JsonOpt = False) -> None:
     """WebDataset tar shards (KEY.jpg + KEY.txt), read in memory and encoded with the given model."""
     from .sources import WebDataset
 
     src = WebDataset(shards, source, batch_size)
-    _run_ingest(memory, collection, src, _encoder(model, pretrained, encoder_kind), None, progress, restart, as_json)
+    enc = _encoder(model, pretrained, encoder_kind, memory, collection)
+    _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
 
 
 @app.command()
@@ -207,12 +225,12 @@ def search(text: Annotated[str | None, typer.Option(help="a text query")] = None
            image: Annotated[Path | None, typer.Option(help="an image query")] = None,
            memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", k: int = 10,
            cross: Annotated[bool, typer.Option(help="search the other modality's vectors")] = False,
-           model: ModelOpt = "ViT-B-32", pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+           model: ModelOpt = None, pretrained: PretrainedOpt = None,
            encoder_kind: KindOpt = "open_clip", as_json: JsonOpt = False) -> None:
     """Neighbours of a text or image query, with captions and scores."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
-    enc = _encoder(model, pretrained, encoder_kind)
+    enc = _encoder(model, pretrained, encoder_kind, memory, collection)
     q, modality = (enc.encode_texts([text]), "text") if text is not None else (enc.encode_images([image]), "image")
     searched = modality if not cross else ("image" if modality == "text" else "text")
     with _open(memory, collection, encoder=enc) as mem:
@@ -251,7 +269,7 @@ def dedup(eval_set: Annotated[Path, typer.Argument(
           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
           threshold: Annotated[float, typer.Option(help="cosine similarity counted as a near-duplicate")] = 0.95,
           dry_run: Annotated[bool, typer.Option(help="only count, remove nothing")] = False,
-          model: ModelOpt = "ViT-B-32", pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+          model: ModelOpt = None, pretrained: PretrainedOpt = None,
           encoder_kind: KindOpt = "open_clip", as_json: JsonOpt = False) -> None:
     """Remove from the memory the near-duplicates of an evaluation set's images (do it before evaluating)."""
     enc = None
@@ -260,7 +278,7 @@ def dedup(eval_set: Annotated[Path, typer.Argument(
     else:
         from .evaluation import image_files
 
-        enc = _encoder(model, pretrained, encoder_kind)
+        enc = _encoder(model, pretrained, encoder_kind, memory, collection)
         queries = enc.encode_images(image_files(eval_set), progress=not as_json)
     with _open(memory, collection, encoder=enc) as mem:
         ids = mem.near_duplicates(queries, threshold)
@@ -305,8 +323,11 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
           key_column: Annotated[str | None, typer.Option(help="key column of the metadata")] = None,
           in_memory_source: Annotated[str | None, typer.Option(
               help="source name under which these pairs were ingested (excludes each pair's own point)")] = None,
-          k: int = 10, epochs: int = 30, batch_size: int = 128, lr: float = 3e-4, seed: int = 0,
-          search: str = "uni", fusion: str = "cross", aggregator: str = "transformer",
+          k: int = 10, epochs: int = 30, batch_size: int = 128,
+          lr: Annotated[float | None, typer.Option(
+              help="default: the aggregator's (relevance 2e-3, transformer 3e-4)")] = None,
+          seed: int = 0, search: str = "uni", fusion: str = "cross",
+          aggregator: Annotated[str, typer.Option(help="relevance | transformer (the paper's) | mean")] = "relevance",
           device: str | None = None,
           precision: Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 if the chip has it)")] = "auto",
           restart: Annotated[bool, typer.Option(
@@ -351,7 +372,7 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
     from .classifier import RecoClassifier
     from .fusion import FusionModel
 
-    enc = _encoder(model, pretrained, kind)
+    enc = _encoder(model, pretrained, kind, memory, collection)
     if not retrieval or fusion_path is None:
         return RecoClassifier(encoder=enc, use_retrieval=False), None
     mem = _open(memory, collection, encoder=enc)
@@ -365,8 +386,8 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
             fusion: Annotated[Path | None, typer.Option(help="fusion checkpoint dir (none = plain CLIP)")] = None,
             templates: Annotated[str, typer.Option(
                 help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
-            memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = "ViT-B-32",
-            pretrained: PretrainedOpt = "laion2b_s34b_b79k", encoder_kind: KindOpt = "open_clip",
+            memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = None,
+            pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
             as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
     clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind)
@@ -397,7 +418,7 @@ def _report_table(title: str, rows: list[tuple[str, dict]]) -> Table:
 def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOLDER/<class name>/<image>")],
                    fusion: Annotated[Path, typer.Option(help="fusion checkpoint dir")],
                    templates: str = "generic", memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                   model: ModelOpt = "ViT-B-32", pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+                   model: ModelOpt = None, pretrained: PretrainedOpt = None,
                    encoder_kind: KindOpt = "open_clip",
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
                    as_json: JsonOpt = False) -> None:

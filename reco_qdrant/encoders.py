@@ -104,6 +104,9 @@ class OpenClipEncoder:
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["x"]).to(self.device)).shape[-1])
         self.id = f"open_clip/{model_name}/{tag}"
+        # how to load it again (recorded with a memory, so later commands need no --model)
+        self.spec = {"kind": "open_clip", "name": model_name, "seed": seed,
+                     "pretrained": str(Path(pretrained).resolve()) if tag.startswith("file-") else pretrained}
         size = getattr(self.model.visual, "image_size", None)
         self.preprocess_id = f"size={size}"
 
@@ -140,6 +143,8 @@ class SentenceTransformersEncoder:
         path = Path(model_name_or_path)
         tag = f"dir-sha256:{_dir_digest(path)}" if path.is_dir() else model_name_or_path
         self.id = f"sentence-transformers/{tag}"
+        self.spec = {"kind": "sentence-transformers",
+                     "name": str(path.resolve()) if path.is_dir() else model_name_or_path}
         self.dim = int(self.encode_texts(["x"]).shape[1])
 
     def encode_images(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -181,3 +186,19 @@ def load_encoder(
     if kind in ("sentence-transformers", "st"):
         return SentenceTransformersEncoder(name, device=device)
     raise ValueError(f"unknown encoder kind {kind!r}: expected 'open_clip' or 'sentence-transformers'")
+
+
+def encoder_from_record(record: dict[str, Any], device: str | None = None) -> Encoder:
+    """Load the encoder a memory records (`Memory.encoder_record`), checking that it is the same one."""
+    spec = record.get("load")
+    parts = str(record["id"]).split("/")
+    if not spec and len(parts) == 3 and parts[0] == "open_clip" and not parts[2].startswith(("file-", "random-")):
+        spec = {"kind": "open_clip", "name": parts[1], "pretrained": parts[2]}  # an open_clip name + tag says it all
+    if not spec:
+        raise ValueError(f"the memory records encoder {record['id']!r} but not how to load it (ingested from "
+                         "precomputed embeddings, or by reco-qdrant 0.1): pass --model/--pretrained (or an encoder)")
+    enc = load_encoder(spec["name"], spec.get("pretrained"), device=device, kind=spec["kind"], seed=spec.get("seed", 0))
+    if enc.id != record["id"]:
+        raise ValueError(f"the memory's encoder {record['id']!r} now loads as {enc.id!r} (its checkpoint changed?); "
+                         "pass the original with --model/--pretrained")
+    return enc

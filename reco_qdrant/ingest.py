@@ -71,7 +71,7 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
             existing = len(memory.existing_ids([point_id(source.name, k) for k in batch.keys]))
             memory.add_embeddings(img, txt, batch.captions, ids=batch.keys, source=source.name,
                                   payloads=batch.payloads, encoder_id=encoder_id, origin=batch.origin,
-                                  row_offset=batch.row_offset)
+                                  row_offset=batch.row_offset, encoder_spec=getattr(encoder, "spec", None))
             state_key = f"ingest:{memory.collection_uid}:{source.name}:{source.fingerprint()}"  # created by the 1st add
             state = {"batches": state["batches"] + 1, "items": state["items"] + len(batch.keys)}
             memory.set_state(state_key, state)  # after the upsert: a crash in between only re-does it

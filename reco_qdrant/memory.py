@@ -89,6 +89,7 @@ class Neighbours:
     scores: np.ndarray  # [B, k] float32 cosine similarity in the searched modality
     vectors: np.ndarray | None  # [B, k, d] float32 vectors of `return_modality`, L2-normalised
     payloads: list[list[dict[str, Any]]]  # [B][k]
+    keys: np.ndarray | None = None  # [B, k, d] float32 vectors of the searched modality (with_keys=True)
 
     @property
     def captions(self) -> list[list[str]]:
@@ -191,6 +192,8 @@ class Memory:
         if dim is not None and int(dim) != int(rec["dim"]):
             raise EncoderMismatchError(f"memory {self.cfg.location} holds {rec['dim']}-d vectors "
                                        f"from {rec['id']!r}; got {dim}-d from {encoder_id or 'input'!r}")
+        if record and extra and encoder_id == rec["id"] and any(k not in rec for k in extra):
+            self._set_encoder_record({**extra, **rec})  # learn how to load it, once
         if encoder_id and rec["id"] == UNSPECIFIED:
             if record:
                 self._set_encoder_record({**rec, **(extra or {}), "id": encoder_id})
@@ -264,6 +267,7 @@ class Memory:
         encoder_id: str | None = None,
         origin: str = "input",
         row_offset: int = 0,
+        encoder_spec: dict[str, Any] | None = None,
     ) -> list[str]:
         """Upsert image-text pairs; returns their point ids.
 
@@ -277,6 +281,7 @@ class Memory:
             payloads: N dicts of extra metadata (e.g. `uri`, `lang`), stored as data.
             encoder_id: the encoder that produced the vectors; checked against the memory's.
             origin, row_offset: name the file and first row in error messages.
+            encoder_spec: how to load that encoder (`Encoder.spec`), recorded so later commands need no --model.
         """
         n = len(captions)
         img = validate_embeddings(image_embeddings, "image embeddings", self.dim, origin, row_offset)
@@ -291,7 +296,8 @@ class Memory:
             raise ValueError(f"{origin}: {len(ids)} ids for {n} items")
         if payloads is not None and len(payloads) != n:
             raise ValueError(f"{origin}: {len(payloads)} payloads for {n} items")
-        self.check_encoder(encoder_id, img.shape[1], record=True)
+        self.check_encoder(encoder_id, img.shape[1], record=True,
+                           extra={"load": encoder_spec} if encoder_spec else None)
         if not self.backend.has_collection():
             self.migrate(img.shape[1])
         keys = list(ids) if ids is not None else [_content_key(img[i], captions[i]) for i in range(n)]
@@ -347,7 +353,7 @@ class Memory:
 
     def search(self, queries: np.ndarray, modality: str = "image", k: int = 10,
                return_modality: str | None = "text", exact: bool = False,
-               batch_size: int = 256, with_payload: bool = True) -> Neighbours:
+               batch_size: int = 256, with_payload: bool = True, with_keys: bool = False) -> Neighbours:
         """Nearest neighbours of each query among the memory's `modality` vectors.
 
         Args:
@@ -358,6 +364,7 @@ class Memory:
             exact: brute-force search instead of the index (ground truth for recall).
             batch_size: queries per request to Qdrant (one batched call each).
             with_payload: return captions and metadata (False when only vectors are needed: faster).
+            with_keys: also return each hit's vector in the searched modality (`keys`).
         Returns:
             `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
         """
@@ -374,8 +381,8 @@ class Memory:
         hits = []
         for s in range(0, len(q), batch_size):
             hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
-                                            with_payload))
-        return _to_neighbours(hits, k, q.shape[1] if return_modality else None)
+                                            with_payload, with_keys))
+        return _to_neighbours(hits, k, q.shape[1] if return_modality else None, q.shape[1] if with_keys else None)
 
     def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
                         exact: bool = False, batch_size: int = 256) -> list[str]:
@@ -448,35 +455,33 @@ def _content_key(vec: np.ndarray, caption: str) -> str:
     return h.hexdigest()
 
 
-def _to_neighbours(hits: list[list[Any]], k: int, dim: int | None) -> Neighbours:
-    """Backend hits (rows of `Hit`) -> `Neighbours`, vectors re-normalised (quantised storage may drift)."""
-    nb = pad_neighbours([[h.id for h in row] for row in hits], [[h.score for h in row] for row in hits],
-                        [[h.vector for h in row] for row in hits] if dim else None,
-                        [[h.payload for h in row] for row in hits], k, dim)
-    if nb.vectors is not None:
-        norms = np.linalg.norm(nb.vectors, axis=-1, keepdims=True)
-        np.divide(nb.vectors, norms, out=nb.vectors, where=norms > 0)
-    return nb
+def _to_neighbours(hits: list[list[Any]], k: int, dim: int | None, key_dim: int | None = None) -> Neighbours:
+    """Backend hits (rows of `Hit`) -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero
+    vector); vectors re-normalised (quantised storage may drift)."""
+    b = len(hits)
+    full = b and all(len(r) == k for r in hits)
 
+    def stack(get: Any, d: int) -> np.ndarray:
+        if full:  # the common case: one conversion for the whole batch
+            return np.asarray([[get(h) for h in row] for row in hits], np.float32).reshape(b, k, d)
+        out = np.zeros((b, k, d), np.float32)
+        for i, row in enumerate(hits):
+            if row:
+                out[i, : len(row)] = [get(h) for h in row]
+        return out
 
-def pad_neighbours(ids: list[list[str]], scores: list[list[float]], vectors: list | None,
-                   payloads: list[list[dict]], k: int, dim: int | None) -> Neighbours:
-    """Rows of up to k hits -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero vector)."""
-    b = len(ids)
-    if b and all(len(r) == k for r in ids):  # the common case: one conversion for the whole batch
-        vec = None if vectors is None else np.asarray(vectors, np.float32).reshape(b, k, dim)
-        return Neighbours(np.asarray(ids, dtype=str).reshape(b, k), np.asarray(scores, np.float32).reshape(b, k),
-                          vec, [list(p) for p in payloads])
-    out_ids = np.full((b, k), "", dtype=object)
-    out_scores = np.full((b, k), -np.inf, dtype=np.float32)
-    out_payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
-    out_vectors = np.zeros((b, k, dim), np.float32) if vectors is not None else None
-    for i in range(b):
-        n = len(ids[i])
-        if not n:
-            continue
-        out_ids[i, :n], out_scores[i, :n] = ids[i], scores[i]
-        out_payloads[i][:n] = payloads[i]
-        if out_vectors is not None:
-            out_vectors[i, :n] = vectors[i]
-    return Neighbours(out_ids.astype(str), out_scores, out_vectors, out_payloads)
+    ids = np.full((b, k), "", dtype=object)
+    scores = np.full((b, k), -np.inf, dtype=np.float32)
+    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
+    for i, row in enumerate(hits):
+        n = len(row)
+        ids[i, :n] = [h.id for h in row]
+        scores[i, :n] = [h.score for h in row]
+        payloads[i][:n] = [h.payload for h in row]
+    vectors = stack(lambda h: h.vector, dim) if dim else None
+    keys = stack(lambda h: h.key, key_dim) if key_dim else None
+    for v in (vectors, keys):
+        if v is not None:
+            norms = np.linalg.norm(v, axis=-1, keepdims=True)
+            np.divide(v, norms, out=v, where=norms > 0)
+    return Neighbours(ids.astype(str), scores, vectors, payloads, keys)
