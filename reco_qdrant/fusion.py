@@ -50,6 +50,16 @@ class FusionConfig:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
 
+def _token_mask(cfg: FusionConfig, mask: torch.Tensor, training: bool) -> torch.Tensor:
+    """The retrieved tokens a fuser uses (B, K): at most cfg.k of them; in training, a random share hidden
+    (token dropout, so the model never relies on any one neighbour)."""
+    if mask.shape[1] > cfg.k:
+        raise ValueError(f"{mask.shape[1]} retrieved tokens given, this model takes at most {cfg.k}")
+    if training and cfg.token_dropout > 0:
+        return mask & (torch.rand(mask.shape, device=mask.device) >= cfg.token_dropout)
+    return mask.clone()
+
+
 class Block(nn.Module):
     """Pre-LN transformer encoder layer with a key-padding mask."""
 
@@ -102,11 +112,7 @@ class Fuser(nn.Module):
                 scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores unused (the paper's model)
         b, k, _ = r.shape
-        if k > self.cfg.k:
-            raise ValueError(f"{k} retrieved tokens given, this model takes at most {self.cfg.k}")
-        mask = mask.clone()
-        if self.training and self.cfg.token_dropout > 0:
-            mask &= torch.rand(mask.shape, device=mask.device) >= self.cfg.token_dropout
+        mask = _token_mask(self.cfg, mask, self.training)
         x = torch.cat([q[:, None], r], dim=1)  # (B, 1+K, D)
         types = torch.cat([self.type_emb[:1].expand(1, -1), self.type_emb[1:].expand(k, -1)])  # (1+K, D)
         x = x + types + self.pos_emb[: k + 1]
@@ -166,12 +172,8 @@ class RelevanceFuser(nn.Module):
         # q (B, D), r (B, K, D), mask (B, K), scores (B, K) cosine of query and neighbour in the searched modality
         if scores is None:
             raise ValueError("relevance fusion needs the neighbours' search scores")
-        b, k, _ = r.shape
-        if k > self.cfg.k:
-            raise ValueError(f"{k} retrieved tokens given, this model takes at most {self.cfg.k}")
-        mask = mask.clone()
-        if self.training and self.cfg.token_dropout > 0:
-            mask &= torch.rand(mask.shape, device=mask.device) >= self.cfg.token_dropout
+        k = r.shape[1]
+        mask = _token_mask(self.cfg, mask, self.training)
         m = mask.to(r.dtype)  # (B, K)
         n = m.sum(1, keepdim=True)  # (B, 1)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))  # padded scores are -inf
