@@ -176,9 +176,11 @@ def class_members(ids: list[str], labels: np.ndarray) -> dict[int, frozenset[str
     return {int(c): frozenset(ids[i] for i in np.flatnonzero(labels == c)) for c in np.unique(labels)}
 
 
-def _pick(rows: np.ndarray, a: tuple, b: tuple) -> tuple:
-    """Neighbour arrays (vectors, keys, mask) taken from `a` where rows [N] is True, else from `b`."""
-    return tuple(np.where(rows.reshape(-1, *[1] * (np.ndim(x) - 1)), x, y) for x, y in zip(a, b))
+def _pick(rows: Any, a: Any, b: Any) -> list:
+    """Neighbour arrays (vectors, keys, mask) taken from `a` where rows [N] is True, else from `b`
+    (numpy arrays or torch tensors, as given)."""
+    where = torch.where if isinstance(rows, torch.Tensor) else np.where
+    return [where(rows.reshape(-1, *[1] * (x.ndim - 1)), x, y) for x, y in zip(a, b)]
 
 
 def _tensors(nb: tuple, idx: np.ndarray, device: Any) -> list[torch.Tensor]:
@@ -392,10 +394,8 @@ def train_fusion(
                 if class_out:  # this step's absent classes: their queries retrieve without their class
                     absent = torch.rand(len(classes)) < cfg.uncovered_fraction
                     rows = absent[np.searchsorted(classes, labels[idx])].to(device)
-                    nb_i = [torch.where(rows.view(-1, *[1] * (a.dim() - 1)), o, a)
-                            for a, o in zip(nb_i, _tensors(img_out, idx, device))]
-                    nb_t = [torch.where(rows.view(-1, *[1] * (a.dim() - 1)), o, a)
-                            for a, o in zip(nb_t, _tensors(txt_out, idx, device))]
+                    nb_i = _pick(rows, _tensors(img_out, idx, device), nb_i)
+                    nb_t = _pick(rows, _tensors(txt_out, idx, device), nb_t)
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                     v_ref = _refine_batch(model, "image", q_i, *nb_i, cfg.swap_fraction)
                     t_ref = _refine_batch(model, "text", q_t, *nb_t, cfg.swap_fraction)
