@@ -388,26 +388,34 @@ class Memory:
                         exact: bool = False, batch_size: int = 256) -> list[str]:
         """Ids of the points whose `modality` vector has cosine >= `threshold` with any query [B, d].
 
-        Used to purge an evaluation set's images from the memory before evaluating (as the paper does);
-        the search widens until the last hit of every query falls below the threshold. `exact` searches
-        by brute force instead of the index (slow on large memories; near-duplicates are easy for HNSW).
+        Used to purge an evaluation set's images from the memory before evaluating (as the paper does).
+        `exact` searches by brute force instead of the index (slow on large memories; near-duplicates
+        are easy for HNSW).
         """
+        return sorted(set().union(*self.near_duplicate_sets(queries, threshold, modality, exact, batch_size)))
+
+    def near_duplicate_sets(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
+                            exact: bool = False, batch_size: int = 256) -> list[set[str]]:
+        """For each query [B, d], the ids of the points whose `modality` vector has cosine >= `threshold`
+        with it; the search widens until the last hit of every query falls below the threshold."""
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         q = np.asarray(queries)
         q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "near_duplicates")
         total = self.count()
-        found: set[str] = set()
+        found: list[set[str]] = [set() for _ in range(len(q))]
         for s in range(0, len(q), batch_size):
-            todo, k = q[s : s + batch_size], min(16, total)
+            todo, k = np.arange(s, min(len(q), s + batch_size)), min(16, total)
             while len(todo) and total:
-                nb = self.search(todo, modality, k, None, exact=exact)
-                found.update(nb.ids[nb.mask & (nb.scores >= threshold)].tolist())
-                more = nb.scores[:, -1] >= threshold
+                nb = self.search(q[todo], modality, k, None, exact=exact, with_payload=False)
+                hit = nb.mask & (nb.scores >= threshold)
+                for j, i in enumerate(todo):
+                    found[i].update(nb.ids[j, hit[j]].tolist())
+                more = hit[:, -1]  # all k were near-duplicates: there may be more
                 if k >= total or not more.any():
                     break
                 todo, k = todo[more], min(4 * k, total)
-        return sorted(found)
+        return found
 
     def retrieve(self, ids: Sequence[str], with_vectors: bool = True) -> list[Record]:
         return self.backend.retrieve(list(ids), with_vectors)

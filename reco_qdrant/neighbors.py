@@ -65,7 +65,7 @@ def retrieve(
     given = list(exclude_ids) if exclude_ids is not None else [None] * n
     own = np.array([e if isinstance(e, str) else "" for e in given], dtype=object)
     score_dedup = dedup_threshold is not None and searched == query_modality
-    banned = (_near_duplicate_ids(memory, q, query_modality, dedup_threshold, batch_size)
+    banned = (memory.near_duplicate_sets(q, dedup_threshold, query_modality, batch_size=batch_size)
               if dedup_threshold is not None and not score_dedup else [set() for _ in range(n)])
     for b, e in zip(banned, given):
         if e is not None and not isinstance(e, str):
@@ -104,20 +104,3 @@ def retrieve(
         fetch = min(total, fetch * 2)
     return Neighbours(ids.astype(str), scores, vectors, payloads, keys)
 
-
-def _near_duplicate_ids(memory: Memory, q: np.ndarray, modality: str, threshold: float,
-                        batch_size: int) -> list[set[str]]:
-    """For each query [B, d], the ids of memory points whose `modality` vector has cosine >= threshold."""
-    total = memory.count()
-    found: list[set[str]] = [set() for _ in range(len(q))]
-    todo, m = np.arange(len(q)), min(16, total)
-    while len(todo):
-        nb = memory.search(q[todo], modality, m, None, batch_size=batch_size, with_payload=False)
-        hit = nb.mask & (nb.scores >= threshold)
-        for j, i in enumerate(todo):
-            found[i].update(nb.ids[j, hit[j]].tolist())
-        more = hit[:, -1]  # all m were near-duplicates: there may be more
-        if m >= total or not more.any():
-            break
-        todo, m = todo[more], min(4 * m, total)
-    return found
