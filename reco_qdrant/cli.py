@@ -100,7 +100,7 @@ def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str |
             err.print(f"encoder: {rec['id']} (recorded with the memory)", highlight=False)
             return enc
     pretrained = DEFAULT_PRETRAINED if pretrained is None else pretrained
-    return load_encoder(model or DEFAULT_MODEL, None if pretrained in (None, "none") else pretrained, kind=kind)
+    return load_encoder(model or DEFAULT_MODEL, None if pretrained == "none" else pretrained, kind=kind)
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
