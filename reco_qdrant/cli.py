@@ -175,6 +175,25 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
     _run_ingest(memory, collection, src, None, encoder_id, progress, restart, as_json)
 
 
+@ingest_app.command("auto")
+@cli_errors
+def ingest_auto(path: Annotated[Path, typer.Argument(
+                    help="a folder in either layout: img_emb/ text_emb/ metadata/, or images + captions.csv|parquet")],
+                memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+                source: Annotated[str | None, typer.Option(
+                    help="source name (default: the folder's full path); ids derive from source + key")] = None,
+                model: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
+                encoder_id: Annotated[str | None, typer.Option(
+                    help="embeddings: id of the encoder that made them")] = None,
+                progress: ProgressOpt = True, restart: bool = False, as_json: JsonOpt = False) -> None:
+    """A data folder whose layout is found by looking at it (what the compose `ingest` service runs)."""
+    from .sources import EmbeddingShards, open_folder
+
+    src = open_folder(path, source)
+    enc = None if isinstance(src, EmbeddingShards) else _encoder(model, pretrained, encoder_kind, memory, collection)
+    _run_ingest(memory, collection, src, enc, encoder_id if enc is None else None, progress, restart, as_json)
+
+
 @ingest_app.command("images")
 @cli_errors
 def ingest_images(folder: Path, captions: Annotated[Path, typer.Option(help="table: file -> caption")],
@@ -464,9 +483,19 @@ def eval_retrieval(pairs: Annotated[Path, typer.Argument(help="paired embeddings
 def demo(memory: MemoryOpt = None, seed: int = 0,
          out_dir: Annotated[Path, typer.Option("--out", help="the demo's checkpoint dir")] = Path("reco-runs/demo"),
          ablations: Annotated[bool, typer.Option(help="also train the paper's ablations")] = True,
+         export: Annotated[Path | None, typer.Option(
+             help="write the demo world's data here (memory/, train/, eval.npz) instead of running it")] = None,
          progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
     """RECO end to end on a synthetic fine-grained world: memory, training, baseline vs RECO, ablations."""
-    from .demo import run_demo
+    from .demo import export_demo, run_demo
+
+    if export is not None:
+        written = export_demo(export, seed=seed)
+        if as_json:
+            _emit(written, True)
+        for what, where in ({} if as_json else written).items():
+            out.print(f"{what}: {where}", highlight=False)
+        return
 
     res = run_demo(memory, seed=seed, out_dir=out_dir, ablations=ablations, progress=progress and not as_json)
     if as_json:

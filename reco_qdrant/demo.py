@@ -72,3 +72,28 @@ def run_demo(location: str | None = None, collection: str = "reco_demo", seed: i
                     for i in range(len(truth))]
         return {"memory": mem.info(), "ingest": report.to_dict(), "table": rows, "examples": examples,
                 "checkpoint": str(out_dir / "fusion"), "world": w.cfg.__dict__}
+
+
+def export_demo(root: str | Path, seed: int = 0, world: WorldConfig | None = None) -> dict[str, str]:
+    """Write the demo world as files a server flow can use (`reco demo --export ./data`).
+
+    - `root/memory/`: the memory pairs, clip-retrieval layout (caption, key, label): what the compose
+      `ingest` service ingests;
+    - `root/train/`: the training pairs, same layout (their keys are memory keys where the pair is stored);
+    - `root/eval.npz`: `image` [E, d] evaluation image embeddings, `label` [E] into `class_names`, and
+      `class_text` [Ce, d] the class-name prompt embeddings: classes never seen in training.
+    Refuses to write over an existing export (delete it first).
+    """
+    w = make_world(world or WorldConfig(seed=seed))
+    root = Path(root)
+    parts = {"memory": root / "memory", "train": root / "train", "eval": root / "eval.npz"}
+    there = [str(p) for p in parts.values() if p.exists()]
+    if there:
+        raise FileExistsError(f"{', '.join(there)}: already there; delete to export again")
+    write_embedding_shards(parts["memory"], w.memory_image, w.memory_text, w.memory_captions,
+                           extra={"key": w.memory_ids, "label": [w.class_names[c] for c in w.memory_labels]})
+    write_embedding_shards(parts["train"], w.train_image, w.train_text, [w.class_names[c] for c in w.train_labels],
+                           extra={"key": w.train_ids, "label": [w.class_names[c] for c in w.train_labels]})
+    np.savez(parts["eval"], image=w.eval_image, label=np.searchsorted(w.eval_classes, w.eval_labels),
+             class_names=np.array([w.class_names[c] for c in w.eval_classes]), class_text=w.class_text[w.eval_classes])
+    return {k: str(v) for k, v in parts.items()}

@@ -363,3 +363,36 @@ class WebDataset:
             raise ValueError(f"{shard}: {img[0]} is not a readable image") from e
         extra["uri"] = f"{shard}#{img[0]}"
         return caption, image, extra
+
+
+# --------------------------------------------------------------------------- a folder in either layout
+
+CAPTION_TABLES = ("captions.parquet", "captions.csv", "captions.tsv", "captions.jsonl")
+
+
+def open_folder(path: str | Path, source: str | None = None,
+                batch_size: int | None = None) -> EmbeddingShards | ImageFolder:
+    """The source for a data folder in one of the two documented layouts, found by looking at it.
+
+    - clip-retrieval embeddings: `img_emb/`, `text_emb/`, `metadata/` (keys: the metadata's `key` column
+      when it has one, as img2dataset writes it, else shard and row);
+    - images plus a captions table: `captions.parquet|csv|tsv|jsonl` (columns `file`, `caption`; files
+      relative to the folder).
+
+    This is what `reco ingest auto` and the compose `ingest` service read.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    if (root / "img_emb").is_dir():
+        shards = EmbeddingShards(root, source=source, batch_size=batch_size or 4096)
+        if "key" in pl.read_parquet_schema(shards.shards[0][2]):
+            shards.key_column = "key"
+        return shards
+    tables = [root / t for t in CAPTION_TABLES if (root / t).is_file()]
+    if len(tables) == 1:
+        return ImageFolder(root, tables[0], source=source, batch_size=batch_size or 64)
+    if tables:
+        raise ValueError(f"{root}: several captions tables ({', '.join(t.name for t in tables)}): keep one")
+    raise FileNotFoundError(f"{root}: neither layout found: expected img_emb/ text_emb/ metadata/ (clip-retrieval "
+                            f"embeddings) or images with one of {', '.join(CAPTION_TABLES)}")

@@ -455,6 +455,13 @@ def _check_inputs(memory: Memory, image_embeddings: np.ndarray, text_embeddings:
         raise ValueError(f"train_fusion: {n} image embeddings but {len(txt)} text embeddings; expected pairs")
     if ids is not None and len(ids) != n:
         raise ValueError(f"train_fusion: {len(ids)} ids for {n} pairs; ids[i] must be the point id of pair i")
+    if ids is not None and n:
+        sample = [str(ids[i]) for i in np.unique(np.linspace(0, n - 1, min(n, 1000)).astype(int))]
+        if not memory.existing_ids(sample):
+            raise ValueError(f"train_fusion: none of {len(sample)} ids checked (e.g. {sample[0]!r}) is a point of the "
+                             "memory, so no pair's own point would be excluded from its neighbours; ids must be "
+                             "point_id(source, key) with the source name the pairs were ingested under (by default "
+                             "the folder's full path)")
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != n:

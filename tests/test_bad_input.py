@@ -186,3 +186,17 @@ def test_memory_locked_by_another_process(stored, tmp_path):
         holder.wait()
     with Memory.open(stored) as m:
         assert m.count() == 100
+
+
+def test_training_ids_that_name_no_point_of_the_memory(tmp_path):
+    from conftest import random_pairs
+
+    from reco_qdrant import train_fusion
+    from reco_qdrant.memory import point_id
+
+    img, txt, caps = random_pairs(60)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=[str(i) for i in range(60)], source="web")
+        wrong = [point_id("/old/path/web", str(i)) for i in range(60)]  # another source name than at ingest
+        with pytest.raises(ValueError, match="none of 60 ids checked .* source name"):
+            train_fusion(mem, img, txt, ids=wrong, epochs=1, progress=False)

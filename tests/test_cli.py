@@ -186,3 +186,32 @@ def test_shell_completion_lists_the_workflow():
     r = runner.invoke(app, ["--help"])
     for step in ("migrate", "ingest", "dedup", "train", "predict", "eval", "copy", "info", "search"):
         assert step in r.output
+
+
+def test_ingest_auto_finds_either_layout_and_says_what_it_expected(tmp_path, tiny_encoder):
+    from test_ingest import _png
+
+    mem = str(tmp_path / "m")
+    make_shards(tmp_path / "emb", n=50)
+    r = runner.invoke(app, ["ingest", "auto", str(tmp_path / "emb"), "--memory", mem, "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["added"] == 50
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, c in {"red": (220, 20, 20), "blue": (20, 20, 220)}.items():
+        _png(c).save(images / f"{name}.png")
+    (images / "captions.csv").write_text("file,caption\nred.png,a red square\nblue.png,a blue square\n")
+    mem2 = str(tmp_path / "m2")
+    args = ["ingest", "auto", str(images), "--memory", mem2, "--model", "reco-tiny", "--pretrained", "none",
+            "--source", "squares", "--no-progress", "--json"]
+    assert json.loads(runner.invoke(app, args).stdout)["added"] == 2
+    assert json.loads(runner.invoke(app, args).stdout)["added"] == 0  # same source and keys: nothing new
+
+    (images / "captions.jsonl").write_text('{"file": "red.png", "caption": "red"}\n')
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0 and "several captions tables" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = runner.invoke(app, ["ingest", "auto", str(empty), "--memory", mem2])
+    assert r.exit_code != 0 and "neither layout found" in r.output and "img_emb/" in r.output
