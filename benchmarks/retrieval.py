@@ -5,7 +5,9 @@ Workload: batches of 256 image queries (held-out items of the same distribution)
 returning the other modality's vector and its caption. Reports ingest items/s, index build s,
 search ms/query (median over batches), recall@10 vs exact, resident memory and disk. Resident memory
 is the RSS growth of building the index (faiss, ScaNN) or, for an Edge memory, of a fresh process
-that opens it and runs the searches (what a user's process holds).
+that opens it and runs the searches (what a user's process holds). "Edge direct" rows call Qdrant Edge
+without reco_qdrant (same data, settings and return), so our wrapper's share is the difference; the
+"API path" row fills a memory through `Memory.add_embeddings` and searches at once, as README does.
 
     python benchmarks/retrieval.py --n 100000 1000000      # faiss / ScaNN need the `bench` extra
 """
@@ -24,6 +26,7 @@ import numpy as np
 from common import Timer, clip_like, dir_mb, exact_topk, print_table, recall, rss_mb, write_results
 
 from reco_qdrant import Memory
+from reco_qdrant.memory import point_id
 
 K, BATCH = 10, 256
 
@@ -139,12 +142,82 @@ def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], 
     return rows
 
 
+def bench_edge_direct(img, txt, caps, queries, exact, efs: list[int], quantization: str | None = None) -> list[dict]:
+    """Qdrant Edge called directly, no reco_qdrant in between: integer ids, the same collection settings
+    (MemoryConfig defaults), the same search parameters and the same return (text vector + caption per hit,
+    the vectors handed to numpy). Tells "the engine" from "our wrapper" in one run."""
+    import qdrant_edge as qe
+
+    from reco_qdrant.config import MemoryConfig
+
+    cfg, n = MemoryConfig(), len(img)
+    quant = (qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+             if quantization == "int8" else None)
+    vp = {m: qe.EdgeVectorParams(size=img.shape[1], distance=qe.Distance.Cosine) for m in ("image", "text")}
+    hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
+                              full_scan_threshold=cfg.full_scan_threshold)
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = qe.EdgeShard.create(tmp, qe.EdgeConfig(vectors=vp, hnsw_config=hnsw, quantization_config=quant))
+        with Timer() as ti:
+            for s in range(0, n, cfg.upsert_batch):
+                e = min(n, s + cfg.upsert_batch)
+                shard.update(qe.UpdateOperation.upsert_points([
+                    qe.Point(i, {"image": a, "text": b}, {"caption": c})
+                    for i, a, b, c in zip(range(s, e), img[s:e].tolist(), txt[s:e].tolist(), caps[s:e])]))
+        with Timer() as tb:
+            shard.optimize()
+        rows = []
+        for ef in efs:
+            rescore = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if quant else None
+            params = qe.SearchParams(hnsw_ef=ef, quantization=rescore)
+
+            def fn(q, with_vector=("text",), with_payload=True, params=params):
+                reqs = [qe.QueryRequest(limit=K, query=qe.Query.Nearest(x, using="image"), params=params,
+                                        with_vector=list(with_vector) or False, with_payload=with_payload)
+                        for x in q.tolist()]
+                res = shard.query_batch(qe.QueryBatchRequest(reqs))
+                if with_vector:
+                    _ = np.asarray([[p.vector["text"] for p in hits] for hits in res], np.float32)
+                    _ = [[p.payload["caption"] for p in hits] for hits in res]
+                return np.array([[p.id for p in hits] for hits in res], np.int64)
+            found, ms = _search_batches(fn, queries)
+            _, ms_ids_only = _search_batches(lambda q: fn(q, (), False), queries)
+            rows.append({"engine": f"Edge direct{' ' + quantization if quantization else ''} ef={ef}",
+                         "ingest_items_per_s": n / ti.s, "index_build_s": tb.s, "ms_per_query": ms,
+                         "ms_without_vectors": ms_ids_only, "recall@10": recall(found, exact),
+                         "segments": shard.info().segments_count})
+        shard.close()
+    return rows
+
+
+def bench_api_path(img, txt, caps, queries, exact, chunk: int = 10_000) -> dict:
+    """What README's Python path does: `Memory.open`, `add_embeddings` in chunks, then search at once (the
+    memory indexes itself before the first search; that search's time includes the build)."""
+    n = len(img)
+    with tempfile.TemporaryDirectory() as tmp, Memory.open(tmp) as mem:
+        with Timer() as ti:
+            for s in range(0, n, chunk):
+                mem.add_embeddings(img[s:s + chunk], txt[s:s + chunk], caps[s:s + chunk],
+                                   ids=range(s, min(n, s + chunk)), source="bench")
+        with Timer() as tf:
+            first = mem.search(queries[:BATCH], "image", K, "text")
+        where = {pid: i for i, pid in enumerate(point_id("bench", i) for i in range(n))}
+
+        def fn(q):
+            return np.vectorize(where.get, otypes=[np.int64])(mem.search(q, "image", K, "text").ids)
+        found, ms = _search_batches(fn, queries)
+    assert len(first.ids) == BATCH
+    return {"engine": "Memory API path: add, then search", "ingest_items_per_s": n / ti.s,
+            "first_search_s": tf.s, "ms_per_query": ms, "recall@10": recall(found, exact)}
+
+
 _RSS_PROBE = """
 import json, sys, numpy as np
 sys.path.insert(0, {bench!r})
 from common import rss_mb
 import qdrant_edge
 from reco_qdrant import Memory
+from reco_qdrant.memory import point_id
 base = rss_mb()  # after imports: what the memory itself adds
 q = np.load({queries!r})
 with Memory.open({path!r}, **{settings!r}) as mem:
@@ -184,8 +257,14 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep:
     if "edge" in engines:
         rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs,
                                  keep=keep / f"n{n}-d{d}" if keep else None))
+    if "direct" in engines:
+        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs))
     if "int8" in engines:
         rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization="int8"))
+    if "direct-int8" in engines:
+        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs[-1:], quantization="int8"))
+    if "api" in engines:
+        rows.append(bench_api_path(img, txt, caps, queries, exact))
     if "local" in engines and n <= 20_000:
         rows.extend(bench_memory(img, txt, caps, queries, exact, ":memory:", efs[:1]))
     for r in rows:
@@ -201,7 +280,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="hnsw_ef values for our Memory")
-    ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "int8", "local"])
+    ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "direct", "int8", "direct-int8",
+                                                     "api", "local"])
     ap.add_argument("--out", default="retrieval")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep the Edge memories in KEEP/n<N>-d<D> (inference.py and training.py reuse them)")

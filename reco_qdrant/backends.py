@@ -12,6 +12,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
@@ -40,6 +42,29 @@ class MemoryUnavailableError(MemoryError_):
     """The Qdrant server cannot be reached (after bounded retries)."""
 
 
+class MemoryFullError(MemoryError_):
+    """The disk of an embedded memory has too little free space for a write or an index build."""
+
+
+# Free disk space an embedded memory keeps in reserve: the engine writes through memory maps into files it
+# preallocates (32 MiB write-ahead-log segments), and a full disk there kills the process with SIGBUS
+# instead of raising an error, so writes and index builds are refused while less than this would remain.
+DISK_RESERVE = 256 * 2**20
+
+
+class MemoryDamagedError(MemoryError_):
+    """Files of an embedded memory cannot be read (truncated, garbled, missing, or from another version)."""
+
+
+_RECOVER = ("check it with `reco doctor --memory {root}`; to recover, restore the directory from a copy, or move it "
+            "away and re-ingest the same sources (point ids derive from source and key, so the same points come back)")
+
+
+def _engine_failure(e: BaseException) -> bool:
+    """An error the engine raised (including a Rust panic, which pyo3 raises as a BaseException)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 @dataclass
 class Hit:
     id: str
@@ -64,7 +89,8 @@ class Backend(Protocol):
     def create_payload_index(self, field: str) -> None: ...
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]: ...
+               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               hnsw_ef: int | None = None) -> list[list[Hit]]: ...
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
     def delete(self, ids: list[str]) -> None: ...
@@ -103,7 +129,7 @@ def _hit(p: Any, return_vector: str | None, using: str, with_key: bool) -> Hit:
 class EdgeBackend:
     """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data), `<dir>/<collection>__meta/` (ledger)."""
 
-    def __init__(self, path: str | os.PathLike, cfg: MemoryConfig) -> None:
+    def __init__(self, path: str | os.PathLike, cfg: MemoryConfig, repair_ledger: bool = False) -> None:
         import qdrant_edge as qe
 
         self.qe = qe
@@ -124,8 +150,29 @@ class EdgeBackend:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         self.data_path = self.root / cfg.collection
-        self.meta = self._open_or_create(self.root / f"{cfg.collection}__meta", {_META_VECTOR: 1})
-        self.shard = self._load(self.data_path) if self._exists(self.data_path) else None
+        meta_path = self.root / f"{cfg.collection}__meta"
+        self.meta = self.shard = None
+        try:
+            if self._exists(self.data_path) and not self._exists(meta_path) and not repair_ledger:
+                raise MemoryDamagedError(
+                    f"memory {self.root}: the ledger {meta_path} is missing while the collection {self.data_path} is "
+                    "there (the encoder record, settings and migration ledger live in it): restore it from a copy, or "
+                    f"rebuild it from the collection with `reco doctor --memory {self.root} --repair-ledger` (the "
+                    "encoder is then unrecorded until `reco migrate --encoder-id ID`)")
+            if self.free_bytes() < DISK_RESERVE:  # opening maps and fills write-ahead-log segments (measured ~100 MiB)
+                raise MemoryFullError(f"memory {self.root}: {self.free_bytes() / 2**20:,.0f} MiB free on its disk; "
+                                      f"opening it needs at least {DISK_RESERVE / 2**20:.0f} MiB (the engine's "
+                                      "write-ahead log; a full disk there would kill the process): free space first")
+            self.meta = self._open_or_create(meta_path, {_META_VECTOR: 1})
+            self.shard = self._load(self.data_path) if self._exists(self.data_path) else None
+            if self.shard is not None:  # a first point read whole: damage the load did not notice shows here
+                self.scroll(1, None, True)
+        except BaseException:
+            for s in (self.shard, self.meta):  # what did open is closed: a later open here is not "in use"
+                if s is not None:
+                    s.close()
+            self._release_lock()
+            raise
 
     # -- helpers
     @staticmethod
@@ -135,10 +182,16 @@ class EdgeBackend:
     def _load(self, path: Path) -> Any:
         try:
             return self.qe.EdgeShard.load(str(path))
-        except Exception as e:  # the engine reports a held WAL as a generic runtime error
+        except BaseException as e:  # the engine reports a held WAL as a generic runtime error
+            if not _engine_failure(e):
+                raise
             if "WouldBlock" in str(e):
                 raise MemoryInUseError(f"{path} is in use by another process") from e
-            raise
+            said = " ".join(str(e).split())
+            where = re.search(re.escape(str(path)) + r"[^\s:\"']*", said)
+            raise MemoryDamagedError(
+                f"memory {self.root} cannot be opened: the engine cannot read "
+                f"{where.group(0) if where else path} ({said[:300]}); " + _RECOVER.format(root=self.root)) from e
 
     def _open_or_create(self, path: Path, dims: dict[str, int]) -> Any:
         if self._exists(path):
@@ -151,6 +204,17 @@ class EdgeBackend:
         if self.shard is None:
             raise MemoryError_(f"{self.root} holds no memory collection yet: ingest data or run `reco migrate`")
         return self.shard
+
+    def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A read from the engine; its failures on our well-formed requests mean files it cannot read."""
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            if not _engine_failure(e) or isinstance(e, MemoryError_):
+                raise
+            said = " ".join(str(e).split())[:300]
+            raise MemoryDamagedError(f"memory {self.root}: the engine failed to read it ({said}); "
+                                     + _RECOVER.format(root=self.root)) from e
 
     # -- protocol
     def has_collection(self) -> bool:
@@ -182,24 +246,25 @@ class EdgeBackend:
         self._require().update(qe.UpdateOperation.upsert_points(points))
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               hnsw_ef: int | None = None) -> list[list[Hit]]:
         qe = self.qe
         quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
-        params = qe.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
+        params = qe.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
         with_vector = _vector_names(return_vector, using, with_key)
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
                                 with_payload=with_payload, params=params) for q in queries.tolist()]
-        res = self._require().query_batch(qe.QueryBatchRequest(reqs))
+        res = self._read(self._require().query_batch, qe.QueryBatchRequest(reqs))
         return [[_hit(p, return_vector, using, with_key) for p in hits] for hits in res]
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
-        recs = self._require().retrieve(list(ids), with_payload=True, with_vector=with_vectors)
+        recs = self._read(self._require().retrieve, list(ids), with_payload=True, with_vector=with_vectors)
         return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs]
 
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
         qe = self.qe
-        recs, nxt = self._require().scroll(qe.ScrollRequest(offset=offset, limit=limit, with_payload=True,
-                                                            with_vector=with_vectors))
+        recs, nxt = self._read(self._require().scroll, qe.ScrollRequest(offset=offset, limit=limit, with_payload=True,
+                                                                         with_vector=with_vectors))
         return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs], nxt
 
     def delete(self, ids: list[str]) -> None:
@@ -211,7 +276,15 @@ class EdgeBackend:
         qe = self.qe
         flt = None if source is None else qe.Filter(must=[qe.FieldCondition(key="source",
                                                                              match=qe.MatchValue(value=source))])
-        return int(self.shard.count(qe.CountRequest(exact=True, filter=flt)))
+        return int(self._read(self.shard.count, qe.CountRequest(exact=True, filter=flt)))
+
+    def free_bytes(self) -> int:
+        """Free space on the memory's disk."""
+        return shutil.disk_usage(self.root).free
+
+    def stored_bytes(self) -> int:
+        """Bytes the collection takes on disk (allocated blocks: sparse files count what they hold)."""
+        return sum(f.stat().st_blocks * 512 for f in self.data_path.rglob("*") if f.is_file())
 
     def stored_quantization(self) -> str | None:
         """The quantization the engine actually stores (read from the shard's own config file)."""
@@ -248,6 +321,9 @@ class EdgeBackend:
                 s.flush()
                 s.close()
         self.shard = self.meta = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
@@ -355,10 +431,11 @@ class ServerBackend:
         self._call(self.client.upsert, self.name, points=batch, wait=True)
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False) -> list[list[Hit]]:
+               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               hnsw_ef: int | None = None) -> list[list[Hit]]:
         m = self.m
         quant = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
-        params = None if self.local else m.SearchParams(hnsw_ef=max(self.cfg.hnsw_ef, k), exact=exact,
+        params = None if self.local else m.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
                                with_vector=_vector_names(return_vector, using, with_key))
@@ -422,8 +499,8 @@ class ServerBackend:
         self.client.close()
 
 
-def open_backend(cfg: MemoryConfig) -> EdgeBackend | ServerBackend:
+def open_backend(cfg: MemoryConfig, repair_ledger: bool = False) -> EdgeBackend | ServerBackend:
     """The one place that picks a backend from `cfg.location`."""
     if cfg.kind == "edge":
-        return EdgeBackend(cfg.location, cfg)
+        return EdgeBackend(cfg.location, cfg, repair_ledger)
     return ServerBackend(cfg)

@@ -42,8 +42,10 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="sho
 
 
 def _hint(e: Exception) -> str:
-    from .memory import EncoderMismatchError, MemoryInUseError, MemoryUnavailableError
+    from .memory import EncoderMismatchError, MemoryDamagedError, MemoryInUseError, MemoryUnavailableError
 
+    if isinstance(e, MemoryDamagedError):
+        return "`reco doctor --memory PATH` checks the memory and says how to recover"
     if isinstance(e, MemoryInUseError):
         return "close the other process, or serve the memory with Qdrant (docker compose up qdrant)"
     if isinstance(e, MemoryUnavailableError):
@@ -224,6 +226,26 @@ def ingest_webdataset(shards: Annotated[list[Path], typer.Argument(help=".tar sh
     src = WebDataset(shards, source, batch_size)
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
     _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
+
+
+@app.command()
+@cli_errors
+def doctor(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+           quick: Annotated[bool, typer.Option(help="skip reading every point")] = False,
+           repair_ledger: Annotated[bool, typer.Option(
+               help="rebuild a missing ledger from the collection (embedded memories)")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Check a memory (opens, records, every point whole, index) and say how to recover. Exit 1 on a problem."""
+    from .doctor import check_memory
+
+    found = check_memory(memory, collection, deep=not quick, repair_ledger=repair_ledger)
+    if as_json:
+        _emit([f.to_dict() for f in found], True)
+    for f in [] if as_json else found:
+        style = {"ok": "green", "warning": "yellow", "problem": "red"}[f.level]
+        out.print(f"[{style}]{f.level}[/]: {f.what}" + (f"\n  fix: {f.fix}" if f.fix else ""), highlight=False)
+    if any(f.level == "problem" for f in found):
+        raise typer.Exit(1)
 
 
 @app.command()

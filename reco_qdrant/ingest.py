@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .encoders import Encoder
-from .memory import EXACT_SEARCH_BELOW, Memory, point_id
+from .memory import Memory, point_id
 from .progress import progress_bar
 from .sources import Source
 
@@ -80,7 +80,7 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
             advance(len(batch.keys))
     memory.flush()
     seconds = time.perf_counter() - t0
-    indexed = optimize and memory.count() > EXACT_SEARCH_BELOW and memory.optimize()
+    indexed = optimize and memory.ensure_indexed(progress=progress)
     return IngestReport(source.name, added, updated, skip, seconds,
                         (added + updated) / seconds if seconds > 0 else 0.0, memory.count(), bool(indexed))
 
@@ -111,6 +111,5 @@ def copy_memory(src: Memory, dst: Memory, batch: int = 1024, progress: bool = Fa
             done += len(recs)
             advance(len(recs))
     dst.flush()
-    if dst.count() > EXACT_SEARCH_BELOW:
-        dst.optimize()
+    dst.ensure_indexed(progress=progress)
     return done

@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import migrations
 from .backends import (
+    DISK_RESERVE,
     VECTOR_NAMES,
     Backend,
+    MemoryDamagedError,
     MemoryError_,
+    MemoryFullError,
     MemoryInUseError,
     MemoryUnavailableError,
     Record,
     open_backend,
 )
 from .config import MemoryConfig
+from .progress import progress_bar, status_line
 
 __all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "MemoryInUseError",
-           "MemoryUnavailableError", "MemoryError_", "point_id", "validate_embeddings"]
+           "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
+           "validate_embeddings"]
 
 _ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
 ENCODER_KEY = "encoder"
@@ -65,19 +73,24 @@ def validate_embeddings(x: Any, name: str, dim: int | None = None, origin: str =
     if dim is not None and x.shape[1] != dim:
         raise EncoderMismatchError(f"{origin}: {name} have dimension {x.shape[1]}, expected {dim} "
                                    "(the dimension of this memory's encoder)")
-    x = x.astype(np.float32, copy=False)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0]) + row_offset
         raise ValueError(f"{origin}: {name} row {row} holds NaN or inf")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if x.dtype.itemsize > 4 and x.size:
+        big = (np.abs(x) > np.finfo(np.float32).max).any(axis=1)
+        if big.any():
+            raise ValueError(f"{origin}: {name} row {int(np.flatnonzero(big)[0]) + row_offset} holds values beyond "
+                             "float32's range")
+    x = x.astype(np.float32, copy=False)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]  # float64: no overflow at 1e20+
     if (norms <= 1e-12).any():
         row = int(np.flatnonzero(norms[:, 0] <= 1e-12)[0]) + row_offset
         raise ValueError(f"{origin}: {name} row {row} is a zero vector")
     off = np.abs(norms[:, 0] - 1.0) > 1e-6  # rows already unit-norm keep their exact bits (copies stay identical)
     if off.any():
         x = x.copy()
-        x[off] /= norms[off]
+        x[off] = (x[off] / norms[off]).astype(np.float32)
     return x
 
 
@@ -101,6 +114,33 @@ class Neighbours:
         return self.ids != ""
 
 
+class VectorColumns:
+    """The memory's vectors as columns: `vectors[modality]` [M, d] float16 (memory-mapped) and the point id
+    of each row, `ids` [M]."""
+
+    def __init__(self, ids: np.ndarray, vectors: dict[str, np.ndarray]) -> None:
+        self.ids, self.vectors = ids, vectors
+        self._row = {pid: i for i, pid in enumerate(ids.tolist())}
+        self._row[""] = -1  # no hit
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each point id (any shape); -1 for "" (no hit). Unknown ids are an error (a stale column)."""
+        get = self._row.get
+        flat = [get(i, -2) for i in np.asarray(ids).ravel().tolist()]
+        rows = np.array(flat, np.int64).reshape(np.shape(ids))
+        if (rows == -2).any():
+            raise MemoryError_(f"point {np.asarray(ids).ravel()[int(np.argmax(rows.ravel() == -2))]} is not in the "
+                               "memory's vector columns: they are stale")
+        return rows
+
+    def gather(self, ids: np.ndarray, modality: str) -> np.ndarray:
+        """Vectors [..., d] float16 of point `ids` [...]; zeros where the id is "" (no hit)."""
+        rows = self.rows(ids)
+        out = self.vectors[modality][np.maximum(rows, 0)]
+        out[rows < 0] = 0
+        return out
+
+
 class Memory:
     """A memory of image-text pairs in one Qdrant collection (embedded Edge, local or server).
 
@@ -113,23 +153,27 @@ class Memory:
         self.cfg = cfg
         self._explicit: set[str] = set()  # MemoryConfig fields the caller set (not defaults)
         self._encoder_record: dict[str, Any] | None = None  # cached once known (it never changes back)
+        self._auto_index = False  # set by open(): build the index lazily, before a search needs it
+        self._unchecked_writes = 0  # points written since the index was last checked
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, location: str | None = None, *, encoder: Any = None, migrate: bool = True,
-             auto_index: bool = True, **settings: Any) -> Memory:
+             auto_index: bool = True, repair_ledger: bool = False, **settings: Any) -> Memory:
         """Open (creating if needed) the memory at `location`.
 
         Args:
             location: directory | ":memory:" | URL; default `RECO_MEMORY` or "./reco-data".
             encoder: an `Encoder` (or its id string) that must match the memory's recorded encoder.
             migrate: apply pending schema migrations (idempotent).
-            auto_index: on Edge, build HNSW when many points are unindexed.
+            repair_ledger: on Edge, rebuild a missing ledger from the collection (else that is an error).
+            auto_index: on Edge, build the HNSW index when many points are unindexed: on opening, and
+                before the first search after writes that left many unindexed (see `ensure_indexed`).
             **settings: any `MemoryConfig` field (collection, api_key, quantization, ...).
         """
         cfg = MemoryConfig(**settings) if location is None else MemoryConfig(location=str(location), **settings)
         cfg = cfg.with_env()
-        mem = cls(open_backend(cfg), cfg)
+        mem = cls(open_backend(cfg, repair_ledger), cfg)
         defaults = MemoryConfig(location=cfg.location)
         mem._explicit = {f.name for f in fields(MemoryConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
         try:
@@ -140,7 +184,8 @@ class Memory:
                 mem.check_encoder(getattr(encoder, "id", encoder), getattr(encoder, "dim", None))
             if migrate and (mem.dim is not None or mem.backend.has_collection()):
                 mem.migrate()
-            if auto_index and cfg.kind == "edge":
+            mem._auto_index = auto_index and cfg.kind == "edge"
+            if mem._auto_index:
                 mem.ensure_indexed()
         except BaseException:
             mem.close()
@@ -296,6 +341,7 @@ class Memory:
             raise ValueError(f"{origin}: {len(ids)} ids for {n} items")
         if payloads is not None and len(payloads) != n:
             raise ValueError(f"{origin}: {len(payloads)} payloads for {n} items")
+        self._check_space(n * (2 * 2 * 4 * img.shape[1] + 1024), "this write")  # vectors: storage + WAL
         self.check_encoder(encoder_id, img.shape[1], record=True,
                            extra={"load": encoder_spec} if encoder_spec else None)
         if not self.backend.has_collection():
@@ -317,6 +363,7 @@ class Memory:
         step = self.cfg.upsert_batch
         for s in range(0, n, step):
             self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
+            self._unchecked_writes += min(step, n - s)
         return pids
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -329,13 +376,47 @@ class Memory:
         """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself)."""
         return self.backend.optimize()
 
-    def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW) -> bool:
-        """On Edge, run `optimize()` when more than `threshold` points are unindexed."""
-        st = self.backend.status()
-        unindexed = st.get("points", 0) * len(VECTOR_NAMES) - st.get("indexed_vectors", 0)
-        if st.get("points", 0) > threshold and unindexed > threshold:
+    def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW, progress: bool = True) -> bool:
+        """On Edge, build the HNSW index (`optimize()`) when more than `threshold` vectors are unindexed and
+        they are more than a fifth of the indexed ones (so a stream of writes between searches triggers
+        geometrically spaced builds, O(log n) of them, not one per batch).
+
+        A memory opened with `auto_index=True` (the default) calls this on opening and before the first
+        search after writes, so a memory filled from Python is indexed before its searches get slow, as a
+        server's optimizer would do by itself. The build blocks the caller (Edge runs it in-process, holding
+        the GIL): searches wait for it and are never served from a half-built index. Fewer unindexed
+        vectors than `threshold` are searched exactly, which is fast at that size.
+        """
+        self._unchecked_writes = 0
+        points, unindexed = self.index_backlog()
+        indexed = points * len(VECTOR_NAMES) - unindexed
+        if points <= threshold or unindexed <= max(threshold, indexed // 5):
+            return False
+        self._check_space(self.backend.stored_bytes(), "building the index")  # segments are rebuilt beside the old
+        with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
+                         progress):
             return self.optimize()
-        return False
+
+    def _check_space(self, need: int, what: str) -> None:
+        """Refuse (before writing anything) what would leave an embedded memory's disk nearly full."""
+        if self.cfg.kind != "edge":
+            return
+        free = self.backend.free_bytes()
+        if free < need + DISK_RESERVE:
+            mib = 2**20
+            raise MemoryFullError(
+                f"memory {self.cfg.location}: {free / mib:,.0f} MiB free on its disk, {what} needs about "
+                f"{(need + DISK_RESERVE) / mib:,.0f} MiB ({need / mib:,.0f} MiB of data plus {DISK_RESERVE / mib:.0f} "
+                "MiB the engine keeps for its write-ahead log); free space (or move the memory to a larger disk with "
+                "`reco copy`) and run it again: what was stored is intact and an ingest resumes")
+
+    def index_backlog(self) -> tuple[int, int]:
+        """(points, vectors not yet indexed); (points, 0) on a server, which indexes by itself."""
+        st = self.backend.status()
+        points = st.get("points", 0)
+        if self.cfg.kind != "edge":
+            return points, 0
+        return points, points * len(VECTOR_NAMES) - st.get("indexed_vectors", 0)
 
     def flush(self) -> None:
         self.backend.flush()
@@ -353,7 +434,8 @@ class Memory:
 
     def search(self, queries: np.ndarray, modality: str = "image", k: int = 10,
                return_modality: str | None = "text", exact: bool = False,
-               batch_size: int = 256, with_payload: bool = True, with_keys: bool = False) -> Neighbours:
+               batch_size: int = 256, with_payload: bool = True, with_keys: bool = False,
+               hnsw_ef: int | None = None) -> Neighbours:
         """Nearest neighbours of each query among the memory's `modality` vectors.
 
         Args:
@@ -365,6 +447,7 @@ class Memory:
             batch_size: queries per request to Qdrant (one batched call each).
             with_payload: return captions and metadata (False when only vectors are needed: faster).
             with_keys: also return each hit's vector in the searched modality (`keys`).
+            hnsw_ef: HNSW search width for this call (default: the memory's `hnsw_ef`).
         Returns:
             `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
         """
@@ -373,6 +456,8 @@ class Memory:
                 raise ValueError(f"modality must be one of {VECTOR_NAMES}, got {m!r}")
         q = np.asarray(queries)
         q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "search")
+        if self._auto_index and self._unchecked_writes:
+            self.ensure_indexed()
         total = self.count()
         if total == 0:
             raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
@@ -381,7 +466,7 @@ class Memory:
         hits = []
         for s in range(0, len(q), batch_size):
             hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
-                                            with_payload, with_keys))
+                                            with_payload, with_keys, hnsw_ef))
         return _to_neighbours(hits, k, q.shape[1] if return_modality else None, q.shape[1] if with_keys else None)
 
     def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
@@ -421,7 +506,9 @@ class Memory:
         return self.backend.retrieve(list(ids), with_vectors)
 
     def scroll(self, batch: int = 1024, with_vectors: bool = True) -> Iterator[list[Record]]:
-        """All points, batch by batch (e.g. to copy a memory elsewhere)."""
+        """All points, batch by batch (e.g. to copy a memory elsewhere); nothing for a memory never written."""
+        if not self.backend.has_collection():
+            return
         offset = None
         while True:
             recs, offset = self.backend.scroll(batch, offset, with_vectors)
@@ -429,6 +516,48 @@ class Memory:
                 yield recs
             if offset is None:
                 return
+
+    def vector_columns(self, directory: str | Path, progress: bool = True, keep: int = 1) -> VectorColumns:
+        """Every point's two vectors as memory-mapped float16 columns under `directory`, built by one scroll
+        and reused while the memory is unchanged (keyed by its id and write version; `keep` versions kept).
+
+        For many searches that need the hits' vectors (a training cache: N queries x k hits, often more
+        vectors than the memory holds), asking the engine for ids only and gathering the vectors here with
+        numpy avoids converting every hit's vectors to Python floats in the binding.
+        """
+        root = Path(directory)
+        path = root / hashlib.sha1(f"{self.uid}|{self.write_version}".encode()).hexdigest()[:16]
+        if not (path / "text.npy").exists():
+            n, d = self.count(), self.dim
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f"{path.name}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            cols = {m: np.lib.format.open_memmap(tmp / f"{m}.npy", "w+", np.float16, (n, d)) for m in VECTOR_NAMES}
+            ids, row = np.empty(n, dtype="U36"), 0
+            with progress_bar("memory vectors", n, progress) as advance:
+                for recs in self.scroll(4096, with_vectors=True):
+                    e = row + len(recs)
+                    ids[row:e] = [r.id for r in recs]
+                    for m, col in cols.items():
+                        col[row:e] = np.asarray([r.vectors[m] for r in recs], np.float32)
+                    row = e
+                    advance(len(recs))
+            if row != n:
+                raise MemoryError_(f"memory {self.cfg.location} changed while its vectors were read "
+                                   f"({row} points read, {n} counted): retry when writes have stopped")
+            for col in cols.values():
+                col.flush()
+            del cols
+            np.save(tmp / "ids.npy", ids)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        os.utime(path)
+        for old in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)[max(keep, 1):]:
+            shutil.rmtree(old, ignore_errors=True)
+        return VectorColumns(np.load(path / "ids.npy"), {m: np.load(path / f"{m}.npy", mmap_mode="r")
+                                                         for m in VECTOR_NAMES})
 
     def info(self) -> dict[str, Any]:
         """Count, dimension, encoder, backend and index status, applied migrations. No secrets."""

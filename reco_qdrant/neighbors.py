@@ -43,6 +43,8 @@ def retrieve(
     batch_size: int = 256,
     with_payload: bool = True,
     with_keys: bool = False,
+    with_vectors: bool = True,
+    hnsw_ef: int | None = None,
 ) -> Neighbours:
     """k neighbours of each query [B, d] under the mode; vectors [B, k, d] of the returned modality.
 
@@ -52,12 +54,14 @@ def retrieve(
     of its own: there the hits' scores compare the query with the other modality, where its own pair
     scores ~0.3). Hits are over-fetched and the list is filled up to k from further down the ranking;
     when fewer than k remain, the rest is padded (mask False). `with_keys` also returns the hits'
-    vectors in the searched modality (`Neighbours.keys`).
+    vectors in the searched modality (`Neighbours.keys`); `with_vectors=False` returns ids and scores only
+    (the caller gathers vectors itself, e.g. from `Memory.vector_columns`).
     """
     searched, returned = mode_modalities(query_modality, search, fusion)
+    returned = returned if with_vectors else None
     if exclude_ids is None and dedup_threshold is None:
         return memory.search(queries, searched, k, returned, batch_size=batch_size, with_payload=with_payload,
-                             with_keys=with_keys)
+                             with_keys=with_keys, hnsw_ef=hnsw_ef)
     q = np.asarray(queries, np.float32)
     if exclude_ids is not None and len(exclude_ids) != len(q):
         raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(q)} queries")
@@ -80,7 +84,7 @@ def retrieve(
     todo = np.arange(n)
     while len(todo):
         nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size, with_payload=with_payload,
-                           with_keys=with_keys)
+                           with_keys=with_keys, hnsw_ef=hnsw_ef)
         keep = nb.mask & (nb.ids != own[todo][:, None])  # (T, fetch)
         if score_dedup:
             keep &= nb.scores < dedup_threshold

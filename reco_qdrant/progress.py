@@ -37,3 +37,18 @@ def progress_bar(description: str, total: int | None, enabled: bool = True) -> I
     with Progress(*cols, console=Console(stderr=True), transient=False) as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)
+
+
+@contextmanager
+def status_line(description: str, enabled: bool = True) -> Iterator[None]:
+    """One line on stderr before a long step that cannot report progress (it holds the GIL), one after."""
+    if not enabled:
+        yield
+        return
+    import time
+
+    console = Console(stderr=True)
+    console.print(f"{description} ...", highlight=False)
+    t0 = time.perf_counter()
+    yield
+    console.print(f"{description}: done in {time.perf_counter() - t0:.1f} s", highlight=False)

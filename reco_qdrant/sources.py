@@ -169,7 +169,7 @@ class EmbeddingShards:
                 continue
             meta = read_table(meta_path)
             if not (txt.shape[0] == meta.height == n):
-                raise ValueError(f"row counts differ: {img_path.name} has {n}, {txt_path.name} "
+                raise ValueError(f"{self.root}: row counts differ: {img_path.name} has {n}, {txt_path.name} "
                                  f"{txt.shape[0]}, {meta_path.name} {meta.height}")
             _require_column(meta, self.caption_column, str(meta_path))
             if self.key_column:

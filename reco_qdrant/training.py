@@ -24,7 +24,7 @@ from .encoders import default_device
 from .fusion import FusionConfig, FusionModel
 from .loss import reco_loss
 from .memory import Memory, validate_embeddings
-from .neighbors import retrieve
+from .neighbors import mode_modalities, retrieve
 from .progress import progress_bar
 
 
@@ -42,6 +42,9 @@ class TrainConfig:
     device: str | None = None  # default: cuda when available
     self_exclusion: bool = True  # a training query never retrieves itself or its near-duplicates
     dedup_threshold: float = 0.98  # cosine in the searched modality
+    # HNSW width of the training-set searches (None: the memory's). Measured on CLIP-like data: recall@10 0.998
+    # at 100k points, 0.965 at 1M, at half the time of 128; a missed neighbour is replaced by the next one.
+    hnsw_ef: int | None = 64
     search: str = "uni"
     fusion: str = "cross"
     aggregator: str = "relevance"  # "relevance" (default), "transformer" (the paper's), "mean"
@@ -125,23 +128,28 @@ def _prune_cache(root: Path, keep: int) -> None:
 
 
 def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cfg: TrainConfig,
-                    ids: list[str | None] | None, class_out: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ids: list[str | None] | None, class_out: np.ndarray | None = None,
+                    columns: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each query [N, d]: neighbour vectors [N, k, d] of the fused modality, their keys [N, k, d]
     (vectors of the searched modality; float16, memory-mapped) and mask [N, k]. Cached on disk under a
     key of the memory's id and write version (it changes with every upsert and delete), the mode and
     the queries.
 
     With `class_out` (labels [N] of the queries, whose `ids` are memory points), each query retrieves as
-    if its class were absent from the memory: every point of its class is excluded."""
+    if its class were absent from the memory: every point of its class is excluded.
+
+    `columns`: gather the hits' vectors from `Memory.vector_columns` (one scroll of the memory, then
+    id-only searches) instead of receiving them with every hit; default: when the queries' hits outnumber
+    the memory's points."""
     root = cache_root(cfg)
     key = _digest(memory.uid, memory.write_version, cfg.k, cfg.search, cfg.fusion, query_modality,
-                  cfg.self_exclusion, cfg.dedup_threshold, ids, queries, class_out)
+                  cfg.self_exclusion, cfg.dedup_threshold, cfg.hnsw_ef, ids, queries, class_out)
     exclude = ids if cfg.self_exclusion else None
     if class_out is not None:
         members = class_members(ids, class_out)
         exclude = [members[c] for c in class_out]
     paths = {p: root / f"{key}.{p}.npy" for p in ("vectors", "keys", "mask")}
+    searched, returned = mode_modalities(query_modality, cfg.search, cfg.fusion)
     if all(p.exists() for p in paths.values()):
         os.utime(paths["vectors"])  # recently used: pruned last
         return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), np.load(paths["mask"])
@@ -151,6 +159,9 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
     vecs, keys = (np.lib.format.open_memmap(tmp[p], mode="w+", dtype=np.float16, shape=(n, cfg.k, d))
                   for p in ("vectors", "keys"))
     mask = np.zeros((n, cfg.k), bool)
+    if columns is None:
+        columns = n * cfg.k > memory.count()
+    columns = memory.vector_columns(root / "columns", cfg.progress) if columns else None
     step = 1024
     with progress_bar(f"neighbours ({query_modality} queries)", n, cfg.progress) as advance:
         for s in range(0, n, step):
@@ -158,8 +169,13 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
             nb = retrieve(memory, queries[s:e], query_modality, cfg.k, cfg.search, cfg.fusion,
                           exclude_ids=exclude[s:e] if exclude is not None else None,
                           dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None,
-                          with_payload=False, with_keys=True)
-            vecs[s:e], keys[s:e], mask[s:e] = nb.vectors, nb.keys, nb.mask
+                          with_payload=False, with_keys=columns is None, with_vectors=columns is None,
+                          hnsw_ef=cfg.hnsw_ef)
+            if columns is None:
+                vecs[s:e], keys[s:e] = nb.vectors, nb.keys
+            else:
+                vecs[s:e], keys[s:e] = columns.gather(nb.ids, returned), columns.gather(nb.ids, searched)
+            mask[s:e] = nb.mask
             advance(e - s)
     for a in (vecs, keys):
         a.flush()

@@ -169,3 +169,44 @@ def test_same_process_second_open_is_refused(tmp_path):
     with Memory.open(str(tmp_path / "m")):
         with pytest.raises(MemoryInUseError):
             Memory.open(str(tmp_path / "m"))
+
+
+def test_memory_filled_from_python_is_indexed_before_its_first_search(tmp_path, capsys):
+    from reco_qdrant.memory import EXACT_SEARCH_BELOW
+
+    n = EXACT_SEARCH_BELOW + 5000
+    img, txt, caps = random_pairs(n, d=128, seed=3)  # above the engine's indexing threshold (10 MB a vector)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=[str(i) for i in range(n)], source="py")
+        assert mem.backend.status()["indexed_vectors"] == 0  # nothing indexed yet: writes stay cheap
+        exact = mem.search(img[:50], "image", 10, exact=True)
+        assert mem.backend.status()["indexed_vectors"] == 2 * n  # the first search built the index first
+        assert "indexing 50,000 vectors of 25,000 points" in capsys.readouterr().err
+        nb = mem.search(img[:50], "image", 10, hnsw_ef=400)  # random 128-d data: the hardest case for HNSW
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(nb.ids, exact.ids)])
+        assert recall >= 0.95
+        mem.add_embeddings(img[:100], txt[:100], caps[:100], ids=[f"more{i}" for i in range(100)], source="py")
+        mem.search(img[:5], "image", 10)  # a few unindexed points: searched exactly, no rebuild
+        assert "indexing" not in capsys.readouterr().err
+    with Memory.open(str(tmp_path / "m2"), auto_index=False) as mem:
+        mem.add_embeddings(img, txt, caps, ids=[str(i) for i in range(n)], source="py")
+        mem.search(img[:5], "image", 10)
+        assert mem.backend.status()["indexed_vectors"] == 0  # asked not to
+
+
+def test_vector_columns_follow_the_memory(tmp_path):
+    img, txt, caps = random_pairs(300, seed=4)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        pids = mem.add_embeddings(img, txt, caps, ids=[str(i) for i in range(300)], source="s")
+        cols = mem.vector_columns(tmp_path / "cols", progress=False)
+        picked = np.array([[pids[5], pids[299]], [pids[0], ""]])
+        got = cols.gather(picked, "text")
+        np.testing.assert_allclose(got[0], txt[[5, 299]], atol=1e-3)
+        assert not got[1, 1].any()  # no hit: zeros
+        assert mem.vector_columns(tmp_path / "cols", progress=False).ids.tolist() == cols.ids.tolist()  # reused
+        new = mem.add_embeddings(img[:1], txt[:1], ["a new pair"], ids=["new"], source="s")
+        with pytest.raises(MemoryError_, match="stale"):
+            cols.gather(np.array(new), "image")  # old columns do not know the new point
+        fresh = mem.vector_columns(tmp_path / "cols", progress=False)
+        np.testing.assert_allclose(fresh.gather(np.array(new), "image")[0], img[0], atol=1e-3)
+        assert len(list((tmp_path / "cols").iterdir())) == 1  # the stale version was removed

@@ -206,3 +206,19 @@ def test_fp32_and_bf16_training_both_learn(setup):
     assert use_bf16("auto", "cpu", dim=64) is False  # too narrow to gain
     with pytest.raises(ValueError, match="precision must be"):
         use_bf16("fp8", "cpu")
+
+
+@pytest.mark.parametrize("search", ["uni", "cross"])
+def test_neighbour_cache_from_vector_columns_equals_the_per_hit_vectors(setup, world, tmp_path, search):
+    from reco_qdrant.training import TrainConfig, neighbour_cache
+
+    mem = setup[0]
+    ids = [point_id("synthetic", k) for k in world.train_ids]
+    cfg = TrainConfig(cache_dir=str(tmp_path), progress=False, search=search)
+    n_few = mem.count() // cfg.k  # few queries: the engine returns each hit's vectors
+    few = neighbour_cache(mem, world.train_image[:n_few], "image", cfg, ids[:n_few])
+    many = neighbour_cache(mem, world.train_image, "image", cfg, ids)  # more hits than points: vector columns
+    assert len(world.train_image) * cfg.k > mem.count() and (tmp_path / "neighbours" / "columns").is_dir()
+    for a, b in zip(few, many):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b[:n_few], np.float32), atol=2e-3)
+    assert few[2].all()  # every query found k neighbours besides its own pair

@@ -1,0 +1,131 @@
+"""`reco doctor`: check a memory and say how to recover, instead of a panic, a traceback or a silent empty memory.
+
+Checks, in order: the memory opens (not in use, files readable, ledger present); its records (migrations,
+encoder, layout); every point is a whole pair (both vectors finite, unit-norm and of the memory's dimension;
+a caption, source and key; the id derived from source and key); and whether it needs an index build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .memory import (
+    EXACT_SEARCH_BELOW,
+    UNSPECIFIED,
+    VECTOR_NAMES,
+    Memory,
+    MemoryDamagedError,
+    MemoryError_,
+    MemoryInUseError,
+    point_id,
+)
+
+
+@dataclass
+class Finding:
+    level: str  # "ok" | "warning" | "problem"
+    what: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def check_memory(location: str | None = None, collection: str = "reco_memory", deep: bool = True,
+                 repair_ledger: bool = False, examples: int = 5) -> list[Finding]:
+    """Findings about the memory at `location` (directory or URL); `deep` reads every point.
+
+    With `repair_ledger`, a missing ledger of an embedded memory is rebuilt from its collection first.
+    """
+    try:
+        mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
+                          repair_ledger=repair_ledger)
+    except MemoryInUseError as e:
+        return [Finding("problem", str(e), "stop the other process (its pid is in the directory's .lock file)")]
+    except MemoryDamagedError as e:
+        return [Finding("problem", str(e))]
+    except (MemoryError_, ValueError, OSError) as e:
+        return [Finding("problem", f"memory {location}: {e}")]
+    with mem:
+        found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points")]
+        if repair_ledger:
+            if mem.encoder_record is None and mem.count():
+                first = next(mem.scroll(1, with_vectors=True))[0]
+                mem.check_encoder(None, len(first.vectors["image"]), record=True)  # "unspecified", its dimension
+            found.append(Finding("ok", "ledger rebuilt from the collection"))
+        found += _records(mem)
+        if deep and mem.count():
+            found += _points(mem, examples)
+        found += _index(mem)
+    return found
+
+
+def _records(mem: Memory) -> list[Finding]:
+    out = []
+    pending = mem.pending_migrations()
+    if pending:
+        out.append(Finding("warning", f"pending migrations: {', '.join(pending)}", "reco migrate"))
+    rec = mem.encoder_record
+    if rec is None and mem.count():
+        out.append(Finding("problem", "points but no encoder record", "reco migrate --encoder-id ID --dim D"))
+    elif rec is not None and rec["id"] == UNSPECIFIED:
+        out.append(Finding("warning", "the encoder is not recorded ('unspecified'): searches cannot check it",
+                           "reco migrate --encoder-id ID"))
+    elif rec is not None:
+        out.append(Finding("ok", f"encoder {rec['id']} ({rec['dim']}-d)"))
+    return out
+
+
+def _points(mem: Memory, examples: int) -> list[Finding]:
+    bad: dict[str, list[str]] = {}
+    seen = 0
+    for recs in mem.scroll(1024, with_vectors=True):
+        for r in recs:
+            seen += 1
+            for why in _point_problems(r, mem.dim):
+                bad.setdefault(why, []).append(r.id)
+    out = [Finding("ok" if not bad else "problem", f"{seen:,} points read")]
+    if seen != mem.count():
+        out.append(Finding("problem", f"{seen:,} points read but {mem.count():,} counted",
+                           "re-ingest the memory's sources into a fresh memory"))
+    for why, ids in bad.items():
+        out.append(Finding("problem", f"{len(ids):,} points {why} (e.g. {', '.join(ids[:examples])})",
+                           "re-ingest their sources (same --source) to rewrite them, or delete them by id"))
+    return out
+
+
+def _point_problems(r: Any, dim: int | None) -> list[str]:
+    out = []
+    for m in VECTOR_NAMES:
+        v = r.vectors.get(m)
+        if v is None:
+            out.append(f"lack their {m} vector")
+            continue
+        v = np.asarray(v, np.float32)
+        if v.shape != (dim,):
+            out.append(f"have {m} vectors of dimension {v.shape[-1] if v.ndim else 0}, not {dim}")
+        elif not np.isfinite(v).all():
+            out.append(f"hold NaN or inf in their {m} vector")
+        elif abs(float(np.linalg.norm(v.astype(np.float64))) - 1.0) > 1e-2:
+            out.append(f"have {m} vectors that are not unit-norm (damaged storage)")
+    p = r.payload
+    if not isinstance(p.get("caption"), str) or not p["caption"].strip():
+        out.append("lack a caption")
+    if "source" not in p or "key" not in p:
+        out.append("lack their source or key")
+    elif point_id(p["source"], p["key"]) != r.id:
+        out.append("have ids that do not derive from their source and key")
+    return out
+
+
+def _index(mem: Memory) -> list[Finding]:
+    points, unindexed = mem.index_backlog()
+    if points > EXACT_SEARCH_BELOW and unindexed > EXACT_SEARCH_BELOW:
+        return [Finding("warning", f"{unindexed:,} vectors unindexed: searches are slow until the index is built",
+                        "open the memory with Memory.open (it indexes itself before searching) or run `reco search`")]
+    if points <= EXACT_SEARCH_BELOW:
+        return [Finding("ok", "index: small enough to be searched exactly")]
+    return [Finding("ok", f"index: {unindexed:,} of {points * len(VECTOR_NAMES):,} vectors waiting to be indexed")]
