@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -155,6 +156,7 @@ class Memory:
         self._encoder_record: dict[str, Any] | None = None  # cached once known (it never changes back)
         self._auto_index = False  # set by open(): build the index lazily, before a search needs it
         self._unchecked_writes = 0  # points written since the index was last checked
+        self._index_lock = threading.Lock()  # one build at a time when several threads search
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -457,7 +459,9 @@ class Memory:
         q = np.asarray(queries)
         q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "search")
         if self._auto_index and self._unchecked_writes:
-            self.ensure_indexed()
+            with self._index_lock:
+                if self._unchecked_writes:  # another thread may have just built it
+                    self.ensure_indexed()
         total = self.count()
         if total == 0:
             raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
