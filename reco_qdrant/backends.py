@@ -159,8 +159,9 @@ class EdgeBackend:
                     "there (the encoder record, settings and migration ledger live in it): restore it from a copy, or "
                     f"rebuild it from the collection with `reco doctor --memory {self.root} --repair-ledger` (the "
                     "encoder is then unrecorded until `reco migrate --encoder-id ID`)")
-            if self.free_bytes() < DISK_RESERVE:  # opening maps and fills write-ahead-log segments (measured ~100 MiB)
-                raise MemoryFullError(f"memory {self.root}: {self.free_bytes() / 2**20:,.0f} MiB free on its disk; "
+            free = self.free_bytes()
+            if free < DISK_RESERVE:  # opening maps and fills write-ahead-log segments (measured ~100 MiB)
+                raise MemoryFullError(f"memory {self.root}: {free / 2**20:,.0f} MiB free on its disk; "
                                       f"opening it needs at least {DISK_RESERVE / 2**20:.0f} MiB (the engine's "
                                       "write-ahead log; a full disk there would kill the process): free space first")
             self.meta = self._open_or_create(meta_path, {_META_VECTOR: 1})
@@ -187,11 +188,9 @@ class EdgeBackend:
                 raise
             if "WouldBlock" in str(e):
                 raise MemoryInUseError(f"{path} is in use by another process") from e
-            said = " ".join(str(e).split())
-            where = re.search(re.escape(str(path)) + r"[^\s:\"']*", said)
-            raise MemoryDamagedError(
-                f"memory {self.root} cannot be opened: the engine cannot read "
-                f"{where.group(0) if where else path} ({said[:300]}); " + _RECOVER.format(root=self.root)) from e
+            where = re.search(re.escape(str(path)) + r"[^\s:\"']*", " ".join(str(e).split()))
+            unreadable = where.group(0) if where else path
+            raise self._damaged(e, f" cannot be opened: the engine cannot read {unreadable}") from e
 
     def _open_or_create(self, path: Path, dims: dict[str, int]) -> Any:
         if self._exists(path):
@@ -212,9 +211,12 @@ class EdgeBackend:
         except BaseException as e:
             if not _engine_failure(e) or isinstance(e, MemoryError_):
                 raise
-            said = " ".join(str(e).split())[:300]
-            raise MemoryDamagedError(f"memory {self.root}: the engine failed to read it ({said}); "
-                                     + _RECOVER.format(root=self.root)) from e
+            raise self._damaged(e, ": the engine failed to read it") from e
+
+    def _damaged(self, e: BaseException, what: str) -> MemoryDamagedError:
+        """One line: the memory, what failed, the engine's words, and how to recover."""
+        said = " ".join(str(e).split())[:300]
+        return MemoryDamagedError(f"memory {self.root}{what} ({said}); " + _RECOVER.format(root=self.root))
 
     # -- protocol
     def has_collection(self) -> bool:

@@ -20,6 +20,7 @@ from .memory import (
     MemoryDamagedError,
     MemoryError_,
     MemoryInUseError,
+    index_due,
     point_id,
 )
 
@@ -123,7 +124,7 @@ def _point_problems(r: Any, dim: int | None) -> list[str]:
 
 def _index(mem: Memory) -> list[Finding]:
     points, unindexed = mem.index_backlog()
-    if points > EXACT_SEARCH_BELOW and unindexed > EXACT_SEARCH_BELOW:
+    if index_due(points, unindexed):
         return [Finding("warning", f"{unindexed:,} vectors unindexed: searches are slow until the index is built",
                         "open the memory with Memory.open (it indexes itself before searching) or run `reco search`")]
     if points <= EXACT_SEARCH_BELOW:

@@ -46,6 +46,13 @@ EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and need
 RESERVED_PAYLOAD = ("caption", "source", "key")
 
 
+def index_due(points: int, unindexed: int, threshold: int = EXACT_SEARCH_BELOW) -> bool:
+    """Whether an index build is due: more than `threshold` points, and more than `threshold` vectors
+    unindexed that are also more than a fifth of the indexed ones (see `Memory.ensure_indexed`)."""
+    indexed = points * len(VECTOR_NAMES) - unindexed
+    return points > threshold and unindexed > max(threshold, indexed // 5)
+
+
 class EncoderMismatchError(MemoryError_):
     """Vectors or an encoder that do not match the encoder the memory was built with."""
 
@@ -391,8 +398,7 @@ class Memory:
         """
         self._unchecked_writes = 0
         points, unindexed = self.index_backlog()
-        indexed = points * len(VECTOR_NAMES) - unindexed
-        if points <= threshold or unindexed <= max(threshold, indexed // 5):
+        if not index_due(points, unindexed, threshold):
             return False
         self._check_space(self.backend.stored_bytes(), "building the index")  # segments are rebuilt beside the old
         with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
