@@ -148,7 +148,10 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
                                  seed=setup.seed, progress=False, cache_dir=str(work / "cache"), **kw, **over)
             clf = RecoClassifier(mem, model).set_class_embeddings(prompts[eval_cls], names)
             res = zero_shot_report(clf, test, labels)
+            if clf.fusion_used_ is not model:  # the guard: these classes' names are unknown to the encoder
+                row.setdefault("guard fell back to mean", []).append(col)
             if col == "RECO":
+                row["alignment (classes / training)"] = f"{clf.alignment_:.2f} / {model.cfg.alignment:.2f}"
                 row["baseline"] = res["baseline"]["top1"]
                 row["RECO_train_s"] = round(time.perf_counter() - t0, 1)
                 row["RECO_best_epoch"] = model.best_epoch
@@ -174,6 +177,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             if len(v):
                 scale = 1 if c.endswith("_s") else 100
                 s[c] = f"{scale * v.mean():.1f}" + (f" ±{scale * (v.max() - v.min()) / 2:.1f}" if len(v) > 1 else "")
+        fell = sum("RECO" in r.get("guard fell back to mean", []) for r in rs)
+        s["RECO guard: mean fusion"] = f"{fell}/{len(rs)} seeds"
         out.append(s)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,14 @@ from typing import Any
 import numpy as np
 
 from .encoders import Encoder, encoder_from_record
-from .fusion import FusionModel
+from .fusion import FusionConfig, FusionModel, cross_alignment
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
 from .neighbors import retrieve
+
+# Classes whose prompts align with their retrieved neighbours less than this share of the fusion's training
+# classes are out of the learned fusion's reach (measured: 0.05-0.33 for names the encoder never learned,
+# 0.88-1.0 for learned ones, half of them absent from the memory or not; README "Method").
+ALIGNMENT_FLOOR = 0.5
 
 # CLIP's prompt templates (a few of each set); always report the baseline with the same prompts.
 TEMPLATES: dict[str, list[str]] = {
@@ -57,15 +63,21 @@ class RecoClassifier:
             loaded when first needed); not needed for `*_embeddings`.
         k: neighbours per query (default: the fusion model's k).
         use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
+        guard: when the encoder aligns the classes given (`set_classes`) with their retrieved neighbours far
+            less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the learned fusion is out of
+            its depth (it only ever saw an encoder that knows its classes) and mean fusion, which needs no
+            such knowledge, refines instead; a warning says so and `fusion_used_` tells which.
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
-                 batch_size: int = 256, device: str | None = None) -> None:
+                 batch_size: int = 256, device: str | None = None, guard: bool = True) -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
-        self.use_retrieval, self.batch_size = use_retrieval, batch_size
+        self.use_retrieval, self.batch_size, self.guard = use_retrieval, batch_size, guard
+        self.fusion_used_ = fusion  # the model that refines: `fusion`, or mean fusion (see `guard`)
+        self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.k = k or (fusion.cfg.k if fusion else 10)
         if fusion is not None:
             if self.k > fusion.cfg.k:
@@ -91,8 +103,8 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         cfg = self.fusion.cfg
         nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-        refined, attention = self.fusion.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True,
-                                                      scores=nb.scores)
+        refined, attention = self.fusion_used_.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True,
+                                                            scores=nb.scores)
         return Explanation(refined, nb, attention)
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
@@ -100,13 +112,19 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", None, "query")
         if not self.use_retrieval:
             return x
-        cfg = self.fusion.cfg
         out = []
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
-            nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size)
-            out.append(self.fusion.refine_numpy(modality, q, nb.vectors, nb.mask, scores=nb.scores)[0])
+            v, mask, scores = self._neighbours(q, modality)
+            out.append(self.fusion_used_.refine_numpy(modality, q, v, mask, scores=scores)[0])
         return np.concatenate(out)
+
+    def _neighbours(self, q: np.ndarray, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The neighbours `refine_numpy` takes: vectors [B, k, d], mask [B, k], scores [B, k]."""
+        cfg = self.fusion.cfg
+        nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
+                      with_payload=False)
+        return nb.vectors, nb.mask, nb.scores
 
     # ------------------------------------------------------------------ classes
     def set_class_embeddings(self, class_embeddings: np.ndarray, class_names: Sequence[str]) -> RecoClassifier:
@@ -114,8 +132,22 @@ class RecoClassifier:
         if len(class_names) != len(class_embeddings):
             raise ValueError(f"{len(class_names)} class names for {len(class_embeddings)} class embeddings")
         self.classes_ = list(class_names)
-        self.raw_class_embeddings_ = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
-        self.class_embeddings_ = self.refine(self.raw_class_embeddings_, "text")
+        x = self.raw_class_embeddings_ = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
+        if not self.use_retrieval:
+            self.class_embeddings_ = x
+            return self
+        v, mask, scores = self._neighbours(x, "text")
+        self.alignment_ = cross_alignment(x, v, mask)
+        cfg, self.fusion_used_ = self.fusion.cfg, self.fusion
+        out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
+        if self.guard and out_of_reach and cfg.aggregator != "mean":
+            self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
+            warnings.warn(f"the encoder aligns these {len(x)} classes with their retrieved neighbours far less than "
+                          f"the fusion model's training classes (median cosine {self.alignment_:.2f} against "
+                          f"{cfg.alignment:.2f}): the learned fusion never met classes whose names the encoder does "
+                          "not know, so mean fusion refines instead (RecoClassifier(guard=False) keeps the learned "
+                          "one)", stacklevel=2)
+        self.class_embeddings_ = self.fusion_used_.refine_numpy("text", x, v, mask, scores=scores)[0]
         return self
 
     def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:

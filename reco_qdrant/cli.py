@@ -38,6 +38,8 @@ PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="open_cl
                                                    "'none' = random (default with --model: laion2b_s34b_b79k)")]
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
+GuardOpt = Annotated[bool, typer.Option(help="mean fusion for classes whose names the encoder does not align "
+                                             "(RecoClassifier's guard)")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
 
@@ -409,7 +411,7 @@ def _classes(classes: str) -> list[str]:
 
 
 def _classifier(memory: str | None, collection: str, fusion_path: Path | None, model: str, pretrained: str | None,
-                kind: str, retrieval: bool = True) -> tuple[Any, Any]:
+                kind: str, retrieval: bool = True, guard: bool = True) -> tuple[Any, Any]:
     from .classifier import RecoClassifier
     from .fusion import FusionModel
 
@@ -417,7 +419,7 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
     if not retrieval or fusion_path is None:
         return RecoClassifier(encoder=enc, use_retrieval=False), None
     mem = _open(memory, collection, encoder=enc)
-    return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc), mem
+    return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, guard=guard), mem
 
 
 @app.command()
@@ -428,10 +430,10 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
             templates: Annotated[str, typer.Option(
                 help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
             memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = None,
-            pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
+            pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", guard: GuardOpt = True,
             as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, guard=guard)
     try:
         clf.set_classes(_classes(classes), templates)
         proba = clf.predict_proba(images)
@@ -460,14 +462,14 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
                    fusion: Annotated[Path, typer.Option(help="fusion checkpoint dir")],
                    templates: str = "generic", memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                    model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                   encoder_kind: KindOpt = "open_clip",
+                   encoder_kind: KindOpt = "open_clip", guard: GuardOpt = True,
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
                    as_json: JsonOpt = False) -> None:
     """Zero-shot top-1/top-5, baseline and RECO side by side, same prompts."""
     from .evaluation import image_folder_dataset, zero_shot_report
 
     paths, labels, names = image_folder_dataset(folder)
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, guard=guard)
     try:
         clf.set_classes(names, templates)
         res = zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels)

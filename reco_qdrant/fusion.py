@@ -35,6 +35,11 @@ class FusionConfig:
     # "transformer" (the paper's fusion transformer) or "mean" (the paper's mean-fusion ablation)
     aggregator: str = "relevance"
     projection: bool = True  # relevance: a learned D x D map on the fused neighbours (P below)
+    cross_feature: bool = True  # relevance: the gate sees the query's cosine with its fused neighbours
+    # median cosine of the training class prompts with their fused neighbours (see `cross_alignment`): how
+    # well the encoder aligned the classes the model learned from; RecoClassifier compares the classes it is
+    # given with it. None: not measured (trained without class prompts)
+    alignment: float | None = None
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
     encoder_id: str | None = None  # encoder whose embeddings this model was trained on
@@ -163,7 +168,7 @@ class RelevanceFuser(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.projection else None  # P
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
-        self.gate = nn.Sequential(nn.Linear(5, 32), nn.GELU(), nn.Linear(32, 1))
+        self.gate = nn.Sequential(nn.Linear(6 if cfg.cross_feature else 5, 32), nn.GELU(), nn.Linear(32, 1))
         nn.init.zeros_(self.gate[2].weight)
         nn.init.constant_(self.gate[2].bias, math.log(math.e - 1))  # softplus(.) = 1
 
@@ -183,15 +188,18 @@ class RelevanceFuser(nn.Module):
         w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)  # (B, K); all-pad -> 0
         fused = (w[..., None] * r).sum(1)  # (B, D)
         fused = F.normalize(fused + self.proj(fused) if self.proj is not None else fused, dim=-1)
-        g = F.softplus(self.gate(self.features(r, mask, scores))) * (n > 0)  # (B, 1)
+        g = F.softplus(self.gate(self.features(q, r, mask, scores, self.cfg.cross_feature))) * (n > 0)  # (B, 1)
         out = F.normalize(q + g * fused, dim=-1)
         weights = torch.cat([1 / (1 + g), g * w / (1 + g)], dim=1) if need_weights else None
         return out, weights
 
     @staticmethod
-    def features(r: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """What the gate sees (B, 5): top, mean and spread of the search scores, the neighbours' agreement
-        (length of their mean: 1 when all coincide), and the share of the k neighbours present."""
+    def features(q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, cross: bool = True
+                 ) -> torch.Tensor:
+        """What the gate sees (B, 6): top, mean and spread of the search scores, the neighbours' agreement
+        (length of their mean: 1 when all coincide), the share of the k neighbours present, and (`cross`)
+        the query's cosine with their mean in the fused modality: low where the encoder does not align the
+        query's concept across modalities, whatever the search scores say."""
         m = mask.to(r.dtype)
         n = m.sum(1, keepdim=True)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))
@@ -199,7 +207,20 @@ class RelevanceFuser(nn.Module):
         s_mean = (s * m).sum(1, keepdim=True) / n.clamp_min(1.0)
         s_top = s.masked_fill(~mask, -1.0).max(1, keepdim=True).values
         spread = s_top - s.masked_fill(~mask, 2.0).min(1, keepdim=True).values.clamp(max=1.0)
-        return torch.cat([s_top, s_mean, spread, agreement, n / mask.shape[1]], dim=1)
+        feats = [s_top, s_mean, spread, agreement, n / mask.shape[1]]
+        if cross:
+            feats.append(torch.einsum("bd,bd->b", q, F.normalize((r * m[..., None]).sum(1), dim=-1))[:, None])
+        return torch.cat(feats, dim=1)
+
+
+def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> float:
+    """Median over queries [B, d] of the cosine between a query and the mean of its fused neighbours
+    [B, k, d] (mask [B, k]), which are of the other modality in RECO's mode: how well the encoder aligns
+    the queries' concepts across modalities (class prompts with the images their captions retrieved)."""
+    m = np.asarray(mask, np.float32)[..., None]
+    mean = (np.asarray(vectors, np.float32) * m).sum(1)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+    return float(np.median(np.einsum("bd,bd->b", np.asarray(q, np.float32), mean))) if len(q) else float("nan")
 
 
 class FusionModel(nn.Module):
@@ -275,6 +296,8 @@ class FusionModel(nn.Module):
         raw: dict[str, Any] = json.loads(cfg_path.read_text())
         if raw.pop("model_type", None) != "reco-fusion":
             raise ValueError(f"{cfg_path}: not a reco-fusion checkpoint")
+        if raw.get("aggregator", "relevance") == "relevance":
+            raw.setdefault("cross_feature", False)  # written before the gate saw the cross-modal cosine
         known = {f.name for f in fields(FusionConfig)}
         unknown = set(raw) - known
         if unknown:

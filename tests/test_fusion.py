@@ -75,3 +75,26 @@ def test_search_returns_keys_and_class_out_retrieval_skips_the_class(tmp_path):
         got = {i: int(labels[ids.index(i)]) for i in out.ids.ravel()}
         assert all(got[i] != labels[row] for row in range(8) for i in out.ids[row])
         assert (nb.scores[:, 0] > out.scores[:, 0]).all()  # what is left of the ranking matches less well
+
+
+def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(tmp_path):
+    """The gate sees the query's cosine with its fused neighbours (6 features); a checkpoint written before
+    that (config without `cross_feature`, a 5-input gate) loads as it was trained."""
+    import json
+
+    q, r, mask, scores = batch()
+    model = FusionModel(FusionConfig(dim=32, k=5, n_heads=4)).eval()
+    feats = model.phi_img.features(q, r, mask, scores)
+    assert feats.shape == (len(q), 6)
+    mean = torch.nn.functional.normalize((r * mask[..., None]).sum(1), dim=-1)
+    torch.testing.assert_close(feats[:, 5], (q * mean).sum(1))
+    old = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, cross_feature=False)).eval()
+    path = old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((path / "config.json").read_text())
+    for field in ("cross_feature", "alignment"):
+        cfg.pop(field)
+    (path / "config.json").write_text(json.dumps(cfg))
+    loaded = FusionModel.from_pretrained(path)
+    assert loaded.cfg.cross_feature is False and loaded.phi_img.gate[0].in_features == 5
+    torch.testing.assert_close(loaded.refine("image", q, r, mask, scores=scores)[0],
+                               old.refine("image", q, r, mask, scores=scores)[0])

@@ -58,6 +58,39 @@ def test_reco_is_at_least_mean_fusion(setup, reco):
     assert reco[2]["reco"]["top1"] >= mean["reco"]["top1"], (reco[2], mean)
 
 
+def test_guard_keeps_the_learned_fusion_where_the_encoder_knows_the_classes(reco):
+    model, clf, _ = reco
+    assert clf.fusion_used_ is model
+    assert model.cfg.alignment is not None and clf.alignment_ > 0.5 * model.cfg.alignment
+
+
+def test_guard_falls_back_to_mean_fusion_where_the_encoder_does_not_know_the_names(world, setup, reco, tmp_path):
+    """An encoder that never learned the evaluation classes' names: their captions and prompts are turned by
+    one random orthogonal map (text-text cosines, so the searches, unchanged; image-text ones scrambled).
+    The learned fusion only ever saw aligned classes; the guard sees the misalignment in the prompts'
+    neighbours and refines with mean fusion, which does better there."""
+    model = reco[0]
+    rot, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((world.memory_text.shape[1],) * 2))
+    turned = np.isin(world.memory_labels, world.eval_classes)
+    text = world.memory_text.copy()
+    text[turned] = text[turned] @ rot
+    names, labels = setup[2], setup[3]
+    prompts = world.class_text[world.eval_classes] @ rot
+    with Memory.open(str(tmp_path / "mem")) as mem:
+        mem.add_embeddings(world.memory_image, text, world.memory_captions, ids=world.memory_ids,
+                           source="synthetic", encoder_id="synthetic")
+        with pytest.warns(UserWarning, match="mean fusion refines instead"):
+            guarded = RecoClassifier(mem, model).set_class_embeddings(prompts, names)
+        assert guarded.fusion_used_.cfg.aggregator == "mean"
+        assert guarded.alignment_ < 0.5 * model.cfg.alignment
+        unguarded = RecoClassifier(mem, model, guard=False).set_class_embeddings(prompts, names)
+        assert unguarded.fusion_used_ is model
+        got, learned = (zero_shot_report(c, world.eval_image, labels) for c in (guarded, unguarded))
+    print(got, learned)
+    assert got["reco"]["top1"] > learned["reco"]["top1"], (got, learned)
+    assert got["reco"]["top1"] >= got["baseline"]["top1"] + 0.25, got
+
+
 def test_the_paper_transformer_stays_selectable(setup, reco):
     model, _, res = setup[1](aggregator="transformer")
     assert model.cfg.aggregator == "transformer"
