@@ -36,6 +36,7 @@ class FusionConfig:
     aggregator: str = "relevance"
     projection: bool = True  # relevance: a learned D x D map on the fused neighbours (P below)
     cross_feature: bool = True  # relevance: the gate sees the query's cosine with its fused neighbours
+    uni_term: bool = True  # relevance: also add the neighbours' vectors in the searched modality (U below)
     # median cosine of the training class prompts with their fused neighbours (see `cross_alignment`): how
     # well the encoder aligned the classes the model learned from; RecoClassifier compares the classes it is
     # given with it. None: not measured (trained without class prompts)
@@ -114,8 +115,9 @@ class Fuser(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores unused (the paper's model)
+                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores, keys unused (the paper)
         b, k, _ = r.shape
         mask = _token_mask(self.cfg, mask, self.training)
         x = torch.cat([q[:, None], r], dim=1)  # (B, 1+K, D)
@@ -137,7 +139,8 @@ class MeanFuser(nn.Module):
         self.cfg = cfg
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = mask.to(r.dtype)[..., None]  # (B, K, 1)
         mean = (r * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
         w = torch.cat([torch.ones_like(m[:, :1, 0]), m[..., 0]], 1) if need_weights else None
@@ -149,14 +152,19 @@ class RelevanceFuser(nn.Module):
     """Fusion that weighs each neighbour by how well it matched the query, and retrieval as a whole by
     how far it can be trusted:
 
-        out = normalize(q + g * normalize(m + P m)),   m = sum_j w_j r_j
+        out = normalize(q + g * normalize(m + P m) + h * U),   m = sum_j w_j r_j,  U = normalize(sum_j w_j u_j)
         w_j = softmax_j(a * s_j + b * c_j + rank_j)    s_j: search score of neighbour j (searched modality)
                                                        c_j: its agreement with the other neighbours
-        g   = softplus(gate(features))                 top/mean/spread of scores, agreement, share present
+        g, h = softplus(gate(features)) * (1, e)       top/mean/spread of scores, agreement, share present,
+                                                       the query's cosine with the fused neighbours
+    r_j are the neighbours' vectors in the fused modality (RECO: the other one), u_j in the searched one (the
+    query's own): U smooths the query among its look-alikes, which holds where cross-modal transfer misleads
+    (noisy captions, classes absent from the memory).
 
     The search scores compare the query with each neighbour in the *searched* modality, the reliable
-    signal that the paper's transformer never sees (it attends across modalities). Initialised to mean
-    fusion exactly (a = b = rank = 0, P = 0, g = 1): training leaves it only where that helps.
+    signal that the paper's transformer never sees (it attends across modalities). Initialised to plain
+    averaging (a = b = rank = 0, P = 0, g = 1, e = 1: the query plus the mean neighbour of each modality, or
+    mean fusion exactly without U): training leaves it only where validation agrees.
     """
 
     def __init__(self, cfg: FusionConfig) -> None:
@@ -168,15 +176,22 @@ class RelevanceFuser(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.projection else None  # P
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
-        self.gate = nn.Sequential(nn.Linear(6 if cfg.cross_feature else 5, 32), nn.GELU(), nn.Linear(32, 1))
+        outs = 2 if cfg.uni_term else 1  # g, and h's shape
+        self.gate = nn.Sequential(nn.Linear(6 if cfg.cross_feature else 5, 32), nn.GELU(), nn.Linear(32, outs))
         nn.init.zeros_(self.gate[2].weight)
         nn.init.constant_(self.gate[2].bias, math.log(math.e - 1))  # softplus(.) = 1
+        self.uni_scale = nn.Parameter(torch.ones(())) if cfg.uni_term else None  # e
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # q (B, D), r (B, K, D), mask (B, K), scores (B, K) cosine of query and neighbour in the searched modality
+                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # q (B, D), r (B, K, D), mask (B, K), scores (B, K) cosine of query and neighbour in the searched modality,
+        # keys (B, K, D) the neighbours' vectors in the searched modality
         if scores is None:
             raise ValueError("relevance fusion needs the neighbours' search scores")
+        if self.uni_scale is not None and keys is None:
+            raise ValueError("this relevance fusion model also needs the neighbours' vectors in the searched modality "
+                             "(keys)")
         k = r.shape[1]
         mask = _token_mask(self.cfg, mask, self.training)
         m = mask.to(r.dtype)  # (B, K)
@@ -188,9 +203,16 @@ class RelevanceFuser(nn.Module):
         w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)  # (B, K); all-pad -> 0
         fused = (w[..., None] * r).sum(1)  # (B, D)
         fused = F.normalize(fused + self.proj(fused) if self.proj is not None else fused, dim=-1)
-        g = F.softplus(self.gate(self.features(q, r, mask, scores, self.cfg.cross_feature))) * (n > 0)  # (B, 1)
-        out = F.normalize(q + g * fused, dim=-1)
-        weights = torch.cat([1 / (1 + g), g * w / (1 + g)], dim=1) if need_weights else None
+        gates = F.softplus(self.gate(self.features(q, r, mask, scores, self.cfg.cross_feature))) * (n > 0)  # (B, 1|2)
+        g = gates[:, :1]
+        out = q + g * fused
+        h = torch.zeros_like(g)
+        if self.uni_scale is not None:
+            h = self.uni_scale * gates[:, 1:]
+            out = out + h * F.normalize((w[..., None] * keys.to(r.dtype)).sum(1), dim=-1)
+        out = F.normalize(out, dim=-1)
+        total = 1 + g + h.abs()
+        weights = torch.cat([1 / total, (g + h.abs()) * w / total], dim=1) if need_weights else None
         return out, weights
 
     @staticmethod
@@ -235,18 +257,24 @@ class FusionModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
 
     def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
-               need_weights: bool = False, scores: torch.Tensor | None = None
+               need_weights: bool = False, scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Refined, L2-normalised [B, D] embeddings of queries of `modality` ("image" or "text").
 
-        q [B, D], r [B, K, D] retrieved vectors, mask [B, K], scores [B, K] their search scores."""
+        q [B, D], r [B, K, D] retrieved vectors, mask [B, K], scores [B, K] their search scores, keys [B, K, D]
+        their vectors in the searched modality (see `needs_keys`)."""
         phi = {"image": self.phi_img, "text": self.phi_txt}[modality]
-        return phi(q, r, mask, need_weights, scores)
+        return phi(q, r, mask, need_weights, scores, keys)
+
+    @property
+    def needs_keys(self) -> bool:
+        """Whether `refine` needs the neighbours' vectors in the searched modality too."""
+        return self.cfg.aggregator == "relevance" and self.cfg.uni_term
 
     @torch.no_grad()
     def refine_numpy(self, modality: str, q: np.ndarray, vectors: np.ndarray, mask: np.ndarray,
-                     need_weights: bool = False, batch_size: int = 1024, scores: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                     need_weights: bool = False, batch_size: int = 1024, scores: np.ndarray | None = None,
+                     keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k],
         scores [B, k] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
         was_training = self.training
@@ -258,7 +286,8 @@ class FusionModel(nn.Module):
 
         for s in range(0, len(q), batch_size):
             r, w = self.refine(modality, tensor(q, s, np.float32), tensor(vectors, s, np.float32), tensor(mask, s),
-                               need_weights, None if scores is None else tensor(scores, s, np.float32))
+                               need_weights, None if scores is None else tensor(scores, s, np.float32),
+                               None if keys is None else tensor(keys, s, np.float32))
             out.append(r.cpu().numpy())
             if w is not None:
                 weights.append(w.cpu().numpy())
@@ -298,6 +327,7 @@ class FusionModel(nn.Module):
             raise ValueError(f"{cfg_path}: not a reco-fusion checkpoint")
         if raw.get("aggregator", "relevance") == "relevance":
             raw.setdefault("cross_feature", False)  # written before the gate saw the cross-modal cosine
+            raw.setdefault("uni_term", False)  # ... and before the searched modality's term
         known = {f.name for f in fields(FusionConfig)}
         unknown = set(raw) - known
         if unknown:

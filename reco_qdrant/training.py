@@ -288,7 +288,7 @@ class _Validation:
         def refine(mod: str, q: np.ndarray, nb: tuple) -> np.ndarray:
             if model is None:
                 return np.asarray(q, np.float32)
-            return model.refine_numpy(mod, q, nb[0], nb[2], scores=search_scores(q, nb[1], nb[2]))[0]
+            return model.refine_numpy(mod, q, nb[0], nb[2], scores=search_scores(q, nb[1], nb[2]), keys=nb[1])[0]
 
         v = refine("image", self.img, self.img_nb)
         t = refine("text", self.targets, self.target_nb)
@@ -480,8 +480,7 @@ def _refine_batch(model: FusionModel, modality: str, q: torch.Tensor, vectors: t
             donors = rows.roll(1)
             vectors, keys, mask = vectors.clone(), keys.clone(), mask.clone()
             vectors[rows], keys[rows], mask[rows] = vectors[donors], keys[donors], mask[donors]
-    scores = search_scores(q, keys, mask)
-    return model.refine(modality, q, vectors, mask, scores=scores)[0]
+    return model.refine(modality, q, vectors, mask, scores=search_scores(q, keys, mask), keys=keys)[0]
 
 
 def _check_inputs(memory: Memory, image_embeddings: np.ndarray, text_embeddings: np.ndarray, labels: Any,

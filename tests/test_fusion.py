@@ -29,21 +29,32 @@ def batch(b=6, k=5, d=32, seed=0):
 def test_shapes_norms_and_weights(aggregator):
     model = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, aggregator=aggregator)).eval()
     q, r, mask, scores = batch()
-    out, w = model.refine("image", q, r, mask, need_weights=True, scores=scores)
+    out, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, keys=r)
     assert out.shape == (6, 32) and w.shape == (6, 6)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(6))
     torch.testing.assert_close(w.sum(1), torch.ones(6))
     assert (w[:, 1:][~mask] == 0).all()  # padded neighbours get no weight
 
 
-def test_relevance_fusion_starts_as_mean_fusion_exactly():
+def test_relevance_fusion_starts_as_plain_averaging_exactly():
+    """Untrained: the query plus the normalised mean neighbour of the fused modality (mean fusion exactly)
+    and, with the searched modality's term, plus that modality's normalised mean neighbour too."""
     cfg = dict(dim=32, k=5, n_heads=4)
-    rel = FusionModel(FusionConfig(aggregator="relevance", **cfg)).eval()
     mean = FusionModel(FusionConfig(aggregator="mean", **cfg)).eval()
     q, r, mask, scores = batch()
-    a, _ = rel.refine("image", q, r, mask, scores=scores)
-    b, _ = mean.refine("image", q, r, mask, scores=scores)
-    torch.testing.assert_close(a, b)
+    keys = torch.nn.functional.normalize(torch.randn_like(r), dim=-1)
+    rel = FusionModel(FusionConfig(aggregator="relevance", uni_term=False, **cfg)).eval()
+    torch.testing.assert_close(rel.refine("image", q, r, mask, scores=scores)[0],
+                               mean.refine("image", q, r, mask, scores=scores)[0])
+    both = FusionModel(FusionConfig(aggregator="relevance", **cfg)).eval()
+    assert both.needs_keys and not rel.needs_keys
+    with pytest.raises(ValueError, match="keys"):
+        both.refine("image", q, r, mask, scores=scores)
+    m = mask.float()[..., None]
+    norm = torch.nn.functional.normalize
+    want = norm(q + norm((r * m).sum(1), dim=-1) + norm((keys * m).sum(1), dim=-1), dim=-1)
+    a, _ = both.refine("image", q, r, mask, scores=scores, keys=keys)
+    torch.testing.assert_close(a, want)
     torch.testing.assert_close(a[2], q[2])  # nothing retrieved: the query itself
 
 
@@ -54,7 +65,7 @@ def test_relevance_fusion_needs_scores_and_uses_them():
         model.refine("image", q, r, mask)
     with torch.no_grad():
         model.phi_img.score_scale.fill_(50.0)  # trust the best-matching neighbour
-    _, w = model.refine("image", q, r, mask, need_weights=True, scores=scores)
+    _, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, keys=r)
     best = scores.masked_fill(~mask, -1).argmax(1)
     has = mask.any(1)
     assert (w[:, 1:].argmax(1)[has] == best[has]).all()
@@ -79,7 +90,7 @@ def test_search_returns_keys_and_class_out_retrieval_skips_the_class(tmp_path):
 
 def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(tmp_path):
     """The gate sees the query's cosine with its fused neighbours (6 features); a checkpoint written before
-    that (config without `cross_feature`, a 5-input gate) loads as it was trained."""
+    that and the searched modality's term (config without `cross_feature`/`uni_term`) loads as trained."""
     import json
 
     q, r, mask, scores = batch()
@@ -88,13 +99,14 @@ def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(
     assert feats.shape == (len(q), 6)
     mean = torch.nn.functional.normalize((r * mask[..., None]).sum(1), dim=-1)
     torch.testing.assert_close(feats[:, 5], (q * mean).sum(1))
-    old = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, cross_feature=False)).eval()
+    old = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, cross_feature=False, uni_term=False)).eval()
     path = old.save_pretrained(tmp_path / "old")
     cfg = json.loads((path / "config.json").read_text())
-    for field in ("cross_feature", "alignment"):
+    for field in ("cross_feature", "uni_term", "alignment"):
         cfg.pop(field)
     (path / "config.json").write_text(json.dumps(cfg))
     loaded = FusionModel.from_pretrained(path)
     assert loaded.cfg.cross_feature is False and loaded.phi_img.gate[0].in_features == 5
+    assert loaded.cfg.uni_term is False and not loaded.needs_keys
     torch.testing.assert_close(loaded.refine("image", q, r, mask, scores=scores)[0],
                                old.refine("image", q, r, mask, scores=scores)[0])

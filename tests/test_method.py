@@ -11,6 +11,7 @@ import torch
 
 from reco_qdrant import FusionModel, Memory, RecoClassifier, train_fusion
 from reco_qdrant.evaluation import zero_shot_report
+from reco_qdrant.fusion import FusionConfig
 from reco_qdrant.memory import point_id
 from reco_qdrant.neighbors import retrieve
 
@@ -68,7 +69,9 @@ def test_guard_falls_back_to_mean_fusion_where_the_encoder_does_not_know_the_nam
     """An encoder that never learned the evaluation classes' names: their captions and prompts are turned by
     one random orthogonal map (text-text cosines, so the searches, unchanged; image-text ones scrambled).
     The learned fusion only ever saw aligned classes; the guard sees the misalignment in the prompts'
-    neighbours and refines with mean fusion, which does better there."""
+    neighbours and refines with mean fusion, which needs no alignment. (Which of the two does better here
+    depends on the world: on real images the learned fusion falls to 33% where mean fusion keeps 72%,
+    README "Method"; on this one both stay above 90%.)"""
     model = reco[0]
     rot, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((world.memory_text.shape[1],) * 2))
     turned = np.isin(world.memory_labels, world.eval_classes)
@@ -85,9 +88,11 @@ def test_guard_falls_back_to_mean_fusion_where_the_encoder_does_not_know_the_nam
         assert guarded.alignment_ < 0.5 * model.cfg.alignment
         unguarded = RecoClassifier(mem, model, guard=False).set_class_embeddings(prompts, names)
         assert unguarded.fusion_used_ is model
-        got, learned = (zero_shot_report(c, world.eval_image, labels) for c in (guarded, unguarded))
-    print(got, learned)
-    assert got["reco"]["top1"] > learned["reco"]["top1"], (got, learned)
+        mean = FusionModel(FusionConfig(**{**vars(model.cfg), "aggregator": "mean"}))
+        plain_mean = RecoClassifier(mem, mean).set_class_embeddings(prompts, names)
+        got, learned, want = (zero_shot_report(c, world.eval_image, labels) for c in (guarded, unguarded, plain_mean))
+    assert got["reco"] == want["reco"]
+    assert learned["reco"] != got["reco"]
     assert got["reco"]["top1"] >= got["baseline"]["top1"] + 0.25, got
 
 
