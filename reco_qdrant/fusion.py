@@ -225,13 +225,13 @@ class RelevanceFuser(nn.Module):
         m = mask.to(r.dtype)
         n = m.sum(1, keepdim=True)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))
-        agreement = ((r * m[..., None]).sum(1) / n.clamp_min(1.0)).norm(dim=-1, keepdim=True)
+        mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
         s_mean = (s * m).sum(1, keepdim=True) / n.clamp_min(1.0)
         s_top = s.masked_fill(~mask, -1.0).max(1, keepdim=True).values
         spread = s_top - s.masked_fill(~mask, 2.0).min(1, keepdim=True).values.clamp(max=1.0)
-        feats = [s_top, s_mean, spread, agreement, n / mask.shape[1]]
+        feats = [s_top, s_mean, spread, mean.norm(dim=-1, keepdim=True), n / mask.shape[1]]
         if cross:
-            feats.append(torch.einsum("bd,bd->b", q, F.normalize((r * m[..., None]).sum(1), dim=-1))[:, None])
+            feats.append((q * F.normalize(mean, dim=-1)).sum(1, keepdim=True))
         return torch.cat(feats, dim=1)
 
 
@@ -276,7 +276,7 @@ class FusionModel(nn.Module):
                      need_weights: bool = False, batch_size: int = 1024, scores: np.ndarray | None = None,
                      keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k],
-        scores [B, k] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
+        scores [B, k], keys [B, k, D] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
         was_training = self.training
         self.eval()
         dev = self.device
