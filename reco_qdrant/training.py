@@ -49,6 +49,7 @@ class TrainConfig:
     fusion: str = "cross"
     aggregator: str = "relevance"  # "relevance" (default), "transformer" (the paper's), "mean"
     projection: bool = True  # relevance aggregator: learn the D x D map on fused neighbours
+    uni_term: bool = True  # relevance aggregator: also add the neighbours' mean in the searched modality
     n_heads: int = 8
     dropout: float = 0.1
     token_dropout: float = 0.2
@@ -352,7 +353,7 @@ def train_fusion(
     enc_id = encoder_id or (memory.encoder_record or {}).get("id")
     model = FusionModel(FusionConfig(dim=img.shape[1], k=cfg.k, n_heads=cfg.n_heads, dropout=cfg.dropout,
                                      token_dropout=cfg.token_dropout, aggregator=cfg.aggregator,
-                                     projection=cfg.projection,
+                                     projection=cfg.projection, uni_term=cfg.uni_term,
                                      search=cfg.search, fusion=cfg.fusion, encoder_id=enc_id)).to(device)
 
     learns = cfg.aggregator != "mean" and cfg.epochs > 0
