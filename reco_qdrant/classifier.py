@@ -16,7 +16,7 @@ from .memory import EncoderMismatchError, Memory, Neighbours, validate_embedding
 from .neighbors import retrieve
 
 # Classes whose prompts align with their retrieved neighbours less than this share of the fusion's training
-# classes are out of the learned fusion's reach (measured: 0.05-0.33 for names the encoder never learned,
+# classes are out of the learned fusion's reach (measured: 0.13-0.33 for names the encoder never learned,
 # 0.88-1.0 for learned ones, half of them absent from the memory or not; README "Method").
 ALIGNMENT_FLOOR = 0.5
 
