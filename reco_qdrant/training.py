@@ -238,7 +238,7 @@ class _Prompts:
         q = torch.from_numpy(self.emb).to(model.device)
         nb, nb_out = (None if x is None else _tensors(x, everything, model.device) for x in (self.nb, self.nb_out))
         if turn is not None:
-            q, nb, nb_out = turn.query(q, "text"), turn.neighbours(nb, "text"), turn.neighbours(nb_out, "text")
+            q, nb, nb_out = turn.turn(q), turn.neighbours(nb, "text"), turn.neighbours(nb_out, "text")
         out = _refine_batch(model, "text", q, *nb, 0.0)
         if absent is not None and nb_out is not None and bool(absent.any()):
             out = torch.where(absent.to(out.device)[:, None], _refine_batch(model, "text", q, *nb_out, 0.0), out)
@@ -262,9 +262,6 @@ class _Misalign:
 
     def turn(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(x.float() @ self.map, dim=-1)
-
-    def query(self, q: torch.Tensor, modality: str) -> torch.Tensor:
-        return self.turn(q) if modality == "text" else q
 
     def neighbours(self, nb: list | None, query_modality: str) -> list | None:
         """(vectors, keys, mask) of `query_modality` queries with their text vectors turned."""
@@ -436,7 +433,7 @@ def train_fusion(
                     nb_t = _pick(rows, _tensors(txt_out, idx, device), nb_t)
                 turn = _Misalign(cfg, img.shape[1], device) if torch.rand(()) < cfg.misaligned_fraction else None
                 if turn is not None:
-                    q_t = turn.query(q_t, "text")
+                    q_t = turn.turn(q_t)
                     nb_i, nb_t = turn.neighbours(nb_i, "image"), turn.neighbours(nb_t, "text")
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                     v_ref = _refine_batch(model, "image", q_i, *nb_i, cfg.swap_fraction)
