@@ -101,11 +101,8 @@ class RecoClassifier:
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
         """Refine [B, d] embeddings and return the neighbours and attention behind each one."""
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
-        cfg = self.fusion.cfg
-        nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                      with_keys=self.fusion.needs_keys)
-        refined, attention = self.fusion_used_.refine_numpy(modality, x, nb.vectors, nb.mask, need_weights=True,
-                                                            scores=nb.scores, keys=nb.keys)
+        nb = self._neighbours(x, modality, with_payload=True)
+        refined, attention = self._fuse(modality, x, nb, need_weights=True)
         return Explanation(refined, nb, attention)
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
@@ -116,17 +113,21 @@ class RecoClassifier:
         out = []
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
-            v, mask, scores, keys = self._neighbours(q, modality)
-            out.append(self.fusion_used_.refine_numpy(modality, q, v, mask, scores=scores, keys=keys)[0])
+            out.append(self._fuse(modality, q, self._neighbours(q, modality))[0])
         return np.concatenate(out)
 
-    def _neighbours(self, q: np.ndarray, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        """The neighbours `refine_numpy` takes: vectors [B, k, d], mask [B, k], scores [B, k], keys [B, k, d]
-        (their vectors in the searched modality, when the model uses them; else None)."""
+    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
+        """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
+        modality (`keys`) when the model uses them."""
         cfg = self.fusion.cfg
-        nb = retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                      with_payload=False, with_keys=self.fusion.needs_keys)
-        return nb.vectors, nb.mask, nb.scores, nb.keys
+        return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
+                        with_payload=with_payload, with_keys=self.fusion.needs_keys)
+
+    def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(refined [B, d], weights of [query, neighbours] [B, 1 + k] or None) by the fusion in use."""
+        return self.fusion_used_.refine_numpy(modality, q, nb.vectors, nb.mask, need_weights=need_weights,
+                                              scores=nb.scores, keys=nb.keys)
 
     # ------------------------------------------------------------------ classes
     def set_class_embeddings(self, class_embeddings: np.ndarray, class_names: Sequence[str]) -> RecoClassifier:
@@ -138,8 +139,8 @@ class RecoClassifier:
         if not self.use_retrieval:
             self.class_embeddings_ = x
             return self
-        v, mask, scores, keys = self._neighbours(x, "text")
-        self.alignment_ = cross_alignment(x, v, mask)
+        nb = self._neighbours(x, "text")
+        self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
         cfg, self.fusion_used_ = self.fusion.cfg, self.fusion
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
@@ -149,7 +150,7 @@ class RecoClassifier:
                           f"{cfg.alignment:.2f}): the learned fusion never met classes whose names the encoder does "
                           "not know, so mean fusion refines instead (RecoClassifier(guard=False) keeps the learned "
                           "one)", stacklevel=2)
-        self.class_embeddings_ = self.fusion_used_.refine_numpy("text", x, v, mask, scores=scores, keys=keys)[0]
+        self.class_embeddings_ = self._fuse("text", x, nb)[0]
         return self
 
     def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:
