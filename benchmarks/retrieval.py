@@ -51,7 +51,8 @@ def bench_numpy(img, txt, caps, queries, exact) -> dict:
     return {"engine": "numpy exact", "ms_per_query": ms, "recall@10": recall(found, exact)}
 
 
-def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, ef: int) -> dict:
+def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, efs: list[int]) -> list[dict]:
+    """faiss HNSW built once, searched at each ef (so our rows can be compared at the same recall)."""
     import faiss
 
     r0 = rss_mb()
@@ -59,16 +60,19 @@ def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, ef: i
         index = faiss.IndexHNSWFlat(img.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construct
         index.add(img)
-    index.hnsw.efSearch = ef
+    rss = rss_mb() - r0
+    rows = []
+    for ef in efs:
+        index.hnsw.efSearch = ef
 
-    def fn(q):
-        idx = index.search(q, K)[1]
-        _ = txt[idx], [[caps[j] for j in row] for row in idx]
-        return idx
-    found, ms = _search_batches(fn, queries)
-    row = {"engine": f"faiss HNSW m={m} efc={ef_construct} ef={ef}", "index_build_s": tb.s, "ms_per_query": ms,
-           "recall@10": recall(found, exact), "rss_mb": rss_mb() - r0}
-    return row
+        def fn(q):
+            idx = index.search(q, K)[1]
+            _ = txt[idx], [[caps[j] for j in row] for row in idx]
+            return idx
+        found, ms = _search_batches(fn, queries)
+        rows.append({"engine": f"faiss HNSW m={m} efc={ef_construct} ef={ef}", "index_build_s": tb.s,
+                     "ms_per_query": ms, "recall@10": recall(found, exact), "rss_mb": rss})
+    return rows
 
 
 def bench_scann(img, txt, caps, queries, exact) -> list[dict]:
@@ -119,7 +123,7 @@ def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], 
             with Timer() as tb:
                 mem.optimize()
             where = {pid: i for i, pid in enumerate(ids)}
-            label = f"Memory {location}" + (f" {settings['quantization']}" if settings.get("quantization") else "")
+            label = f"Memory {location} {mem.cfg.quantization or 'float'}"
             base = {"ingest_items_per_s": n / ti.s, "index_build_s": tb.s}
             rows = []
             for ef in efs:
@@ -142,7 +146,7 @@ def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], 
     return rows
 
 
-def bench_edge_direct(img, txt, caps, queries, exact, efs: list[int], quantization: str | None = None) -> list[dict]:
+def bench_edge_direct(img, txt, caps, queries, exact, efs: list[int], quantization: str | None = "int8") -> list[dict]:
     """Qdrant Edge called directly, no reco_qdrant in between: integer ids, the same collection settings
     (MemoryConfig defaults), the same search parameters and the same return (text vector + caption per hit,
     the vectors handed to numpy). Tells "the engine" from "our wrapper" in one run."""
@@ -182,7 +186,7 @@ def bench_edge_direct(img, txt, caps, queries, exact, efs: list[int], quantizati
                 return np.array([[p.id for p in hits] for hits in res], np.int64)
             found, ms = _search_batches(fn, queries)
             _, ms_ids_only = _search_batches(lambda q: fn(q, (), False), queries)
-            rows.append({"engine": f"Edge direct{' ' + quantization if quantization else ''} ef={ef}",
+            rows.append({"engine": f"Edge direct {quantization or 'float'} ef={ef}",
                          "ingest_items_per_s": n / ti.s, "index_build_s": tb.s, "ms_per_query": ms,
                          "ms_without_vectors": ms_ids_only, "recall@10": recall(found, exact),
                          "segments": shard.info().segments_count})
@@ -241,7 +245,8 @@ def _reopened_rss(path: str, queries: np.ndarray, settings: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep: Path | None) -> list[dict]:
+def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep: Path | None,
+        faiss_efs: list[int]) -> list[dict]:
     img, txt = clip_like(n + n_queries, d)
     queries, img, txt = img[n:].copy(), img[:n], txt[:n]
     caps = [f"caption {i}" for i in range(n)]
@@ -250,19 +255,19 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep:
     if "numpy" in engines:
         rows.append(bench_numpy(img, txt, caps, queries, exact))
     if "faiss" in engines:
-        rows.append(bench_faiss(img, txt, caps, queries, exact, 16, 100, 128))
+        rows.extend(bench_faiss(img, txt, caps, queries, exact, 16, 100, faiss_efs))
     if "scann" in engines:
         rows.extend(bench_scann(img, txt, caps, queries, exact))
     gc.collect()
-    if "edge" in engines:
+    if "edge" in engines:  # MemoryConfig's defaults: int8 with rescoring
         rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs,
                                  keep=keep / f"n{n}-d{d}" if keep else None))
     if "direct" in engines:
-        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs))
-    if "int8" in engines:
-        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization="int8"))
-    if "direct-int8" in engines:
-        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs[-1:], quantization="int8"))
+        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs, quantization="int8"))
+    if "float" in engines:
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization=None))
+    if "direct-float" in engines:
+        rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs[-1:], quantization=None))
     if "api" in engines:
         rows.append(bench_api_path(img, txt, caps, queries, exact))
     if "local" in engines and n <= 20_000:
@@ -280,8 +285,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="hnsw_ef values for our Memory")
-    ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "direct", "int8", "direct-int8",
-                                                     "api", "local"])
+    ap.add_argument("--faiss-ef", type=int, nargs="+", default=[128, 256], help="efSearch values for faiss HNSW")
+    ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "direct", "float",
+                                                     "direct-float", "api", "local"],
+                    help="edge/direct: our Memory / Qdrant Edge directly, int8 (the default); float, direct-float: "
+                         "the same without quantization")
     ap.add_argument("--out", default="retrieval")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep the Edge memories in KEEP/n<N>-d<D> (inference.py and training.py reuse them)")
@@ -295,7 +303,7 @@ def main() -> None:
             engines.discard(name)
     rows: list[dict] = []
     for n in args.n:
-        rows.extend(run(n, args.dim, engines, args.queries, args.ef, args.keep))
+        rows.extend(run(n, args.dim, engines, args.queries, args.ef, args.keep, args.faiss_ef))
         print_table([r for r in rows if r["n"] == n], f"n={n:,}, d={args.dim}, k={K}, batches of {BATCH}")
         path = write_results(args.out, {"dim": args.dim, "k": K, "batch": BATCH, "rows": rows})
     print(f"wrote {path}")

@@ -66,12 +66,31 @@ def _engine_failure(e: BaseException) -> bool:
 
 
 @dataclass
-class Hit:
-    id: str
-    score: float
-    vector: list[float] | None  # of the requested return modality
-    payload: dict[str, Any]
-    key: list[float] | None = None  # the vector that was searched (with_key=True)
+class Hits:
+    """Hits of B queries, row by row (a row holds fewer than k hits when the memory does), kept as the
+    binding's lists: one numpy conversion per field for the whole batch is cheaper than one per hit."""
+
+    ids: list[list[str]]  # [B][<=k] point ids
+    scores: list[list[float]]  # [B][<=k] similarity in the searched modality
+    payloads: list[list[dict[str, Any]]]  # [B][<=k]
+    vectors: list[list[float]] | None  # one per hit, rows concatenated: the requested return modality
+    keys: list[list[float]] | None = None  # the same for the vector that was searched (with_key=True)
+
+    @classmethod
+    def of(cls, rows: list[Any], return_vector: str | None, using: str, with_key: bool) -> Hits:
+        """From the engine's (or qdrant-client's) rows of scored points."""
+        flat = [p for row in rows for p in row]
+        vec = [p.vector for p in flat] if return_vector or with_key else []
+        return cls([[str(p.id) for p in row] for row in rows], [[p.score for p in row] for row in rows],
+                   [[p.payload or {} for p in row] for row in rows],
+                   [_named(v, return_vector) for v in vec] if return_vector else None,
+                   [_named(v, using) for v in vec] if with_key else None)
+
+    def extend(self, more: Hits) -> None:
+        for name in ("ids", "scores", "payloads", "vectors", "keys"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.extend(getattr(more, name))
 
 
 @dataclass
@@ -90,7 +109,7 @@ class Backend(Protocol):
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
                exact: bool = False, with_payload: bool = True, with_key: bool = False,
-               hnsw_ef: int | None = None) -> list[list[Hit]]: ...
+               hnsw_ef: int | None = None) -> Hits: ...
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
     def delete(self, ids: list[str]) -> None: ...
@@ -116,11 +135,6 @@ def _named(vec: Any, name: str) -> list[float] | None:
 def _vector_names(return_vector: str | None, using: str, with_key: bool) -> list[str] | bool:
     names = list(dict.fromkeys(n for n in (return_vector, using if with_key else None) if n))
     return names or False
-
-
-def _hit(p: Any, return_vector: str | None, using: str, with_key: bool) -> Hit:
-    return Hit(str(p.id), p.score, _named(p.vector, return_vector) if return_vector else None, p.payload or {},
-               _named(p.vector, using) if with_key else None)
 
 
 # --------------------------------------------------------------------------- Qdrant Edge
@@ -249,15 +263,16 @@ class EdgeBackend:
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
                exact: bool = False, with_payload: bool = True, with_key: bool = False,
-               hnsw_ef: int | None = None) -> list[list[Hit]]:
+               hnsw_ef: int | None = None) -> Hits:
         qe = self.qe
-        quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
+        quant = (qe.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
+                 if self.cfg.quantization else None)
         params = qe.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
         with_vector = _vector_names(return_vector, using, with_key)
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
                                 with_payload=with_payload, params=params) for q in queries.tolist()]
         res = self._read(self._require().query_batch, qe.QueryBatchRequest(reqs))
-        return [[_hit(p, return_vector, using, with_key) for p in hits] for hits in res]
+        return Hits.of(res, return_vector, using, with_key)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._read(self._require().retrieve, list(ids), with_payload=True, with_vector=with_vectors)
@@ -434,16 +449,17 @@ class ServerBackend:
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
                exact: bool = False, with_payload: bool = True, with_key: bool = False,
-               hnsw_ef: int | None = None) -> list[list[Hit]]:
+               hnsw_ef: int | None = None) -> Hits:
         m = self.m
-        quant = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.cfg.quantization else None
+        quant = (m.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
+                 if self.cfg.quantization else None)
         params = None if self.local else m.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
                                with_vector=_vector_names(return_vector, using, with_key))
                 for q in queries.tolist()]
         res = self._call(self.client.query_batch_points, self.name, requests=reqs)
-        return [[_hit(p, return_vector, using, with_key) for p in r.points] for r in res]
+        return Hits.of([r.points for r in res], return_vector, using, with_key)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,

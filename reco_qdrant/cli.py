@@ -124,15 +124,16 @@ def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
 def migrate(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
             dim: Annotated[int | None, typer.Option(help="embedding dimension (needed for a new memory)")] = None,
             encoder_id: Annotated[str | None, typer.Option(help="record this encoder id with the memory")] = None,
-            quantization: Annotated[str | None, typer.Option(help="none | int8")] = None,
+            quantization: Annotated[str | None, typer.Option(
+                help="int8 (default: int8 in RAM, searched with rescoring) | none (float vectors only)")] = None,
             on_disk: Annotated[bool, typer.Option(help="original vectors on disk (mmap)")] = False,
             shards: Annotated[int, typer.Option(help="server: number of shards")] = 1,
             replicas: Annotated[int, typer.Option(help="server: replication factor")] = 1,
             as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (creates the collection the first time). Idempotent."""
-    q = None if quantization in (None, "none") else quantization
-    with _open(memory, collection, migrate=False, quantization=q, on_disk=on_disk, shard_number=shards,
-               replication_factor=replicas) as mem:
+    layout = {} if quantization is None else {"quantization": None if quantization == "none" else quantization}
+    with _open(memory, collection, migrate=False, on_disk=on_disk, shard_number=shards,
+               replication_factor=replicas, **layout) as mem:
         if dim is not None:
             mem.check_encoder(encoder_id, dim, record=True)
         applied = mem.migrate(dim)

@@ -20,6 +20,7 @@ from .backends import (
     DISK_RESERVE,
     VECTOR_NAMES,
     Backend,
+    Hits,
     MemoryDamagedError,
     MemoryError_,
     MemoryFullError,
@@ -468,15 +469,21 @@ class Memory:
             with self._index_lock:
                 if self._unchecked_writes:  # another thread may have just built it
                     self.ensure_indexed()
-        total = self.count()
-        if total == 0:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if not self.backend.has_collection():
             raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
-        if k < 1 or k > total:
-            raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
-        hits = []
+        hits = None
         for s in range(0, len(q), batch_size):
-            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
-                                            with_payload, with_keys, hnsw_ef))
+            part = self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact, with_payload,
+                                       with_keys, hnsw_ef)
+            hits = part if hits is None else hits.extend(part) or hits
+        if any(len(row) < k for row in hits.ids):  # counted only then: a count per search costs ~5% at 200k points
+            total = self.count()
+            if total == 0:
+                raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
+            if k > total:
+                raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
         return _to_neighbours(hits, k, q.shape[1] if return_modality else None, q.shape[1] if with_keys else None)
 
     def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
@@ -602,33 +609,35 @@ def _content_key(vec: np.ndarray, caption: str) -> str:
     return h.hexdigest()
 
 
-def _to_neighbours(hits: list[list[Any]], k: int, dim: int | None, key_dim: int | None = None) -> Neighbours:
-    """Backend hits (rows of `Hit`) -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero
-    vector); vectors re-normalised (quantised storage may drift)."""
-    b = len(hits)
-    full = b and all(len(r) == k for r in hits)
+def _to_neighbours(hits: Hits, k: int, dim: int | None, key_dim: int | None = None) -> Neighbours:
+    """Backend `Hits` -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero vector);
+    vectors re-normalised (quantised storage may drift)."""
+    b = len(hits.ids)
+    lengths = np.array([len(r) for r in hits.ids], np.int64)
+    have = np.arange(k)[None, :] < lengths[:, None]  # [B, k]: where a hit exists
+    full = bool(have.all())
 
-    def stack(get: Any, d: int) -> np.ndarray:
-        if full:  # the common case: one conversion for the whole batch
-            return np.asarray([[get(h) for h in row] for row in hits], np.float32).reshape(b, k, d)
-        out = np.zeros((b, k, d), np.float32)
-        for i, row in enumerate(hits):
-            if row:
-                out[i, : len(row)] = [get(h) for h in row]
+    def pad(rows: list[list[Any]], fill: Any, dtype: Any) -> np.ndarray:
+        if full:
+            return np.array(rows, dtype).reshape(b, k)
+        out = np.full((b, k), fill, dtype)
+        out[have] = np.array([x for r in rows for x in r], dtype)
         return out
 
-    ids = np.full((b, k), "", dtype=object)
-    scores = np.full((b, k), -np.inf, dtype=np.float32)
-    payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(b)]
-    for i, row in enumerate(hits):
-        n = len(row)
-        ids[i, :n] = [h.id for h in row]
-        scores[i, :n] = [h.score for h in row]
-        payloads[i][:n] = [h.payload for h in row]
-    vectors = stack(lambda h: h.vector, dim) if dim else None
-    keys = stack(lambda h: h.key, key_dim) if key_dim else None
-    for v in (vectors, keys):
-        if v is not None:
-            norms = np.linalg.norm(v, axis=-1, keepdims=True)
-            np.divide(v, norms, out=v, where=norms > 0)
-    return Neighbours(ids.astype(str), scores, vectors, payloads, keys)
+    def stack(flat: list[list[float]] | None, d: int | None) -> np.ndarray | None:
+        if not d:
+            return None
+        if full:
+            out = np.array(flat, np.float32).reshape(b, k, d)
+        else:
+            out = np.zeros((b, k, d), np.float32)
+            if flat:
+                out[have] = np.array(flat, np.float32).reshape(-1, d)
+        norms = np.linalg.norm(out, axis=-1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+    ids = pad(hits.ids, "", object).astype(str)
+    payloads = [row + [{} for _ in range(k - len(row))] for row in hits.payloads] if not full else hits.payloads
+    return Neighbours(ids, pad(hits.scores, -np.inf, np.float32), stack(hits.vectors, dim), payloads,
+                      stack(hits.keys, key_dim))
