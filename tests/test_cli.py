@@ -29,6 +29,11 @@ def test_migrate_ingest_info_search(tmp_path):
     info = json.loads(r.output)
     assert info["count"] == 300 and info["dim"] == 16 and info["encoder"]["id"] == "enc"
     assert "hush-hush" not in r.output and info["api_key_set"] is True
+    assert info["quantization"] == "int8"  # the default
+    r = runner.invoke(app, ["migrate", "--memory", str(tmp_path / "f"), "--dim", "16", "--quantization", "none"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", "--memory", str(tmp_path / "f"), "--json"])
+    assert json.loads(r.output)["quantization"] is None
 
 
 def test_search_with_tiny_encoder(tmp_path, tiny_encoder):

@@ -185,6 +185,18 @@ def test_memory_filled_from_python_is_indexed_before_its_first_search(tmp_path, 
         nb = mem.search(img[:50], "image", 10, hnsw_ef=400)  # random 128-d data: the hardest case for HNSW
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(nb.ids, exact.ids)])
         assert recall >= 0.95
+        # int8 by default: the index searches quantised vectors (a self-match scores below 1 without
+        # rescoring), and what reaches the caller is rescored on the float vectors, as exact search is
+        assert mem.cfg.quantization == "int8" and mem.backend.stored_quantization() == "int8"
+        qe = mem.backend.qe
+        raw = qe.SearchParams(hnsw_ef=400, quantization=qe.QuantizationSearchParams(rescore=False))
+        hits = mem.backend.shard.query_batch(qe.QueryBatchRequest([qe.QueryRequest(
+            limit=1, query=qe.Query.Nearest(x, using="image"), params=raw) for x in img[:50].tolist()]))
+        assert min(abs(h[0].score - 1.0) for h in hits) > 1e-4
+        np.testing.assert_allclose(nb.scores[:, 0], 1.0, atol=1e-5)
+        x = img[:50] / np.linalg.norm(img[:50], axis=1, keepdims=True)
+        y = img / np.linalg.norm(img, axis=1, keepdims=True)
+        np.testing.assert_allclose(exact.scores, -np.sort(-(x @ y.T), axis=1)[:, :10], atol=1e-5)
         mem.add_embeddings(img[:100], txt[:100], caps[:100], ids=[f"more{i}" for i in range(100)], source="py")
         mem.search(img[:5], "image", 10)  # a few unindexed points: searched exactly, no rebuild
         assert "indexing" not in capsys.readouterr().err

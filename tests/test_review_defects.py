@@ -337,6 +337,10 @@ def test_10_int8_memory_reopened_without_settings_keeps_them(tmp_path):
         assert mem.info()["quantization"] == "int8"
     with pytest.raises(ValueError, match=r"hnsw_m=32 \(created with 16\)"):
         Memory.open(str(tmp_path / "m"), hnsw_m=32)
+    with Memory.open(str(tmp_path / "f"), quantization=None) as mem:  # int8 is the default; float on request
+        mem.add_embeddings(img, txt, caps)
+    with Memory.open(str(tmp_path / "f")) as mem:
+        assert mem.cfg.quantization is None and mem.backend.stored_quantization() is None
 
 
 def test_10_memory_of_version_0_1_gets_its_settings_recorded(tmp_path):
