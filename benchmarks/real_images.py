@@ -149,7 +149,7 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
             clf = RecoClassifier(mem, model).set_class_embeddings(prompts[eval_cls], names)
             res = zero_shot_report(clf, test, labels)
             if clf.fusion_used_ is not model:  # the guard: these classes' names are unknown to the encoder
-                row.setdefault("guard fell back to mean", []).append(col)
+                row.setdefault("guard acted", []).append(f"{col}: {clf.scoring_}")
             if col == "RECO":
                 row["alignment (classes / training)"] = f"{clf.alignment_:.2f} / {model.cfg.alignment:.2f}"
                 row["baseline"] = res["baseline"]["top1"]
@@ -177,8 +177,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             if len(v):
                 scale = 1 if c.endswith("_s") else 100
                 s[c] = f"{scale * v.mean():.1f}" + (f" ±{scale * (v.max() - v.min()) / 2:.1f}" if len(v) > 1 else "")
-        fell = sum("RECO" in r.get("guard fell back to mean", []) for r in rs)
-        s["RECO guard: mean fusion"] = f"{fell}/{len(rs)} seeds"
+        acted = sum(any(g.startswith("RECO:") for g in r.get("guard acted", [])) for r in rs)
+        s["RECO guard acted"] = f"{acted}/{len(rs)} seeds"
         out.append(s)
     return out
 

@@ -64,9 +64,12 @@ class RecoClassifier:
         k: neighbours per query (default: the fusion model's k).
         use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
         guard: when the encoder aligns the classes given (`set_classes`) with their retrieved neighbours far
-            less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the learned fusion is out of
-            its depth (it only ever saw an encoder that knows its classes) and mean fusion, which needs no
-            such knowledge, refines instead; a warning says so and `fusion_used_` tells which.
+            less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the encoder does not know these
+            names, and every image-text comparison through it is noise: the learned fusion is out of its depth
+            (it only ever saw an encoder that knows its classes). Classes are then scored within each modality
+            only (`scoring_ == "within-modality"`): the image against the images its class name retrieved,
+            plus the captions the image retrieved against the class prompt; `refine`/`explain` use mean
+            fusion (`fusion_used_`). A warning says so.
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
@@ -77,6 +80,7 @@ class RecoClassifier:
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.guard = use_retrieval, batch_size, guard
         self.fusion_used_ = fusion  # the model that refines: `fusion`, or mean fusion (see `guard`)
+        self.scoring_ = "refined"  # cosine of refined embeddings; "within-modality" where the guard acts
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.k = k or (fusion.cfg.k if fusion else 10)
         if fusion is not None:
@@ -96,6 +100,7 @@ class RecoClassifier:
         self.classes_: list[str] = []
         self.raw_class_embeddings_: np.ndarray | None = None  # [C, d] prompt embeddings as given
         self.class_embeddings_: np.ndarray | None = None  # [C, d] refined (or plain) class embeddings
+        self.class_neighbours_: np.ndarray | None = None  # [C, d] mean of each class's retrieved vectors
 
     # ------------------------------------------------------------------ refinement
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
@@ -141,15 +146,20 @@ class RecoClassifier:
             return self
         nb = self._neighbours(x, "text")
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
-        cfg, self.fusion_used_ = self.fusion.cfg, self.fusion
+        self.class_neighbours_ = _neighbour_mean(nb)
+        cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
+            reco_mode = cfg.search == "uni" and cfg.fusion == "cross"  # neighbours in the other modality
+            self.scoring_ = "within-modality" if reco_mode else "refined"
             warnings.warn(f"the encoder aligns these {len(x)} classes with their retrieved neighbours far less than "
                           f"the fusion model's training classes (median cosine {self.alignment_:.2f} against "
-                          f"{cfg.alignment:.2f}): the learned fusion never met classes whose names the encoder does "
-                          "not know, so mean fusion refines instead (RecoClassifier(guard=False) keeps the learned "
-                          "one)", stacklevel=2)
+                          f"{cfg.alignment:.2f}): it does not know these names, so "
+                          + ("classes are scored within each modality (image with the images the name retrieved, "
+                             "the image's retrieved captions with the name) and refine() uses mean fusion"
+                             if reco_mode else "mean fusion refines instead")
+                          + " (RecoClassifier(guard=False) keeps the learned fusion)", stacklevel=2)
         self.class_embeddings_ = self._fuse("text", x, nb)[0]
         return self
 
@@ -180,9 +190,14 @@ class RecoClassifier:
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
         cls = self._check_ready()
-        v = self.refine(image_embeddings, "image")
         scale = float(self.fusion.logit_scale.exp().clamp(max=100).item()) if self.fusion else 100.0
-        logits = scale * v @ cls.T
+        if self.scoring_ == "within-modality":
+            x = validate_embeddings(image_embeddings, "image embeddings", self.fusion.cfg.dim, "query")
+            captions = np.concatenate([_neighbour_mean(self._neighbours(x[s : s + self.batch_size], "image"))
+                                       for s in range(0, len(x), self.batch_size)])
+            logits = scale * 0.5 * (x @ self.class_neighbours_.T + captions @ self.raw_class_embeddings_.T)
+        else:
+            logits = scale * self.refine(image_embeddings, "image") @ cls.T
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)
@@ -211,3 +226,9 @@ class RecoClassifier:
     def predict(self, images: Sequence[Any]) -> list[str]:
         """Images (paths or PIL) -> class names."""
         return self.predict_embeddings(self._encode(images))
+
+
+def _neighbour_mean(nb: Neighbours) -> np.ndarray:
+    """[B, d]: the normalised mean of each query's retrieved vectors (zeros where none was retrieved)."""
+    m = (nb.vectors * nb.mask[..., None]).sum(1)
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)

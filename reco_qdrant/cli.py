@@ -38,8 +38,8 @@ PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="open_cl
                                                    "'none' = random (default with --model: laion2b_s34b_b79k)")]
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
-GuardOpt = Annotated[bool, typer.Option(help="mean fusion for classes whose names the encoder does not align "
-                                             "(RecoClassifier's guard)")]
+GuardOpt = Annotated[bool, typer.Option(help="score within each modality the classes whose names the encoder "
+                                             "does not align with their neighbours (RecoClassifier's guard)")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
 
