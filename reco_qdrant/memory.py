@@ -473,11 +473,10 @@ class Memory:
             raise ValueError(f"k must be at least 1, got {k}")
         if not self.backend.has_collection():
             raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
-        hits = None
+        hits = Hits([], [], [], [] if return_modality else None, [] if with_keys else None)
         for s in range(0, len(q), batch_size):
-            part = self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact, with_payload,
-                                       with_keys, hnsw_ef)
-            hits = part if hits is None else hits.extend(part) or hits
+            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
+                                            with_payload, with_keys, hnsw_ef))
         if any(len(row) < k for row in hits.ids):  # counted only then: a count per search costs ~5% at 200k points
             total = self.count()
             if total == 0:
