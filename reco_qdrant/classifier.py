@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .encoders import Encoder, encoder_from_record
-from .fusion import FusionConfig, FusionModel, cross_alignment
+from .fusion import FusionConfig, FusionModel, cross_alignment, neighbour_mean
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
 from .neighbors import retrieve
 
@@ -146,7 +146,7 @@ class RecoClassifier:
             return self
         nb = self._neighbours(x, "text")
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
-        self.class_neighbours_ = _neighbour_mean(nb)
+        self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
         cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
@@ -193,8 +193,8 @@ class RecoClassifier:
         scale = float(self.fusion.logit_scale.exp().clamp(max=100).item()) if self.fusion else 100.0
         if self.scoring_ == "within-modality":
             x = validate_embeddings(image_embeddings, "image embeddings", self.fusion.cfg.dim, "query")
-            captions = np.concatenate([_neighbour_mean(self._neighbours(x[s : s + self.batch_size], "image"))
-                                       for s in range(0, len(x), self.batch_size)])
+            nbs = (self._neighbours(x[s : s + self.batch_size], "image") for s in range(0, len(x), self.batch_size))
+            captions = np.concatenate([neighbour_mean(nb.vectors, nb.mask) for nb in nbs])
             logits = scale * 0.5 * (x @ self.class_neighbours_.T + captions @ self.raw_class_embeddings_.T)
         else:
             logits = scale * self.refine(image_embeddings, "image") @ cls.T
@@ -226,9 +226,3 @@ class RecoClassifier:
     def predict(self, images: Sequence[Any]) -> list[str]:
         """Images (paths or PIL) -> class names."""
         return self.predict_embeddings(self._encode(images))
-
-
-def _neighbour_mean(nb: Neighbours) -> np.ndarray:
-    """[B, d]: the normalised mean of each query's retrieved vectors (zeros where none was retrieved)."""
-    m = (nb.vectors * nb.mask[..., None]).sum(1)
-    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)

@@ -235,13 +235,18 @@ class RelevanceFuser(nn.Module):
         return torch.cat(feats, dim=1)
 
 
+def neighbour_mean(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[B, d]: the normalised mean of each query's retrieved vectors [B, k, d] (mask [B, k]); zeros where
+    none was retrieved."""
+    mean = (np.asarray(vectors, np.float32) * np.asarray(mask, np.float32)[..., None]).sum(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+
+
 def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> float:
     """Median over queries [B, d] of the cosine between a query and the mean of its fused neighbours
     [B, k, d] (mask [B, k]), which are of the other modality in RECO's mode: how well the encoder aligns
     the queries' concepts across modalities (class prompts with the images their captions retrieved)."""
-    m = np.asarray(mask, np.float32)[..., None]
-    mean = (np.asarray(vectors, np.float32) * m).sum(1)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+    mean = neighbour_mean(vectors, mask)
     return float(np.median(np.einsum("bd,bd->b", np.asarray(q, np.float32), mean))) if len(q) else float("nan")
 
 
