@@ -121,12 +121,13 @@ class RecoClassifier:
             out.append(self._fuse(modality, q, self._neighbours(q, modality))[0])
         return np.concatenate(out)
 
-    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
+    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False, fusing: bool = True
+                    ) -> Neighbours:
         """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
-        modality (`keys`) when the model uses them."""
+        modality (`keys`) when they will be fused by a model that uses them."""
         cfg = self.fusion.cfg
         return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                        with_payload=with_payload, with_keys=self.fusion.needs_keys)
+                        with_payload=with_payload, with_keys=fusing and self.fusion_used_.needs_keys)
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -144,10 +145,10 @@ class RecoClassifier:
         if not self.use_retrieval:
             self.class_embeddings_ = x
             return self
+        cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         nb = self._neighbours(x, "text")
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
-        cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
@@ -193,7 +194,8 @@ class RecoClassifier:
         scale = float(self.fusion.logit_scale.exp().clamp(max=100).item()) if self.fusion else 100.0
         if self.scoring_ == "within-modality":
             x = validate_embeddings(image_embeddings, "image embeddings", self.fusion.cfg.dim, "query")
-            nbs = (self._neighbours(x[s : s + self.batch_size], "image") for s in range(0, len(x), self.batch_size))
+            nbs = (self._neighbours(x[s : s + self.batch_size], "image", fusing=False)
+                   for s in range(0, len(x), self.batch_size))
             captions = np.concatenate([neighbour_mean(nb.vectors, nb.mask) for nb in nbs])
             logits = scale * 0.5 * (x @ self.class_neighbours_.T + captions @ self.raw_class_embeddings_.T)
         else:
