@@ -20,7 +20,7 @@ from ..config import MemoryConfig
 LEDGER_KEY = "migrations"
 # MemoryConfig fields fixed when the collection is created, recorded with the memory (0001, 0003)
 LAYOUT_FIELDS = ("quantization", "on_disk", "on_disk_payload", "hnsw_m", "hnsw_ef_construct", "full_scan_threshold",
-                 "shard_number", "replication_factor")
+                 "shard_number", "replication_factor", "vector_copy")
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
 
 

@@ -9,6 +9,7 @@ Both store one point per image-text pair with two named vectors, `image` and `te
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from .config import MemoryConfig
+from .vector_copy import ROW_FIELD, SCORE_TOLERANCE, VectorCopy
 
 VECTOR_NAMES = ("image", "text")
 _META_VECTOR = "_"
@@ -67,30 +70,39 @@ def _engine_failure(e: BaseException) -> bool:
 
 @dataclass
 class Hits:
-    """Hits of B queries, row by row (a row holds fewer than k hits when the memory does), kept as the
-    binding's lists: one numpy conversion per field for the whole batch is cheaper than one per hit."""
+    """Hits of B queries, row by row (a row holds fewer than k hits when the memory does): ids, scores and
+    payloads as the binding's lists, vectors as one array for all hits (one conversion per batch, not per hit)."""
 
     ids: list[list[str]]  # [B][<=k] point ids
     scores: list[list[float]]  # [B][<=k] similarity in the searched modality
     payloads: list[list[dict[str, Any]]]  # [B][<=k]
-    vectors: list[list[float]] | None  # one per hit, rows concatenated: the requested return modality
-    keys: list[list[float]] | None = None  # the same for the vector that was searched (with_key=True)
+    vectors: np.ndarray | None  # [hits, d] float32, rows concatenated: the requested return modality
+    keys: np.ndarray | None = None  # [hits, d] the same for the vector that was searched (with_key=True)
 
     @classmethod
     def of(cls, rows: list[Any], return_vector: str | None, using: str, with_key: bool) -> Hits:
         """From the engine's (or qdrant-client's) rows of scored points."""
         flat = [p for row in rows for p in row]
-        vec = [p.vector for p in flat] if return_vector or with_key else []
-        return cls([[str(p.id) for p in row] for row in rows], [[p.score for p in row] for row in rows],
-                   [[p.payload or {} for p in row] for row in rows],
-                   [_named(v, return_vector) for v in vec] if return_vector else None,
-                   [_named(v, using) for v in vec] if with_key else None)
 
-    def extend(self, more: Hits) -> None:
-        for name in ("ids", "scores", "payloads", "vectors", "keys"):
-            mine = getattr(self, name)
-            if mine is not None:
-                mine.extend(getattr(more, name))
+        def column(name: str | None) -> np.ndarray | None:
+            return np.array([_named(p.vector, name) for p in flat], np.float32) if name else None
+
+        return cls([[str(p.id) for p in row] for row in rows], [[p.score for p in row] for row in rows],
+                   [[p.payload or {} for p in row] for row in rows], column(return_vector),
+                   column(using if with_key else None))
+
+    @classmethod
+    def concat(cls, parts: list[Hits]) -> Hits:
+        """The hits of several batches of queries, in order."""
+        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            if not arrays or arrays[0] is None:
+                return None
+            full = [a for a in arrays if a.size]  # a batch without hits has no row width
+            return np.concatenate(full) if full else arrays[0]
+
+        return cls([r for h in parts for r in h.ids], [r for h in parts for r in h.scores],
+                   [r for h in parts for r in h.payloads], cat([h.vectors for h in parts]),
+                   cat([h.keys for h in parts]))
 
 
 @dataclass
@@ -122,6 +134,12 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _record(r: Any) -> Record:
+    payload = dict(r.payload or {})
+    payload.pop(ROW_FIELD, None)
+    return Record(str(r.id), dict(r.vector or {}), payload)
+
+
 def _meta_id(key: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"reco-meta:{key}"))
 
@@ -141,7 +159,8 @@ def _vector_names(return_vector: str | None, using: str, with_key: bool) -> list
 
 
 class EdgeBackend:
-    """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data), `<dir>/<collection>__meta/` (ledger)."""
+    """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data), `<dir>/<collection>__meta/` (ledger),
+    and `<dir>/<collection>__vectors/` (a float32 copy of the vectors for fast hits; see `vector_copy.py`)."""
 
     def __init__(self, path: str | os.PathLike, cfg: MemoryConfig, repair_ledger: bool = False) -> None:
         import qdrant_edge as qe
@@ -164,8 +183,10 @@ class EdgeBackend:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         self.data_path = self.root / cfg.collection
+        self.copy_path = self.root / f"{cfg.collection}__vectors"
         meta_path = self.root / f"{cfg.collection}__meta"
-        self.meta = self.shard = None
+        self.meta = self.shard = self.copy = None
+        self.copy_doubt: str | None = None  # why the copy was found out of step with the engine (then unused)
         try:
             if self._exists(self.data_path) and not self._exists(meta_path) and not repair_ledger:
                 raise MemoryDamagedError(
@@ -182,6 +203,7 @@ class EdgeBackend:
             self.shard = self._load(self.data_path) if self._exists(self.data_path) else None
             if self.shard is not None:  # a first point read whole: damage the load did not notice shows here
                 self.scroll(1, None, True)
+                self.copy = VectorCopy.open(self.copy_path, self._dim(), VECTOR_NAMES)
         except BaseException:
             for s in (self.shard, self.meta):  # what did open is closed: a later open here is not "in use"
                 if s is not None:
@@ -212,6 +234,10 @@ class EdgeBackend:
         qe = self.qe
         vectors = {n: qe.EdgeVectorParams(size=d, distance=qe.Distance.Cosine) for n, d in dims.items()}
         return qe.EdgeShard.create(str(path), qe.EdgeConfig(vectors=vectors))
+
+    def _dim(self) -> int:
+        cfg = json.loads((self.data_path / "edge_config.json").read_text())
+        return int(cfg["vectors"][VECTOR_NAMES[0]]["size"])
 
     def _require(self) -> Any:
         if self.shard is None:
@@ -250,6 +276,10 @@ class EdgeBackend:
         config = qe.EdgeConfig(vectors=vp, hnsw_config=hnsw, quantization_config=quant,
                                on_disk_payload=cfg.on_disk_payload)
         self.shard = qe.EdgeShard.create(str(self.data_path), config)
+        if cfg.vector_copy:
+            self.copy = VectorCopy.create(self.copy_path, dim, VECTOR_NAMES)
+        else:
+            shutil.rmtree(self.copy_path, ignore_errors=True)  # one left by an earlier collection
 
     def create_payload_index(self, field: str) -> None:
         qe = self.qe
@@ -257,6 +287,16 @@ class EdgeBackend:
 
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None:
         qe = self.qe
+        if self.copy is not None:  # rows first: a point never names a row not yet written for it
+            try:
+                rows = self.copy.append({"image": image, "text": text}).tolist()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise MemoryFullError(f"memory {self.root}: the disk filled while writing {len(ids)} points' vectors "
+                                      f"to {self.copy_path}; free space and run it again: what was stored is intact "
+                                      "and an ingest resumes") from None
+            payloads = [{**p, ROW_FIELD: r} for p, r in zip(payloads, rows)]
         im, tx = image.tolist(), text.tolist()
         points = [qe.Point(i, {"image": a, "text": b}, p) for i, a, b, p in zip(ids, im, tx, payloads)]
         self._require().update(qe.UpdateOperation.upsert_points(points))
@@ -269,20 +309,62 @@ class EdgeBackend:
                  if self.cfg.quantization else None)
         params = qe.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
         with_vector = _vector_names(return_vector, using, with_key)
-        reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
-                                with_payload=with_payload, params=params) for q in queries.tolist()]
-        res = self._read(self._require().query_batch, qe.QueryBatchRequest(reqs))
-        return Hits.of(res, return_vector, using, with_key)
+
+        def query(with_vector: list[str] | bool, with_payload: bool | list[str]) -> list[Any]:
+            reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
+                                    with_payload=with_payload, params=params) for q in queries.tolist()]
+            return self._read(self._require().query_batch, qe.QueryBatchRequest(reqs))
+
+        if with_vector and self.copy is not None and self.copy.rows and self.copy_doubt is None:
+            hits = self._from_copy(query(False, True if with_payload else [ROW_FIELD]), queries, using,
+                                   return_vector, with_key)
+            if hits is not None:
+                if not with_payload:
+                    hits.payloads = [[{} for _ in row] for row in hits.payloads]
+                return hits
+        hits = Hits.of(query(with_vector, with_payload), return_vector, using, with_key)
+        for p in (p for row in hits.payloads for p in row):
+            p.pop(ROW_FIELD, None)
+        return hits
+
+    def _from_copy(self, res: list[Any], queries: np.ndarray, using: str, return_vector: str | None,
+                   with_key: bool) -> Hits | None:
+        """Hits with their vectors gathered from the copy; None where the copy cannot be trusted for them
+        (a hit without a row, a row past its end, a copied vector that does not give the engine's score)."""
+        hits = Hits.of(res, None, using, False)
+        counts = [len(r) for r in hits.ids]
+        rows = np.array([p.pop(ROW_FIELD, -1) for row in hits.payloads for p in row], np.int64)
+        if not rows.size:
+            empty = np.zeros((0, queries.shape[1]), np.float32)
+            hits.vectors, hits.keys = (empty if return_vector else None), (empty if with_key else None)
+            return hits
+        if rows.min() < 0 or rows.max() >= self.copy.rows:
+            return self._distrust_copy("some hits have no row in it (written without it, or its tail was lost)")
+        keys = self.copy.gather(using, rows)
+        scores = np.array([s for row in hits.scores for s in row], np.float32)
+        if np.abs(np.einsum("nd,nd->n", keys, np.repeat(queries, counts, axis=0)) - scores).max() > SCORE_TOLERANCE:
+            return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere")
+        hits.keys = keys if with_key else None
+        if return_vector:
+            hits.vectors = keys if return_vector == using else self.copy.gather(return_vector, rows)
+        return hits
+
+    def _distrust_copy(self, why: str) -> None:
+        """Read hits' vectors from the engine from now on (until reopened), and say why once."""
+        self.copy_doubt = why
+        warnings.warn(f"memory {self.root}: its vector copy {self.copy_path} is out of step with the collection "
+                      f"({why}); hits' vectors are read from the engine instead (correct, slower). `reco copy` "
+                      "into a new memory gives a fresh copy", stacklevel=4)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._read(self._require().retrieve, list(ids), with_payload=True, with_vector=with_vectors)
-        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs]
+        return [_record(r) for r in recs]
 
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
         qe = self.qe
         recs, nxt = self._read(self._require().scroll, qe.ScrollRequest(offset=offset, limit=limit, with_payload=True,
                                                                          with_vector=with_vectors))
-        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs], nxt
+        return [_record(r) for r in recs], nxt
 
     def delete(self, ids: list[str]) -> None:
         self._require().update(self.qe.UpdateOperation.delete_points(list(ids)))
@@ -337,7 +419,9 @@ class EdgeBackend:
             if s is not None:
                 s.flush()
                 s.close()
-        self.shard = self.meta = None
+        if self.copy is not None:
+            self.copy.close()
+        self.shard = self.meta = self.copy = None
         self._release_lock()
 
     def _release_lock(self) -> None:
@@ -464,12 +548,12 @@ class ServerBackend:
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,
                           with_vectors=with_vectors)
-        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs]
+        return [_record(r) for r in recs]
 
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
         recs, nxt = self._call(self.client.scroll, self.name, limit=limit, offset=offset,
                                with_payload=True, with_vectors=with_vectors)
-        return [Record(str(r.id), dict(r.vector or {}), r.payload or {}) for r in recs], nxt
+        return [_record(r) for r in recs], nxt
 
     def delete(self, ids: list[str]) -> None:
         self._call(self.client.delete, self.name, points_selector=self.m.PointIdsList(points=list(ids)),

@@ -31,6 +31,7 @@ from .backends import (
 )
 from .config import MemoryConfig
 from .progress import progress_bar, status_line
+from .vector_copy import ROW_FIELD
 
 __all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "MemoryInUseError",
            "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
@@ -44,7 +45,7 @@ LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0
 COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
 UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
 EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
-RESERVED_PAYLOAD = ("caption", "source", "key")
+RESERVED_PAYLOAD = ("caption", "source", "key", ROW_FIELD)
 
 
 def index_due(points: int, unindexed: int, threshold: int = EXACT_SEARCH_BELOW) -> bool:
@@ -351,7 +352,8 @@ class Memory:
             raise ValueError(f"{origin}: {len(ids)} ids for {n} items")
         if payloads is not None and len(payloads) != n:
             raise ValueError(f"{origin}: {len(payloads)} payloads for {n} items")
-        self._check_space(n * (2 * 2 * 4 * img.shape[1] + 1024), "this write")  # vectors: storage + WAL
+        copies = 3 if self.cfg.vector_copy else 2  # vectors: storage + WAL (+ the vector copy)
+        self._check_space(n * (copies * 2 * 4 * img.shape[1] + 1024), "this write")
         self.check_encoder(encoder_id, img.shape[1], record=True,
                            extra={"load": encoder_spec} if encoder_spec else None)
         if not self.backend.has_collection():
@@ -473,10 +475,9 @@ class Memory:
             raise ValueError(f"k must be at least 1, got {k}")
         if not self.backend.has_collection():
             raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
-        hits = Hits([], [], [], [] if return_modality else None, [] if with_keys else None)
-        for s in range(0, len(q), batch_size):
-            hits.extend(self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
-                                            with_payload, with_keys, hnsw_ef))
+        hits = Hits.concat([self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
+                                                with_payload, with_keys, hnsw_ef)
+                            for s in range(0, len(q), batch_size)])
         if any(len(row) < k for row in hits.ids):  # counted only then: a count per search costs ~5% at 200k points
             total = self.count()
             if total == 0:
@@ -623,15 +624,15 @@ def _to_neighbours(hits: Hits, k: int, dim: int | None, key_dim: int | None = No
         out[have] = np.array([x for r in rows for x in r], dtype)
         return out
 
-    def stack(flat: list[list[float]] | None, d: int | None) -> np.ndarray | None:
+    def stack(flat: np.ndarray | None, d: int | None) -> np.ndarray | None:
         if not d:
             return None
         if full:
-            out = np.array(flat, np.float32).reshape(b, k, d)
+            out = flat.reshape(b, k, d)
         else:
             out = np.zeros((b, k, d), np.float32)
-            if flat:
-                out[have] = np.array(flat, np.float32).reshape(-1, d)
+            if flat is not None and flat.size:
+                out[have] = flat.reshape(-1, d)
         norms = np.linalg.norm(out, axis=-1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
         return out

@@ -222,3 +222,73 @@ def test_vector_columns_follow_the_memory(tmp_path):
         fresh = mem.vector_columns(tmp_path / "cols", progress=False)
         np.testing.assert_allclose(fresh.gather(np.array(new), "image")[0], img[0], atol=1e-3)
         assert len(list((tmp_path / "cols").iterdir())) == 1  # the stale version was removed
+
+
+# ---------------------------------------------------------------------------- the vector copy (Edge)
+
+
+def _engine_vectors(mem: Memory, ids: np.ndarray, modality: str) -> np.ndarray:
+    """The hits' vectors as the engine holds them (read by id, not through the copy)."""
+    recs = {r.id: r.vectors[modality] for r in mem.retrieve(list(ids.ravel()))}
+    return np.array([recs[i] for i in ids.ravel()], np.float32).reshape(*ids.shape, -1)
+
+
+def test_hits_vectors_come_from_the_copy_and_equal_the_engines(tmp_path):
+    img, txt, caps = random_pairs(400, seed=5)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(400), source="s", payloads=[{"_row": 7}] * 400)
+        assert mem.backend.copy.rows == 400
+        nb = mem.search(img[:20], "image", k=5, return_modality="text", with_keys=True)
+        assert mem.backend.copy_doubt is None  # served from the copy
+        np.testing.assert_allclose(nb.vectors, _engine_vectors(mem, nb.ids, "text"), atol=1e-6)
+        np.testing.assert_allclose(nb.keys, _engine_vectors(mem, nb.ids, "image"), atol=1e-6)
+        assert all("_row" not in p for row in nb.payloads for p in row)  # ours, never shown (nor taken from users)
+        assert nb.payloads[0][0] == {"caption": caps[0], "source": "s", "key": "0"}
+        assert all("_row" not in r.payload for r in mem.retrieve(list(nb.ids[0])))
+        bare = mem.search(txt[:3], "text", k=4, return_modality="image", with_payload=False)
+        assert bare.payloads == [[{}] * 4] * 3
+        np.testing.assert_allclose(bare.vectors, _engine_vectors(mem, bare.ids, "image"), atol=1e-6)
+        # a rewritten point names its new rows: never the old vectors
+        new_txt = random_pairs(400, seed=6)[1]
+        mem.add_embeddings(img[:10], new_txt[:10], caps[:10], ids=range(10), source="s")
+        nb = mem.search(img[:10], "image", k=1, return_modality="text")
+        np.testing.assert_allclose(nb.vectors[:, 0], new_txt[:10], atol=1e-6)
+        assert mem.backend.copy.rows == 410 and mem.backend.copy_doubt is None
+
+
+@pytest.mark.parametrize("damage", ["replaced", "truncated"])
+def test_a_copy_out_of_step_is_noticed_and_the_engine_answers(tmp_path, damage):
+    img, txt, caps = random_pairs(300, seed=7)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(300), source="s")
+        copy = mem.backend.copy_path
+    if damage == "replaced":  # rows of other pairs, as a copy from another memory would hold
+        for name in ("image", "text"):
+            f = copy / f"{name}.f32"
+            f.write_bytes(np.roll(np.fromfile(f, np.float32).reshape(300, -1), 1, axis=0).tobytes())
+    else:  # a crash lost its tail; new pairs then reuse those row numbers
+        for name in ("image", "text"):
+            with open(copy / f"{name}.f32", "r+b") as f:
+                f.truncate(150 * 16 * 4 + 10)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        more_img, more_txt, _ = random_pairs(100, seed=8)
+        mem.add_embeddings(more_img, more_txt, [f"more {i}" for i in range(100)], ids=range(100), source="more")
+        with pytest.warns(UserWarning, match="vector copy .* is out of step"):
+            nb = mem.search(img, "image", k=3, return_modality="text", with_keys=True)
+        np.testing.assert_allclose(nb.vectors, _engine_vectors(mem, nb.ids, "text"), atol=1e-6)
+        np.testing.assert_allclose(nb.keys[:, 0], img, atol=1e-6)
+        assert mem.backend.copy_doubt
+
+
+def test_memory_without_a_copy_keeps_none(tmp_path):
+    img, txt, caps = random_pairs(100, seed=9)
+    with Memory.open(str(tmp_path / "m"), vector_copy=False) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(100))
+    with Memory.open(str(tmp_path / "m")) as mem:  # reopened with defaults: still without (fixed at creation)
+        assert mem.backend.copy is None and not mem.backend.copy_path.exists()
+        mem.add_embeddings(img[:5], txt[:5], caps[:5], ids=range(5))
+        np.testing.assert_allclose(mem.search(img[:5], "image", 1, "text").vectors[:, 0], txt[:5], atol=1e-6)
+    with Memory.open(str(tmp_path / "c")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(100))
+    with pytest.raises(ValueError, match=r"vector_copy=False \(created with True\)"):
+        Memory.open(str(tmp_path / "c"), vector_copy=False)
