@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from .config import MemoryConfig
-from .vector_copy import ROW_FIELD, SCORE_TOLERANCE, VectorCopy
+from .vector_copy import COPY_FIELD, SCORE_TOLERANCE, VectorCopy
 
 VECTOR_NAMES = ("image", "text")
 _META_VECTOR = "_"
@@ -110,6 +110,7 @@ class Record:
     id: str
     vectors: dict[str, list[float]]
     payload: dict[str, Any]
+    copy_entry: list[int] | None = None  # Edge: [row, crc] of the point in the vector copy (None: written without)
 
 
 class Backend(Protocol):
@@ -136,8 +137,7 @@ class Backend(Protocol):
 
 def _record(r: Any) -> Record:
     payload = dict(r.payload or {})
-    payload.pop(ROW_FIELD, None)
-    return Record(str(r.id), dict(r.vector or {}), payload)
+    return Record(str(r.id), dict(r.vector or {}), payload, payload.pop(COPY_FIELD, None))
 
 
 def _meta_id(key: str) -> str:
@@ -289,14 +289,14 @@ class EdgeBackend:
         qe = self.qe
         if self.copy is not None:  # rows first: a point never names a row not yet written for it
             try:
-                rows = self.copy.append({"image": image, "text": text}).tolist()
+                entries = self.copy.append({"image": image, "text": text})
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
                 raise MemoryFullError(f"memory {self.root}: the disk filled while writing {len(ids)} points' vectors "
                                       f"to {self.copy_path}; free space and run it again: what was stored is intact "
                                       "and an ingest resumes") from None
-            payloads = [{**p, ROW_FIELD: r} for p, r in zip(payloads, rows)]
+            payloads = [{**p, COPY_FIELD: e} for p, e in zip(payloads, entries)]
         im, tx = image.tolist(), text.tolist()
         points = [qe.Point(i, {"image": a, "text": b}, p) for i, a, b, p in zip(ids, im, tx, payloads)]
         self._require().update(qe.UpdateOperation.upsert_points(points))
@@ -315,38 +315,37 @@ class EdgeBackend:
                                     with_payload=with_payload, params=params) for q in queries.tolist()]
             return self._read(self._require().query_batch, qe.QueryBatchRequest(reqs))
 
-        if with_vector and self.copy is not None and self.copy.rows and self.copy_doubt is None:
-            hits = self._from_copy(query(False, True if with_payload else [ROW_FIELD]), queries, using,
+        if with_vector and self.copy is not None and self.copy_doubt is None:
+            hits = self._from_copy(query(False, True if with_payload else [COPY_FIELD]), queries, using,
                                    return_vector, with_key)
-            if hits is not None:
-                if not with_payload:
-                    hits.payloads = [[{} for _ in row] for row in hits.payloads]
+            if hits is not None:  # (payloads asked only for the entry are {} once it is taken out)
                 return hits
         hits = Hits.of(query(with_vector, with_payload), return_vector, using, with_key)
         for p in (p for row in hits.payloads for p in row):
-            p.pop(ROW_FIELD, None)
+            p.pop(COPY_FIELD, None)
         return hits
 
     def _from_copy(self, res: list[Any], queries: np.ndarray, using: str, return_vector: str | None,
                    with_key: bool) -> Hits | None:
-        """Hits with their vectors gathered from the copy; None where the copy cannot be trusted for them
-        (a hit without a row, a row past its end, a copied vector that does not give the engine's score)."""
+        """Hits with their vectors read from the copy; None where the copy cannot be trusted for them: a hit
+        without an entry, a row that does not hold what was written for it, or vectors that do not give the
+        engine's scores."""
         hits = Hits.of(res, None, using, False)
         counts = [len(r) for r in hits.ids]
-        rows = np.array([p.pop(ROW_FIELD, -1) for row in hits.payloads for p in row], np.int64)
-        if not rows.size:
-            empty = np.zeros((0, queries.shape[1]), np.float32)
-            hits.vectors, hits.keys = (empty if return_vector else None), (empty if with_key else None)
-            return hits
-        if rows.min() < 0 or rows.max() >= self.copy.rows:
-            return self._distrust_copy("some hits have no row in it (written without it, or its tail was lost)")
-        keys = self.copy.gather(using, rows)
+        entries = [p.pop(COPY_FIELD, None) for row in hits.payloads for p in row]
+        if any(e is None for e in entries):
+            return self._distrust_copy("some hits have no entry in it: written without it")
+        vecs = self.copy.read(np.array(entries, np.int64).reshape(-1, 2))
+        if vecs is None:
+            return self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, "
+                                       "or damaged")
+        keys = vecs[using]
         scores = np.array([s for row in hits.scores for s in row], np.float32)
-        if np.abs(np.einsum("nd,nd->n", keys, np.repeat(queries, counts, axis=0)) - scores).max() > SCORE_TOLERANCE:
+        if len(scores) and np.abs(np.einsum("nd,nd->n", keys, np.repeat(queries, counts, axis=0))
+                                  - scores).max() > SCORE_TOLERANCE:
             return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere")
         hits.keys = keys if with_key else None
-        if return_vector:
-            hits.vectors = keys if return_vector == using else self.copy.gather(return_vector, rows)
+        hits.vectors = vecs[return_vector] if return_vector else None
         return hits
 
     def _distrust_copy(self, why: str) -> None:

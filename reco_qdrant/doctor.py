@@ -82,19 +82,39 @@ def _records(mem: Memory) -> list[Finding]:
 
 def _points(mem: Memory, examples: int) -> list[Finding]:
     bad: dict[str, list[str]] = {}
-    seen = 0
+    seen, stale = 0, []  # stale: points whose row in the vector copy does not hold their vectors
+    copy = getattr(mem.backend, "copy", None)
     for recs in mem.scroll(1024, with_vectors=True):
         for r in recs:
             seen += 1
             for why in _point_problems(r, mem.dim):
                 bad.setdefault(why, []).append(r.id)
+        if copy is not None:
+            stale += _out_of_copy(recs, copy)
     out = [Finding("ok" if not bad else "problem", f"{seen:,} points read")]
+    if copy is not None:
+        out.append(Finding("ok", f"vector copy: every point's row holds its vectors ({copy.rows:,} rows)") if not stale
+                       else Finding("warning", f"vector copy {mem.backend.copy_path}: {len(stale):,} points have no "
+                                    f"row or another point's vectors there (e.g. {', '.join(stale[:examples])}); "
+                                    "searches notice and read vectors from the engine (slower)",
+                                    "`reco copy` this memory into a new one: the new one has a fresh copy"))
     if seen != mem.count():
         out.append(Finding("problem", f"{seen:,} points read but {mem.count():,} counted",
                            "re-ingest the memory's sources into a fresh memory"))
     for why, ids in bad.items():
         out.append(Finding("problem", f"{len(ids):,} points {why} (e.g. {', '.join(ids[:examples])})",
                            "re-ingest their sources (same --source) to rewrite them, or delete them by id"))
+    return out
+
+
+def _out_of_copy(recs: list[Any], copy: Any) -> list[str]:
+    """Ids of the records whose row in the vector copy is missing, damaged or holds other vectors."""
+    out = []
+    for r in recs:
+        got = None if r.copy_entry is None else copy.read(np.array([r.copy_entry], np.int64))
+        if got is None or any(np.abs(got[m][0] - np.asarray(r.vectors[m], np.float32)).max() > 1e-6
+                              for m in VECTOR_NAMES):
+            out.append(r.id)
     return out
 
 

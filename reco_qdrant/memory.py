@@ -31,7 +31,7 @@ from .backends import (
 )
 from .config import MemoryConfig
 from .progress import progress_bar, status_line
-from .vector_copy import ROW_FIELD
+from .vector_copy import COPY_FIELD
 
 __all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "MemoryInUseError",
            "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
@@ -45,7 +45,7 @@ LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0
 COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
 UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
 EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
-RESERVED_PAYLOAD = ("caption", "source", "key", ROW_FIELD)
+RESERVED_PAYLOAD = ("caption", "source", "key", COPY_FIELD)
 
 
 def index_due(points: int, unindexed: int, threshold: int = EXACT_SEARCH_BELOW) -> bool:

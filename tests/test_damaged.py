@@ -120,6 +120,19 @@ def test_garbled_vectors_open_silently_but_the_doctor_finds_them(copy):
     assert runner.invoke(app, ["doctor", "--memory", str(copy)]).exit_code == 1
 
 
+@pytest.mark.parametrize("damage", [_garble, _empty], ids=["garbled", "emptied"])
+def test_a_damaged_vector_copy_costs_speed_not_answers_and_the_doctor_says_so(copy, damage):
+    damage(copy / "reco_memory__vectors" / "text.f32")
+    img, txt, _ = random_pairs(N, seed=7)
+    with Memory.open(str(copy)) as mem, pytest.warns(UserWarning, match="out of step"):
+        nb = mem.search(img[:20], "image", 1, "text")
+    np.testing.assert_allclose(nb.vectors[:, 0], txt[:20], atol=1e-6)  # the engine's vectors, not the copy's
+    found = check_memory(str(copy))
+    warned = [f for f in found if f.level == "warning" and "vector copy" in f.what]
+    assert warned and f"{N:,} points have no row or another point's vectors" in warned[0].what
+    assert "reco copy" in warned[0].fix and not [f for f in found if f.level == "problem"]
+
+
 def test_doctor_on_a_healthy_memory(copy):
     r = runner.invoke(app, ["doctor", "--memory", str(copy), "--json"])
     assert r.exit_code == 0, r.output

@@ -236,15 +236,15 @@ def _engine_vectors(mem: Memory, ids: np.ndarray, modality: str) -> np.ndarray:
 def test_hits_vectors_come_from_the_copy_and_equal_the_engines(tmp_path):
     img, txt, caps = random_pairs(400, seed=5)
     with Memory.open(str(tmp_path / "m")) as mem:
-        mem.add_embeddings(img, txt, caps, ids=range(400), source="s", payloads=[{"_row": 7}] * 400)
+        mem.add_embeddings(img, txt, caps, ids=range(400), source="s", payloads=[{"_copy": [7, 0]}] * 400)
         assert mem.backend.copy.rows == 400
         nb = mem.search(img[:20], "image", k=5, return_modality="text", with_keys=True)
         assert mem.backend.copy_doubt is None  # served from the copy
         np.testing.assert_allclose(nb.vectors, _engine_vectors(mem, nb.ids, "text"), atol=1e-6)
         np.testing.assert_allclose(nb.keys, _engine_vectors(mem, nb.ids, "image"), atol=1e-6)
-        assert all("_row" not in p for row in nb.payloads for p in row)  # ours, never shown (nor taken from users)
+        assert all("_copy" not in p for row in nb.payloads for p in row)  # ours, never shown (nor taken from users)
         assert nb.payloads[0][0] == {"caption": caps[0], "source": "s", "key": "0"}
-        assert all("_row" not in r.payload for r in mem.retrieve(list(nb.ids[0])))
+        assert all("_copy" not in r.payload for r in mem.retrieve(list(nb.ids[0])))
         bare = mem.search(txt[:3], "text", k=4, return_modality="image", with_payload=False)
         assert bare.payloads == [[{}] * 4] * 3
         np.testing.assert_allclose(bare.vectors, _engine_vectors(mem, bare.ids, "image"), atol=1e-6)
