@@ -147,8 +147,8 @@ class RecoClassifier:
             return self
         cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         nb = self._neighbours(x, "text")
-        self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
+        self.alignment_ = cross_alignment(x, self.class_neighbours_)
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()

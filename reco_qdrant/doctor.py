@@ -108,14 +108,20 @@ def _points(mem: Memory, examples: int) -> list[Finding]:
 
 
 def _out_of_copy(recs: list[Any], copy: Any) -> list[str]:
-    """Ids of the records whose row in the vector copy is missing, damaged or holds other vectors."""
-    out = []
-    for r in recs:
-        got = None if r.copy_entry is None else copy.read(np.array([r.copy_entry], np.int64))
-        if got is None or any(np.abs(got[m][0] - np.asarray(r.vectors[m], np.float32)).max() > 1e-6
-                              for m in VECTOR_NAMES):
-            out.append(r.id)
-    return out
+    """Ids of the records whose row in the vector copy is missing, damaged or holds other vectors (one read
+    for the batch; record by record only when that read fails)."""
+    def wrong(batch: list[Any]) -> np.ndarray | None:  # [N] bool, or None when some row fails its checksum
+        got = copy.read(np.array([r.copy_entry for r in batch], np.int64).reshape(-1, 2))
+        if got is None:
+            return None
+        return np.any([np.abs(got[m] - np.array([r.vectors[m] for r in batch], np.float32)).max(1) > 1e-6
+                       for m in VECTOR_NAMES], axis=0)
+
+    have = [r for r in recs if r.copy_entry is not None]
+    bad = wrong(have)
+    if bad is None:
+        bad = np.array([w is None or bool(w[0]) for w in map(wrong, ([r] for r in have))], bool)
+    return [r.id for r in recs if r.copy_entry is None] + [r.id for r, b in zip(have, bad) if b]
 
 
 def _point_problems(r: Any, dim: int | None) -> list[str]:

@@ -203,7 +203,8 @@ class RelevanceFuser(nn.Module):
         w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)  # (B, K); all-pad -> 0
         fused = (w[..., None] * r).sum(1)  # (B, D)
         fused = F.normalize(fused + self.proj(fused) if self.proj is not None else fused, dim=-1)
-        gates = F.softplus(self.gate(self.features(q, r, mask, scores, self.cfg.cross_feature))) * (n > 0)  # (B, 1|2)
+        feats = self.features(q, r, mask, scores, self.cfg.cross_feature, mean)
+        gates = F.softplus(self.gate(feats)) * (n > 0)  # (B, 1|2)
         g = gates[:, :1]
         out = q + g * fused
         h = torch.zeros_like(g)
@@ -216,16 +217,17 @@ class RelevanceFuser(nn.Module):
         return out, weights
 
     @staticmethod
-    def features(q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, cross: bool = True
-                 ) -> torch.Tensor:
+    def features(q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, cross: bool = True,
+                 mean: torch.Tensor | None = None) -> torch.Tensor:
         """What the gate sees (B, 6): top, mean and spread of the search scores, the neighbours' agreement
         (length of their mean: 1 when all coincide), the share of the k neighbours present, and (`cross`)
         the query's cosine with their mean in the fused modality: low where the encoder does not align the
-        query's concept across modalities, whatever the search scores say."""
+        query's concept across modalities, whatever the search scores say. `mean`: that mean (B, D), if known."""
         m = mask.to(r.dtype)
         n = m.sum(1, keepdim=True)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))
-        mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
+        if mean is None:
+            mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
         s_mean = (s * m).sum(1, keepdim=True) / n.clamp_min(1.0)
         s_top = s.masked_fill(~mask, -1.0).max(1, keepdim=True).values
         spread = s_top - s.masked_fill(~mask, 2.0).min(1, keepdim=True).values.clamp(max=1.0)
@@ -242,11 +244,10 @@ def neighbour_mean(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
 
 
-def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> float:
+def cross_alignment(q: np.ndarray, mean: np.ndarray) -> float:
     """Median over queries [B, d] of the cosine between a query and the mean of its fused neighbours
-    [B, k, d] (mask [B, k]), which are of the other modality in RECO's mode: how well the encoder aligns
+    [B, d] (`neighbour_mean`), which are of the other modality in RECO's mode: how well the encoder aligns
     the queries' concepts across modalities (class prompts with the images their captions retrieved)."""
-    mean = neighbour_mean(vectors, mask)
     return float(np.median(np.einsum("bd,bd->b", np.asarray(q, np.float32), mean))) if len(q) else float("nan")
 
 

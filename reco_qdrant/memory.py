@@ -589,6 +589,8 @@ class Memory:
             "memory_uid": self.uid,
             "quantization": cfg.quantization,
             "write_version": self.write_version,
+            # Edge: rows in the vector copy (more than points once points were rewritten), None without one
+            "vector_copy_rows": getattr(getattr(self.backend, "copy", None), "rows", None),
             "migrations": [f"{e['version']:04d}_{e['name']}" for e in migrations.applied(self.backend)],
             "pending_migrations": self.pending_migrations(),
             "api_key_set": bool(self.cfg.api_key),

@@ -90,9 +90,6 @@ class VectorCopy:
             m._mmap.madvise(mmap.MADV_RANDOM)  # hits are scattered: no read-ahead of rows nobody asked for
         return np.asarray(m[rows], np.float32)
 
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self._files.values())
-
     def close(self) -> None:
         self._maps.clear()
 

@@ -29,11 +29,12 @@ def test_migrate_ingest_info_search(tmp_path):
     info = json.loads(r.output)
     assert info["count"] == 300 and info["dim"] == 16 and info["encoder"]["id"] == "enc"
     assert "hush-hush" not in r.output and info["api_key_set"] is True
-    assert info["quantization"] == "int8"  # the default
-    r = runner.invoke(app, ["migrate", "--memory", str(tmp_path / "f"), "--dim", "16", "--quantization", "none"])
+    assert info["quantization"] == "int8" and info["vector_copy_rows"] == 300  # the defaults
+    r = runner.invoke(app, ["migrate", "--memory", str(tmp_path / "f"), "--dim", "16", "--quantization", "none",
+                            "--no-vector-copy"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["info", "--memory", str(tmp_path / "f"), "--json"])
-    assert json.loads(r.output)["quantization"] is None
+    assert json.loads(r.output)["quantization"] is None and json.loads(r.output)["vector_copy_rows"] is None
 
 
 def test_search_with_tiny_encoder(tmp_path, tiny_encoder):
