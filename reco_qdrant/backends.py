@@ -353,7 +353,7 @@ class EdgeBackend:
         self.copy_doubt = why
         warnings.warn(f"memory {self.root}: its vector copy {self.copy_path} is out of step with the collection "
                       f"({why}); hits' vectors are read from the engine instead (correct, slower). `reco copy` "
-                      "into a new memory gives a fresh copy", stacklevel=4)
+                      "into a new memory gives a fresh copy", stacklevel=5)  # the caller of Memory.search
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._read(self._require().retrieve, list(ids), with_payload=True, with_vector=with_vectors)

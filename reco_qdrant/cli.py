@@ -128,8 +128,9 @@ def migrate(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                 help="int8 (default: int8 in RAM, searched with rescoring) | none (float vectors only)")] = None,
             on_disk: Annotated[bool, typer.Option(help="original vectors on disk (mmap)")] = False,
             vector_copy: Annotated[bool, typer.Option(
-                help="embedded: a float32 copy of the vectors beside the collection, from which hits' vectors are "
-                     "read (2x faster searches that return vectors; 2 x 4 x dim more bytes on disk per pair)")] = True,
+                help="embedded: a float32 copy of the vectors beside the collection, from which hits' vectors "
+                     "are read (about 2x faster searches that return vectors; 2 x 4 x dim more bytes on disk per "
+                     "pair)")] = True,
             shards: Annotated[int, typer.Option(help="server: number of shards")] = 1,
             replicas: Annotated[int, typer.Option(help="server: replication factor")] = 1,
             as_json: JsonOpt = False) -> None:

@@ -40,7 +40,7 @@ class MemoryConfig:
     on_disk: bool = False  # keep original vectors on disk (mmap) instead of RAM
     on_disk_payload: bool = False  # payloads (captions) in RAM: faster hits; True for huge payloads
     # embedded Edge: a float32 copy of the vectors beside the collection, from which searches gather their
-    # hits' vectors with numpy (2x faster searches that return vectors; 2 x 4 x d more bytes on disk per pair)
+    # hits' vectors with numpy (about 2x faster searches that return vectors; 2 x 4 x d more bytes on disk per pair)
     vector_copy: bool = True
     shard_number: int = 1  # server only: shards of the collection
     replication_factor: int = 1  # server only: copies of each shard

@@ -87,7 +87,9 @@ class VectorCopy:
         m = self._maps.get(name)
         if m is None or len(m) < self.rows:
             m = self._maps[name] = np.memmap(self._files[name], np.float32, "r", shape=(self.rows, self.dim))
-            m._mmap.madvise(mmap.MADV_RANDOM)  # hits are scattered: no read-ahead of rows nobody asked for
+            raw = getattr(m, "_mmap", None)  # hits are scattered: no read-ahead of rows nobody asked for
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)
         return np.asarray(m[rows], np.float32)
 
     def close(self) -> None:
