@@ -345,7 +345,8 @@ class EdgeBackend:
                                   - scores).max() > SCORE_TOLERANCE:
             return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere")
         hits.keys = keys if with_key else None
-        hits.vectors = vecs[return_vector] if return_vector else None
+        vectors = vecs[return_vector] if return_vector else None
+        hits.vectors = vectors.copy() if with_key and return_vector == using else vectors  # own arrays, as the engine's
         return hits
 
     def _distrust_copy(self, why: str) -> None:
