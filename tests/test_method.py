@@ -278,3 +278,23 @@ def test_neighbour_cache_from_vector_columns_equals_the_per_hit_vectors(setup, w
     for a, b in zip(few, many):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b[:n_few], np.float32), atol=2e-3)
     assert few[2].all()  # every query found k neighbours besides its own pair
+
+
+def test_class_prompts_never_retrieve_the_images_being_scored(setup, world):
+    """In training and validation, the images being scored are points of the memory; a class prompt's
+    neighbours leave them out (as at test time, where a test image is never in the memory) and still
+    number k, in rank order."""
+    from reco_qdrant.training import TrainConfig, _Prompts
+
+    mem = setup[0]
+    cfg = TrainConfig(progress=False)
+    classes = np.unique(world.train_labels)[:6]
+    prompts = _Prompts(mem, cfg, classes, world.class_text, world.train_text, world.train_labels, exclusion=True)
+    plain = retrieve(mem, prompts.emb, "text", 2 * cfg.k, with_keys=True, with_payload=False)
+    vectors, keys, mask = prompts.neighbours()
+    np.testing.assert_array_equal(vectors, plain.vectors[:, : cfg.k])
+    scored = plain.ids[:, :3].ravel().tolist()  # each prompt's three nearest are being scored
+    vectors, keys, mask = prompts.neighbours(exclude=scored)
+    assert mask.all() and vectors.shape == (len(classes), cfg.k, mem.dim)
+    np.testing.assert_array_equal(vectors, plain.vectors[:, 3 : 3 + cfg.k])
+    np.testing.assert_array_equal(keys, plain.keys[:, 3 : 3 + cfg.k])
