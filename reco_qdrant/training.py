@@ -218,9 +218,8 @@ class _Prompts:
 
     With `exclusion`, each prompt keeps 2k neighbours, so that the images being scored can be left out of
     their prompts' neighbours (`neighbours(exclude=...)`): a training image is a point of the memory and
-    would otherwise meet itself among the images its own class name retrieved (measured on real images: a
-    quarter of them do, at k=10), which a test image never does, and which teaches the model to trust the
-    class side more than a test can bear."""
+    would otherwise meet itself among the images its own class name retrieved (measured on real images:
+    12-31% of them do, at k=10), which a test image never does."""
 
     def __init__(self, memory: Memory, cfg: TrainConfig, classes: np.ndarray, class_embeddings: np.ndarray | None,
                  txt: np.ndarray, labels: np.ndarray, members: dict[int, frozenset[str]] | None = None,
