@@ -247,7 +247,7 @@ class _Prompts:
             vectors, keys, ids = _pick(np.asarray(absent), self.nb_out, self.nb)
         keep = ids != ""
         if exclude is not None and len(exclude):
-            keep &= ~np.isin(ids, np.asarray(list(exclude), dtype=ids.dtype))
+            keep &= ~np.isin(ids, list(exclude))
         order = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]  # kept ones first, in rank order
         return (np.take_along_axis(vectors, order[..., None], 1), np.take_along_axis(keys, order[..., None], 1),
                 np.take_along_axis(keep, order, 1))
