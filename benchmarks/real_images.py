@@ -148,13 +148,16 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
                                  seed=setup.seed, progress=False, cache_dir=str(work / "cache"), **kw, **over)
             clf = RecoClassifier(mem, model).set_class_embeddings(prompts[eval_cls], names)
             res = zero_shot_report(clf, test, labels)
-            if clf.fusion_used_ is not model:  # the guard: these classes' names are unknown to the encoder
+            seen = model.seen is not None and clf.fusion_used_ is model.seen  # weights for the classes trained on
+            if clf.fusion_used_ is not model and not seen:  # the guard: these classes' names are unknown to the encoder
                 row.setdefault("guard acted", []).append(f"{col}: {clf.scoring_}")
             if col == "RECO":
                 row["alignment (classes / training)"] = f"{clf.alignment_:.2f} / {model.cfg.alignment:.2f}"
                 row["baseline"] = res["baseline"]["top1"]
                 row["RECO_train_s"] = round(time.perf_counter() - t0, 1)
                 row["RECO_best_epoch"] = model.best_epoch
+                row["RECO_weights"] = "seen (trained to the end)" if seen else "early-stopped"
+                row["learned classes"] = f"{clf.learned_share_:.0%}"
                 base_pred = np.asarray((test @ prompts[eval_cls].T).argmax(1))
             row[col] = res["reco"]["top1"]
         if "RECO" in variants:
@@ -179,6 +182,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 s[c] = f"{scale * v.mean():.1f}" + (f" ±{scale * (v.max() - v.min()) / 2:.1f}" if len(v) > 1 else "")
         acted = sum(any(g.startswith("RECO:") for g in r.get("guard acted", [])) for r in rs)
         s["RECO guard acted"] = f"{acted}/{len(rs)} seeds"
+        s["RECO seen weights"] = f"{sum(r.get('RECO_weights', '').startswith('seen') for r in rs)}/{len(rs)} seeds"
         out.append(s)
     return out
 

@@ -70,18 +70,22 @@ class RecoClassifier:
             only (`scoring_ == "within-modality"`): the image against the images its class name retrieved,
             plus the captions the image retrieved against the class prompt; `refine`/`explain` use mean
             fusion (`fusion_used_`). A warning says so.
+        seen: when at least half of the classes given are classes the fusion model was trained on (the same
+            prompt embeddings, `FusionModel.learned`), refine with its weights for them (`FusionModel.seen`,
+            trained to the end) instead of the early-stopped ones chosen for new classes (`fusion_used_`).
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
-                 batch_size: int = 256, device: str | None = None, guard: bool = True) -> None:
+                 batch_size: int = 256, device: str | None = None, guard: bool = True, seen: bool = True) -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
-        self.use_retrieval, self.batch_size, self.guard = use_retrieval, batch_size, guard
+        self.use_retrieval, self.batch_size, self.guard, self.seen = use_retrieval, batch_size, guard, seen
         self.fusion_used_ = fusion  # the model that refines: `fusion`, or mean fusion (see `guard`)
         self.scoring_ = "refined"  # cosine of refined embeddings; "within-modality" where the guard acts
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
+        self.learned_share_ = 0.0  # share of the classes given that the fusion model was trained on
         self.k = k or (fusion.cfg.k if fusion else 10)
         if fusion is not None:
             if self.k > fusion.cfg.k:
@@ -146,6 +150,9 @@ class RecoClassifier:
             self.class_embeddings_ = x
             return self
         cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
+        self.learned_share_ = float(self.fusion.learned(x).mean()) if len(x) else 0.0
+        if self.seen and self.fusion.seen is not None and self.learned_share_ >= 0.5:
+            self.fusion_used_ = self.fusion.seen
         nb = self._neighbours(x, "text")
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
         self.alignment_ = cross_alignment(x, self.class_neighbours_)
@@ -191,7 +198,8 @@ class RecoClassifier:
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
         cls = self._check_ready()
-        scale = float(self.fusion.logit_scale.exp().clamp(max=100).item()) if self.fusion else 100.0
+        scorer = self.fusion.seen if self.fusion and self.fusion_used_ is self.fusion.seen else self.fusion
+        scale = float(scorer.logit_scale.exp().clamp(max=100).item()) if scorer else 100.0
         if self.scoring_ == "within-modality":
             x = validate_embeddings(image_embeddings, "image embeddings", self.fusion.cfg.dim, "query")
             nbs = (self._neighbours(x[s : s + self.batch_size], "image", fusing=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class FusionConfig:
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
     encoder_id: str | None = None  # encoder whose embeddings this model was trained on
+    # class prompts the model was trained on, kept with a second set of weights (`FusionModel.seen`) for them;
+    # 0: none
+    learned_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -261,6 +264,32 @@ class FusionModel(nn.Module):
         self.phi_img = make(cfg)
         self.phi_txt = make(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
+        # For the classes it was trained on, the model at the end of training (see `with_seen`)
+        self.seen = FusionModel(replace(cfg, learned_classes=0)) if cfg.learned_classes else None
+        if cfg.learned_classes:
+            self.register_buffer("class_prompts", torch.zeros(cfg.learned_classes, cfg.dim))  # [C, D]
+
+    def with_seen(self, state: dict[str, torch.Tensor], class_prompts: np.ndarray) -> FusionModel:
+        """This model plus `seen`, the weights `state` for the classes whose prompts [C, D] it was trained on.
+
+        Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
+        while on the classes it learned from accuracy keeps rising until training ends (measured on real
+        images: held-out classes peak after 3-10 epochs, the training classes' test images gain 1.5-10
+        points more by the end). `RecoClassifier` scores with `seen` when it is given those classes."""
+        out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts))).to(self.device)
+        out.load_state_dict({**self.state_dict(), **{f"seen.{k}": v for k, v in state.items()},
+                             "class_prompts": torch.as_tensor(np.asarray(class_prompts, np.float32))})
+        return out
+
+    def learned(self, class_embeddings: np.ndarray, min_cosine: float = 0.99) -> np.ndarray:
+        """[C] True where a class embedding [C, D] is one of the prompts `seen` was trained on (the same
+        prompt through the same encoder: cosine >= min_cosine)."""
+        if self.seen is None or not len(class_embeddings):
+            return np.zeros(len(class_embeddings), bool)
+        known = F.normalize(self.class_prompts.float().cpu(), dim=-1).numpy()
+        x = np.asarray(class_embeddings, np.float32)
+        x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+        return (x @ known.T).max(1) >= min_cosine
 
     def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
                need_weights: bool = False, scores: torch.Tensor | None = None, keys: torch.Tensor | None = None

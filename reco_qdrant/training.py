@@ -2,7 +2,9 @@
 
 Validation is split by class: the fusion must help on classes it never saw, so the best epoch is
 chosen by zero-shot accuracy on held-out classes (or, without labels, image->text recall@1 on
-held-out pairs) and kept; training stops when it stops improving.
+held-out pairs) and kept; training stops when it stops improving. With class embeddings it runs every
+epoch instead and also keeps the last weights, for the classes it trained on (`FusionModel.seen`): on
+those, accuracy keeps rising after the held-out classes' has peaked.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class TrainConfig:
     uncovered_fraction: float = 0.5  # of classes treated as absent from the memory in training and validation
     misaligned_fraction: float = 0.25  # of training steps in a simulated world where image and text do not align
     class_loss: float = 1.0  # weight of the zero-shot loss (refined images vs refined prompts) when labels are given
+    # with labels, class embeddings and validation: train every epoch and keep the last weights too, for the
+    # classes trained on (`FusionModel.seen`); early stopping still picks the model for other classes
+    seen_model: bool = True
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
     on_mismatch: str = "error"  # out_dir holds a run on other inputs or settings: "error" | "restart" (train afresh)
@@ -441,10 +446,12 @@ def train_fusion(
     history.append({"epoch": 0, "loss": float("nan"), "val": best, "val_baseline": baseline, "seconds": 0.0})
     if resumable:
         start, best, best_epoch, bad, history = _resume(out, model, opt, sched, device)
-        best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").state_dict().items()}
+        best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").state_dict().items()
+                      if not k.startswith("seen.") and k != "class_prompts"}  # a finished run's best/ holds `seen` too
 
+    keep_seen = cfg.seen_model and train_prompts is not None and val is not None
     for epoch in range(start + 1, cfg.epochs + 1):
-        if val is not None and bad >= cfg.patience:
+        if val is not None and bad >= cfg.patience and not keep_seen:
             break
         t0 = time.perf_counter()
         model.train()
@@ -496,7 +503,12 @@ def train_fusion(
                         "seconds": time.perf_counter() - t0})
         if out:
             _checkpoint(out, model, opt, sched, epoch, best, best_epoch, bad, history, best_state)
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
+    if keep_seen:
+        model = model.with_seen(last_state, class_embeddings[train_prompts.classes])
+        if out:
+            _save(out, "best", model)
     model.history = history
     model.best_epoch = best_epoch
     return model.eval()
@@ -606,23 +618,28 @@ def _checkpoint(out: Path, model: FusionModel, opt: Any, sched: Any, epoch: int,
     """last/ (weights + optimiser state, to resume) and best/ (the model to use). Written then renamed."""
     best_model = FusionModel(model.cfg)
     best_model.load_state_dict({k: v.cpu() for k, v in best_state.items()})
-    for name, m in (("best", best_model), ("last", model)):
-        tmp, old = out / f".{name}.tmp", out / f".{name}.old"
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        m.save_pretrained(tmp)
-        if name == "last":
-            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad,
-                        "history_json": json.dumps(history), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict()}, tmp / "trainer_state.pt")
-        final = out / name
-        if final.exists():  # a crash between these renames is undone by `_recover`
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+    _save(out, "best", best_model)
+    _save(out, "last", model, {"epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad,
+                               "history_json": json.dumps(history), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict()})
+
+
+def _save(out: Path, name: str, model: FusionModel, trainer_state: dict | None = None) -> None:
+    """Write `model` (and the trainer state) to out/name: into a temporary directory, then renamed."""
+    tmp, old = out / f".{name}.tmp", out / f".{name}.old"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    model.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    final = out / name
+    if final.exists():  # a crash between these renames is undone by `_recover`
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def _resume(out: Path, model: FusionModel, opt: Any, sched: Any, device: str) -> tuple:

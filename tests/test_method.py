@@ -168,6 +168,37 @@ def test_checkpoint_roundtrip_is_exact_and_pickle_free(setup, reco, tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_the_classes_trained_on_are_scored_by_the_weights_trained_to_the_end(world, setup, reco, tmp_path):
+    """Early stopping picks the epoch for classes the model never saw; the model also keeps its last weights
+    (`seen`) and the classifier uses them when at least half of the classes it is given were trained on."""
+    mem, run, names, _, _ = setup
+    model, clf, _ = reco
+    assert model.seen is not None and model.seen.seen is None
+    assert model.history[-1]["epoch"] == 30 > model.best_epoch  # trained to the end, stopped early for new classes
+    trained = np.unique(world.train_labels)
+    assert model.cfg.learned_classes == len(model.class_prompts) < len(trained)  # validation classes are not learned
+    learned = model.learned(world.class_text)
+    assert learned.sum() == model.cfg.learned_classes and not learned[world.eval_classes].any()
+    assert clf.fusion_used_ is model and clf.learned_share_ == 0.0  # the evaluation classes are new ones
+    seen_names = [world.class_names[c] for c in np.flatnonzero(learned)]
+    on_seen = RecoClassifier(mem, model).set_class_embeddings(world.class_text[learned], seen_names)
+    assert on_seen.fusion_used_ is model.seen and on_seen.learned_share_ == 1.0
+    a, b = (on_seen.refine(world.eval_image[:8], "image"), clf.refine(world.eval_image[:8], "image"))
+    assert np.abs(a - b).max() > 1e-3  # other weights refine
+    off = RecoClassifier(mem, model, seen=False).set_class_embeddings(world.class_text[learned], seen_names)
+    assert off.fusion_used_ is model
+    half = np.concatenate([np.flatnonzero(learned)[:3], world.eval_classes[:4]])  # 3 of 7 learned: new weights
+    mixed = RecoClassifier(mem, model).set_class_embeddings(world.class_text[half], [str(c) for c in half])
+    assert mixed.fusion_used_ is model and mixed.learned_share_ == pytest.approx(3 / 7)
+    loaded = FusionModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v.cpu(), rtol=0, atol=0)
+    assert RecoClassifier(mem, loaded).set_class_embeddings(world.class_text[learned], seen_names).fusion_used_ \
+        is loaded.seen
+    without, _, _ = run(seen_model=False)
+    assert without.seen is None and without.history[-1]["epoch"] < 30  # stopped early
+
+
 def test_checkpoint_for_another_dim_or_mode_is_refused(setup, tmp_path):
     from reco_qdrant.fusion import FusionConfig
     from reco_qdrant.memory import EncoderMismatchError
@@ -237,6 +268,11 @@ with fill(Memory.open({str(tmp_path / 'm')!r}), w) as mem:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     for k, v in clean.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+    with Memory.open(str(tmp_path / "m")) as mem:  # a finished run resumed: nothing to train, the same model
+        again = train_fusion(mem, world.train_image, world.train_text, out_dir=str(tmp_path / "a"), **kw)
+    assert again.seen is not None and again.state_dict().keys() == clean.state_dict().keys()
+    for k, v in clean.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_templates_and_unknown_placeholder(tiny_encoder):
