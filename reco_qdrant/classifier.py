@@ -150,10 +150,10 @@ class RecoClassifier:
             self.class_embeddings_ = x
             return self
         cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
+        nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
         self.learned_share_ = float(self.fusion.learned(x).mean()) if len(x) else 0.0
         if self.seen and self.fusion.seen is not None and self.learned_share_ >= 0.5:
             self.fusion_used_ = self.fusion.seen
-        nb = self._neighbours(x, "text")
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
         self.alignment_ = cross_alignment(x, self.class_neighbours_)
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
