@@ -270,12 +270,13 @@ class FusionModel(nn.Module):
             self.register_buffer("class_prompts", torch.zeros(cfg.learned_classes, cfg.dim))  # [C, D]
 
     def with_seen(self, state: dict[str, torch.Tensor], class_prompts: np.ndarray) -> FusionModel:
-        """This model plus `seen`, the weights `state` for the classes whose prompts [C, D] it was trained on.
+        """This model plus `seen`: the weights `state` of a model trained on the classes whose prompts [C, D]
+        are given (every labelled pair, the full schedule).
 
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
-        while on the classes it learned from accuracy keeps rising until training ends (measured on real
-        images: held-out classes peak after 3-10 epochs, the training classes' test images gain 1.5-10
-        points more by the end). `RecoClassifier` scores with `seen` when it is given those classes."""
+        while on the classes it learns from, accuracy keeps rising until training ends (measured on real
+        images: held-out classes peak after 3-10 of 30 epochs while the training classes' test images gain
+        1.5-10 points more by the end). `RecoClassifier` scores with `seen` when it is given those classes."""
         out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts))).to(self.device)
         out.load_state_dict({**self.state_dict(), **{f"seen.{k}": v for k, v in state.items()},
                              "class_prompts": torch.as_tensor(np.asarray(class_prompts, np.float32))})

@@ -2,9 +2,10 @@
 
 Validation is split by class: the fusion must help on classes it never saw, so the best epoch is
 chosen by zero-shot accuracy on held-out classes (or, without labels, image->text recall@1 on
-held-out pairs) and kept; training stops when it stops improving. With class embeddings it runs every
-epoch instead and also keeps the last weights, for the classes it trained on (`FusionModel.seen`): on
-those, accuracy keeps rising after the held-out classes' has peaked.
+held-out pairs) and kept; training stops when it stops improving. That model serves classes it never
+saw. With class embeddings, a second run on every labelled pair, no class held out, for the whole
+schedule, gives the weights for the classes trained on (`FusionModel.seen`): on those, accuracy keeps
+rising long after the held-out classes' has peaked.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class TrainConfig:
     uncovered_fraction: float = 0.5  # of classes treated as absent from the memory in training and validation
     misaligned_fraction: float = 0.25  # of training steps in a simulated world where image and text do not align
     class_loss: float = 1.0  # weight of the zero-shot loss (refined images vs refined prompts) when labels are given
-    # with labels, class embeddings and validation: train every epoch and keep the last weights too, for the
-    # classes trained on (`FusionModel.seen`); early stopping still picks the model for other classes
+    # with labels, class embeddings and validation: also train a model on every labelled pair for the full
+    # schedule, for the classes trained on (`FusionModel.seen`); early stopping picks the one for other classes
     seen_model: bool = True
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
@@ -449,9 +450,8 @@ def train_fusion(
         best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").state_dict().items()
                       if not k.startswith("seen.") and k != "class_prompts"}  # a finished run's best/ holds `seen` too
 
-    keep_seen = cfg.seen_model and train_prompts is not None and val is not None
     for epoch in range(start + 1, cfg.epochs + 1):
-        if val is not None and bad >= cfg.patience and not keep_seen:
+        if val is not None and bad >= cfg.patience:
             break
         t0 = time.perf_counter()
         model.train()
@@ -503,10 +503,15 @@ def train_fusion(
                         "seconds": time.perf_counter() - t0})
         if out:
             _checkpoint(out, model, opt, sched, epoch, best, best_epoch, bad, history, best_state)
-    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    if keep_seen:
-        model = model.with_seen(last_state, class_embeddings[train_prompts.classes])
+    if cfg.seen_model and train_prompts is not None and val is not None:
+        # the weights for the classes trained on: every labelled pair, no class held out, the full schedule
+        # (resumable under out_dir/seen)
+        seen = train_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
+                            encoder_id=encoder_id, config=cfg, val_fraction=0.0, seen_model=False,
+                            out_dir=str(out / "seen") if out else None,
+                            cache_dir=cfg.cache_dir or (str(out / "cache") if out else None))
+        model = model.with_seen(seen.state_dict(), class_embeddings[classes])
         if out:
             _save(out, "best", model)
     model.history = history

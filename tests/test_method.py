@@ -169,14 +169,14 @@ def test_checkpoint_roundtrip_is_exact_and_pickle_free(setup, reco, tmp_path):
 
 
 def test_the_classes_trained_on_are_scored_by_the_weights_trained_to_the_end(world, setup, reco, tmp_path):
-    """Early stopping picks the epoch for classes the model never saw; the model also keeps its last weights
-    (`seen`) and the classifier uses them when at least half of the classes it is given were trained on."""
+    """Early stopping picks the epoch for classes the model never saw; the model also holds weights trained on
+    every labelled class for the full schedule (`seen`), which the classifier uses when at least half of the
+    classes it is given were trained on."""
     mem, run, names, _, _ = setup
     model, clf, _ = reco
     assert model.seen is not None and model.seen.seen is None
-    assert model.history[-1]["epoch"] == 30 > model.best_epoch  # trained to the end, stopped early for new classes
-    trained = np.unique(world.train_labels)
-    assert model.cfg.learned_classes == len(model.class_prompts) < len(trained)  # validation classes are not learned
+    assert model.history[-1]["epoch"] < 30  # stopped early for new classes
+    assert model.cfg.learned_classes == len(model.class_prompts) == len(np.unique(world.train_labels))
     learned = model.learned(world.class_text)
     assert learned.sum() == model.cfg.learned_classes and not learned[world.eval_classes].any()
     assert clf.fusion_used_ is model and clf.learned_share_ == 0.0  # the evaluation classes are new ones
@@ -196,7 +196,9 @@ def test_the_classes_trained_on_are_scored_by_the_weights_trained_to_the_end(wor
     assert RecoClassifier(mem, loaded).set_class_embeddings(world.class_text[learned], seen_names).fusion_used_ \
         is loaded.seen
     without, _, _ = run(seen_model=False)
-    assert without.seen is None and without.history[-1]["epoch"] < 30  # stopped early
+    assert without.seen is None
+    for k, v in without.state_dict().items():  # the early-stopped model is the same either way
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_checkpoint_for_another_dim_or_mode_is_refused(setup, tmp_path):
