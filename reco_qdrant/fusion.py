@@ -278,9 +278,13 @@ class FusionModel(nn.Module):
         images: held-out classes peak after 3-10 of 30 epochs; a run on every labelled pair to the end gains
         3-20 points on the classes it learned). `RecoClassifier` scores with `seen` when given those classes."""
         out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts))).to(self.device)
-        out.load_state_dict({**self.state_dict(), **{f"seen.{k}": v for k, v in state.items()},
+        out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in state.items()},
                              "class_prompts": torch.as_tensor(np.asarray(class_prompts, np.float32))})
         return out
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's own weights, without `seen` and the class prompts it learned."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("seen.") and k != "class_prompts"}
 
     def learned(self, class_embeddings: np.ndarray, min_cosine: float = 0.99) -> np.ndarray:
         """[C] True where a class embedding [C, D] is one of the prompts `seen` was trained on (the same

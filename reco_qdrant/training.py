@@ -447,8 +447,8 @@ def train_fusion(
     history.append({"epoch": 0, "loss": float("nan"), "val": best, "val_baseline": baseline, "seconds": 0.0})
     if resumable:
         start, best, best_epoch, bad, history = _resume(out, model, opt, sched, device)
-        best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").state_dict().items()
-                      if not k.startswith("seen.") and k != "class_prompts"}  # a finished run's best/ holds `seen` too
+        # a finished run's best/ holds `seen` too
+        best_state = {k: v.to(device) for k, v in FusionModel.from_pretrained(out / "best").own_state_dict().items()}
 
     for epoch in range(start + 1, cfg.epochs + 1):
         if val is not None and bad >= cfg.patience:
