@@ -72,7 +72,8 @@ class RecoClassifier:
             fusion (`fusion_used_`). A warning says so.
         seen: when at least half of the classes given are classes the fusion model was trained on (the same
             prompt embeddings, `FusionModel.learned`), refine with its weights for them (`FusionModel.seen`,
-            trained to the end) instead of the early-stopped ones chosen for new classes (`fusion_used_`).
+            trained on every labelled pair for the full schedule) instead of the early-stopped ones chosen for
+            new classes (`fusion_used_`).
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,

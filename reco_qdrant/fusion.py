@@ -264,14 +264,14 @@ class FusionModel(nn.Module):
         self.phi_img = make(cfg)
         self.phi_txt = make(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
-        # For the classes it was trained on, the model at the end of training (see `with_seen`)
+        # For the classes it was trained on, a model trained on all of them (see `with_seen`)
         self.seen = FusionModel(replace(cfg, learned_classes=0)) if cfg.learned_classes else None
         if cfg.learned_classes:
             self.register_buffer("class_prompts", torch.zeros(cfg.learned_classes, cfg.dim))  # [C, D]
 
     def with_seen(self, state: dict[str, torch.Tensor], class_prompts: np.ndarray) -> FusionModel:
         """This model plus `seen`: the weights `state` of a model trained on the classes whose prompts [C, D]
-        are given (every labelled pair, the full schedule).
+        are given (every labelled pair for the full schedule; of its epochs, the one of lowest training loss).
 
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
         while on the classes it learns from, accuracy keeps rising until training ends (measured on real

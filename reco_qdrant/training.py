@@ -505,8 +505,8 @@ def train_fusion(
             _checkpoint(out, model, opt, sched, epoch, best, best_epoch, bad, history, best_state)
     model.load_state_dict(best_state)
     if cfg.seen_model and train_prompts is not None and val is not None:
-        # the weights for the classes trained on: every labelled pair, no class held out, the full schedule
-        # (resumable under out_dir/seen)
+        # the weights for the classes trained on: every labelled pair, no class held out, the full schedule; with no
+        # held-out class to choose by, its epoch of lowest training loss is kept (resumable under out_dir/seen)
         seen = train_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
                             encoder_id=encoder_id, config=cfg, val_fraction=0.0, seen_model=False,
                             out_dir=str(out / "seen") if out else None,

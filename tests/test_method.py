@@ -168,7 +168,7 @@ def test_checkpoint_roundtrip_is_exact_and_pickle_free(setup, reco, tmp_path):
                                rtol=1e-5, atol=1e-7)
 
 
-def test_the_classes_trained_on_are_scored_by_the_weights_trained_to_the_end(world, setup, reco, tmp_path):
+def test_the_classes_trained_on_are_scored_by_the_weights_trained_on_all_of_them(world, setup, reco, tmp_path):
     """Early stopping picks the epoch for classes the model never saw; the model also holds weights trained on
     every labelled class for the full schedule (`seen`), which the classifier uses when at least half of the
     classes it is given were trained on."""
