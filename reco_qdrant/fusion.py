@@ -37,6 +37,9 @@ class FusionConfig:
     projection: bool = True  # relevance: a learned D x D map on the fused neighbours (P below)
     cross_feature: bool = True  # relevance: the gate sees the query's cosine with its fused neighbours
     uni_term: bool = True  # relevance: also add the neighbours' vectors in the searched modality (U below)
+    # relevance: a learned D x D map on U too (Q below): capacity that serves the classes trained on and costs new
+    # ones, so by default only `seen` (the weights for the classes trained on) has it; `seen_uni_projection`: its flag
+    uni_projection: bool = False
     # median cosine of the training class prompts with their fused neighbours (see `cross_alignment`): how
     # well the encoder aligned the classes the model learned from; RecoClassifier compares the classes it is
     # given with it. None: not measured (trained without class prompts)
@@ -47,6 +50,7 @@ class FusionConfig:
     # class prompts the model was trained on, kept with a second set of weights (`FusionModel.seen`) for them;
     # 0: none
     learned_classes: int = 0
+    seen_uni_projection: bool = False
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -155,7 +159,8 @@ class RelevanceFuser(nn.Module):
     """Fusion that weighs each neighbour by how well it matched the query, and retrieval as a whole by
     how far it can be trusted:
 
-        out = normalize(q + g * normalize(m + P m) + h * U),   m = sum_j w_j r_j,  U = normalize(sum_j w_j u_j)
+        out = normalize(q + g * normalize(m + P m) + h * U),   m = sum_j w_j r_j,  U = normalize(u + Q u)
+                                                               u = sum_j w_j u_j, Q = 0 unless `uni_projection`
         w_j = softmax_j(a * s_j + b * c_j + rank_j)    s_j: search score of neighbour j (searched modality)
                                                        c_j: its agreement with the other neighbours
         g, h = softplus(gate(features)) * (1, e)       top/mean/spread of scores, agreement, share present,
@@ -184,6 +189,9 @@ class RelevanceFuser(nn.Module):
         nn.init.zeros_(self.gate[2].weight)
         nn.init.constant_(self.gate[2].bias, math.log(math.e - 1))  # softplus(.) = 1
         self.uni_scale = nn.Parameter(torch.ones(())) if cfg.uni_term else None  # e
+        self.uni_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.uni_term and cfg.uni_projection else None
+        if self.uni_proj is not None:
+            nn.init.zeros_(self.uni_proj.weight)
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
                 scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
@@ -213,7 +221,8 @@ class RelevanceFuser(nn.Module):
         h = torch.zeros_like(g)
         if self.uni_scale is not None:
             h = self.uni_scale * gates[:, 1:]
-            out = out + h * F.normalize((w[..., None] * keys.to(r.dtype)).sum(1), dim=-1)
+            u = (w[..., None] * keys.to(r.dtype)).sum(1)
+            out = out + h * F.normalize(u + self.uni_proj(u) if self.uni_proj is not None else u, dim=-1)
         out = F.normalize(out, dim=-1)
         total = 1 + g + h.abs()
         weights = torch.cat([1 / total, (g + h.abs()) * w / total], dim=1) if need_weights else None
@@ -265,20 +274,22 @@ class FusionModel(nn.Module):
         self.phi_txt = make(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
         # For the classes it was trained on, a model trained on all of them (see `with_seen`)
-        self.seen = FusionModel(replace(cfg, learned_classes=0)) if cfg.learned_classes else None
+        self.seen = FusionModel(replace(cfg, learned_classes=0, uni_projection=cfg.seen_uni_projection,
+                                        seen_uni_projection=False)) if cfg.learned_classes else None
         if cfg.learned_classes:
             self.register_buffer("class_prompts", torch.zeros(cfg.learned_classes, cfg.dim))  # [C, D]
 
-    def with_seen(self, state: dict[str, torch.Tensor], class_prompts: np.ndarray) -> FusionModel:
-        """This model plus `seen`: the weights `state` of a model trained on the classes whose prompts [C, D]
-        are given (every labelled pair for the full schedule; of its epochs, the one of lowest training loss).
+    def with_seen(self, seen: FusionModel, class_prompts: np.ndarray) -> FusionModel:
+        """This model plus `seen`, a model trained on the classes whose prompts [C, D] are given (every labelled
+        pair for the full schedule; of its epochs, the one of lowest training loss).
 
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
         while on the classes it learns from, accuracy keeps rising until training ends (measured on real
         images: held-out classes peak after 3-10 of 30 epochs; a run on every labelled pair to the end gains
         3-20 points on the classes it learned). `RecoClassifier` scores with `seen` when given those classes."""
-        out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts))).to(self.device)
-        out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in state.items()},
+        out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts),
+                                  seen_uni_projection=seen.cfg.uni_projection)).to(self.device)
+        out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in seen.own_state_dict().items()},
                              "class_prompts": torch.as_tensor(np.asarray(class_prompts, np.float32))})
         return out
 

@@ -58,6 +58,29 @@ def test_relevance_fusion_starts_as_plain_averaging_exactly():
     torch.testing.assert_close(a[2], q[2])  # nothing retrieved: the query itself
 
 
+def test_the_map_on_the_searched_modality_starts_at_zero_and_the_seen_weights_keep_their_own_config(tmp_path):
+    """`uni_projection` adds a D x D map on U, zero at first (the same output as without it); a model whose
+    `seen` weights have it while its own do not saves and loads both as they are."""
+    cfg = dict(dim=32, k=5, n_heads=4)
+    q, r, mask, scores = batch()
+    keys = torch.nn.functional.normalize(torch.randn_like(r), dim=-1)
+    plain = FusionModel(FusionConfig(**cfg)).eval()
+    mapped = FusionModel(FusionConfig(uni_projection=True, **cfg)).eval()
+    missing = mapped.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["phi_img.uni_proj.weight", "phi_txt.uni_proj.weight"] and plain.phi_img.uni_proj is None
+    torch.testing.assert_close(mapped.refine("image", q, r, mask, scores=scores, keys=keys)[0],
+                               plain.refine("image", q, r, mask, scores=scores, keys=keys)[0])
+    with torch.no_grad():
+        mapped.phi_img.uni_proj.weight.normal_(std=0.5)
+    want = mapped.refine("image", q, r, mask, scores=scores, keys=keys)[0]
+    assert (want - plain.refine("image", q, r, mask, scores=scores, keys=keys)[0]).abs().max() > 1e-2
+    both = plain.with_seen(mapped, np.eye(3, 32, dtype=np.float32))
+    assert both.cfg.seen_uni_projection and both.phi_img.uni_proj is None and both.seen.cfg.uni_projection
+    loaded = FusionModel.from_pretrained(both.save_pretrained(tmp_path / "both"))
+    assert loaded.cfg == both.cfg and loaded.seen.cfg == mapped.cfg
+    torch.testing.assert_close(loaded.seen.refine("image", q, r, mask, scores=scores, keys=keys)[0], want)
+
+
 def test_relevance_fusion_needs_scores_and_uses_them():
     model = FusionModel(FusionConfig(dim=32, k=5, aggregator="relevance")).eval()
     q, r, mask, scores = batch()
@@ -102,7 +125,7 @@ def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(
     old = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, cross_feature=False, uni_term=False)).eval()
     path = old.save_pretrained(tmp_path / "old")
     cfg = json.loads((path / "config.json").read_text())
-    for field in ("cross_feature", "uni_term", "alignment"):
+    for field in ("cross_feature", "uni_term", "alignment", "uni_projection", "seen_uni_projection"):
         cfg.pop(field)
     (path / "config.json").write_text(json.dumps(cfg))
     loaded = FusionModel.from_pretrained(path)

@@ -175,6 +175,9 @@ def test_the_classes_trained_on_are_scored_by_the_weights_trained_on_all_of_them
     mem, run, names, _, _ = setup
     model, clf, _ = reco
     assert model.seen is not None and model.seen.seen is None
+    # only the weights for the classes trained on learn the map on U (`seen_uni_projection`), and they did learn it
+    assert model.phi_img.uni_proj is None and model.seen.cfg.uni_projection and model.cfg.seen_uni_projection
+    assert model.seen.phi_img.uni_proj.weight.abs().max() > 0
     assert model.history[-1]["epoch"] < 30  # stopped early for new classes
     assert model.cfg.learned_classes == len(model.class_prompts) == len(np.unique(world.train_labels))
     learned = model.learned(world.class_text)
