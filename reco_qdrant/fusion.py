@@ -59,6 +59,8 @@ class FusionConfig:
             raise ValueError(f"search must be one of ('uni', 'cross'), got {self.search!r}")
         if self.fusion not in ("cross", "uni"):
             raise ValueError(f"fusion must be one of ('cross', 'uni'), got {self.fusion!r}")
+        if self.uni_projection and not self.uni_term:
+            raise ValueError("uni_projection maps U, the searched modality's term: it needs uni_term=True")
         if self.aggregator == "transformer" and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 

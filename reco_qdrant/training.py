@@ -515,7 +515,7 @@ def train_fusion(
         # held-out class to choose by, its epoch of lowest training loss is kept (resumable under out_dir/seen)
         seen = train_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
                             encoder_id=encoder_id, config=cfg, val_fraction=0.0, seen_model=False,
-                            uni_projection=cfg.seen_uni_projection,
+                            uni_projection=cfg.seen_uni_projection and cfg.uni_term,
                             out_dir=str(out / "seen") if out else None,
                             cache_dir=cfg.cache_dir or (str(out / "cache") if out else None))
         model = model.with_seen(seen, class_embeddings[classes])

@@ -74,6 +74,8 @@ def test_the_map_on_the_searched_modality_starts_at_zero_and_the_seen_weights_ke
         mapped.phi_img.uni_proj.weight.normal_(std=0.5)
     want = mapped.refine("image", q, r, mask, scores=scores, keys=keys)[0]
     assert (want - plain.refine("image", q, r, mask, scores=scores, keys=keys)[0]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="needs uni_term=True"):
+        FusionConfig(uni_projection=True, uni_term=False, **cfg)
     both = plain.with_seen(mapped, np.eye(3, 32, dtype=np.float32))
     assert both.cfg.seen_uni_projection and both.phi_img.uni_proj is None and both.seen.cfg.uni_projection
     loaded = FusionModel.from_pretrained(both.save_pretrained(tmp_path / "both"))

@@ -111,6 +111,7 @@ def test_the_searched_modality_term_can_be_left_out(setup):
     hits' vectors in the searched modality, which cost about 40% more search time)."""
     model, clf, res = setup[1](uni_term=False, epochs=1)
     assert model.cfg.uni_term is False and not model.needs_keys and model.phi_img.uni_scale is None
+    assert model.seen is not None and not model.seen.cfg.uni_projection  # no U, nothing for Q to map
     assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
 
 
