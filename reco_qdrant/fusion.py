@@ -191,7 +191,7 @@ class RelevanceFuser(nn.Module):
         nn.init.zeros_(self.gate[2].weight)
         nn.init.constant_(self.gate[2].bias, math.log(math.e - 1))  # softplus(.) = 1
         self.uni_scale = nn.Parameter(torch.ones(())) if cfg.uni_term else None  # e
-        self.uni_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.uni_term and cfg.uni_projection else None
+        self.uni_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.uni_projection else None  # Q
         if self.uni_proj is not None:
             nn.init.zeros_(self.uni_proj.weight)
 
