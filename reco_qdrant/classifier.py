@@ -66,7 +66,8 @@ class RecoClassifier:
         guard: when the encoder aligns the classes given (`set_classes`) with their retrieved neighbours far
             less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the encoder does not know these
             names, and every image-text comparison through it is noise: the learned fusion is out of its depth
-            (it only ever saw an encoder that knows its classes). Classes are then scored within each modality
+            (it only ever saw an encoder that knows its classes). Measured on the half of the classes whose
+            neighbours agree most, so that classes the memory lacks do not read as names the encoder lacks. Classes are then scored within each modality
             only (`scoring_ == "within-modality"`): the image against the images its class name retrieved,
             plus the captions the image retrieved against the class prompt; `refine`/`explain` use mean
             fusion (`fusion_used_`). A warning says so.
@@ -156,7 +157,7 @@ class RecoClassifier:
         if self.seen and self.fusion.seen is not None and self.learned_share_ >= 0.5:
             self.fusion_used_ = self.fusion.seen
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
-        self.alignment_ = cross_alignment(x, self.class_neighbours_)
+        self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
         out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()

@@ -40,9 +40,9 @@ class FusionConfig:
     # relevance: a learned D x D map on U too (Q below): capacity that serves the classes trained on and costs new
     # ones, so by default only `seen` (the weights for the classes trained on) has it; `seen_uni_projection`: its flag
     uni_projection: bool = False
-    # median cosine of the training class prompts with their fused neighbours (see `cross_alignment`): how
-    # well the encoder aligned the classes the model learned from; RecoClassifier compares the classes it is
-    # given with it. None: not measured (trained without class prompts)
+    # median cosine of the training class prompts with their fused neighbours, over the best-covered half (see
+    # `cross_alignment`): how well the encoder aligned the classes the model learned from; RecoClassifier
+    # compares the classes it is given with it. None: not measured (trained without class prompts)
     alignment: float | None = None
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
@@ -258,11 +258,24 @@ def neighbour_mean(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
 
 
-def cross_alignment(q: np.ndarray, mean: np.ndarray) -> float:
-    """Median over queries [B, d] of the cosine between a query and the mean of its fused neighbours
-    [B, d] (`neighbour_mean`), which are of the other modality in RECO's mode: how well the encoder aligns
-    the queries' concepts across modalities (class prompts with the images their captions retrieved)."""
-    return float(np.median(np.einsum("bd,bd->b", np.asarray(q, np.float32), mean))) if len(q) else float("nan")
+def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> float:
+    """How well the encoder aligns the queries' concepts across modalities: the median cosine between a query
+    [B, d] and the mean of its fused neighbours [B, k, d] (mask [B, k]), which are of the other modality in
+    RECO's mode (class prompts with the images their captions retrieved), over the half of the queries whose
+    neighbours agree most (their mean is longest).
+
+    Why that half: a class the memory lacks retrieves scattered look-alikes, whose mean is short and far from
+    its prompt even where the encoder knows the name, so a memory covering half of the classes would read as
+    an encoder that knows half of them. Its best-covered half measures the encoder, not the coverage."""
+    v = np.asarray(vectors, np.float32) * np.asarray(mask, np.float32)[..., None]
+    v = v / np.linalg.norm(v, axis=-1, keepdims=True).clip(1e-12)
+    m = v.sum(1) / np.asarray(mask, np.float32).sum(1, keepdims=True).clip(1.0)  # [B, d]
+    agreement = np.linalg.norm(m, axis=1)  # [B]: 1 where all neighbours coincide
+    if not len(q):
+        return float("nan")
+    q = np.asarray(q, np.float32) / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+    cos = np.einsum("bd,bd->b", q, m / agreement[:, None].clip(1e-12))
+    return float(np.median(cos[agreement >= np.median(agreement)]))
 
 
 class FusionModel(nn.Module):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .encoders import default_device
-from .fusion import FusionConfig, FusionModel, cross_alignment, neighbour_mean
+from .fusion import FusionConfig, FusionModel, cross_alignment
 from .loss import reco_loss
 from .memory import Memory, validate_embeddings
 from .neighbors import mode_modalities, retrieve
@@ -400,7 +400,7 @@ def train_fusion(
     if learns and class_embeddings is not None:  # how well the encoder aligns the classes learned from
         seen = class_embeddings[np.unique(labels)]
         nb = retrieve(memory, seen, "text", cfg.k, cfg.search, cfg.fusion, with_payload=False)
-        model.cfg.alignment = round(cross_alignment(seen, neighbour_mean(nb.vectors, nb.mask)), 4)
+        model.cfg.alignment = round(cross_alignment(seen, nb.vectors, nb.mask), 4)
     img_nb = neighbour_cache(memory, img, "image", cfg, ids)
     txt_nb = neighbour_cache(memory, txt, "text", cfg, ids)
     # Coverage: a memory never holds every class a user asks about. With labels and the pairs' point ids, a

@@ -9,7 +9,7 @@ import torch
 from conftest import random_pairs
 
 from reco_qdrant import Memory
-from reco_qdrant.fusion import AGGREGATORS, FusionConfig, FusionModel
+from reco_qdrant.fusion import AGGREGATORS, FusionConfig, FusionModel, cross_alignment
 from reco_qdrant.neighbors import retrieve
 from reco_qdrant.training import class_members, search_scores
 
@@ -135,3 +135,21 @@ def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(
     assert loaded.cfg.uni_term is False and not loaded.needs_keys
     torch.testing.assert_close(loaded.refine("image", q, r, mask, scores=scores)[0],
                                old.refine("image", q, r, mask, scores=scores)[0])
+
+
+def test_cross_alignment_reads_the_classes_whose_neighbours_agree():
+    """Half of the queries retrieve neighbours close to them (a class the memory holds), half scattered ones
+    (a class it lacks, whose prompt finds look-alikes): the alignment is that of the first half, not a median
+    dragged down by the memory's coverage (over all queries it would be about 0.5)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((40, 64)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    near = q[:20, None] + 0.1 * rng.standard_normal((20, 8, 64))
+    scattered = rng.standard_normal((20, 8, 64))
+    vectors = np.concatenate([near, scattered]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
+    mask = np.ones((40, 8), bool)
+    assert cross_alignment(q, vectors, mask) > 0.9
+    whole = cross_alignment(q, vectors, mask)
+    assert cross_alignment(q[:20], vectors[:20], mask[:20]) == pytest.approx(whole, abs=0.05)
+    assert cross_alignment(q[20:], vectors[20:], mask[20:]) < 0.3

@@ -106,6 +106,25 @@ def test_guard_scores_within_each_modality_where_the_encoder_does_not_know_the_n
     assert got["reco"]["top1"] >= got["baseline"]["top1"] + 0.25, got
 
 
+def test_guard_reads_the_encoder_not_how_much_of_the_class_set_the_memory_holds(world, setup, reco, tmp_path):
+    """Three quarters of the evaluation classes missing from the memory, as from a web memory: their captions
+    only on other classes' images (wrong captions), so their prompts retrieve scattered images and align with
+    them poorly. The encoder still knows every name, so the guard keeps the learned fusion: it measures the
+    alignment on the classes whose neighbours agree (over all classes it read 0.17 here, below half of the
+    training classes' 0.37, and scored within each modality)."""
+    model = reco[0]
+    rng = np.random.default_rng(0)
+    absent = rng.permutation(world.eval_classes)[: 3 * len(world.eval_classes) // 4]
+    out = np.isin(world.memory_labels, absent)
+    image = world.memory_image.copy()
+    image[out] = world.memory_image[rng.choice(np.flatnonzero(~out), out.sum())]
+    with Memory.open(str(tmp_path / "mem")) as mem:
+        mem.add_embeddings(image, world.memory_text, world.memory_captions, ids=world.memory_ids,
+                           source="synthetic", encoder_id="synthetic")
+        clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], setup[2])
+    assert clf.scoring_ == "refined" and clf.fusion_used_ is model, (clf.alignment_, model.cfg.alignment)
+
+
 def test_the_searched_modality_term_can_be_left_out(setup):
     """`uni_term=False`: relevance fusion without U, whose classifier then searches without the keys (the
     hits' vectors in the searched modality, which cost about 40% more search time)."""
