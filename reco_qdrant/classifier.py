@@ -67,10 +67,10 @@ class RecoClassifier:
             less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the encoder does not know these
             names, and every image-text comparison through it is noise: the learned fusion is out of its depth
             (it only ever saw an encoder that knows its classes). Measured on the half of the classes whose
-            neighbours agree most, so that classes the memory lacks do not read as names the encoder lacks. Classes are then scored within each modality
-            only (`scoring_ == "within-modality"`): the image against the images its class name retrieved,
-            plus the captions the image retrieved against the class prompt; `refine`/`explain` use mean
-            fusion (`fusion_used_`). A warning says so.
+            neighbours agree most, so that classes the memory lacks do not read as names the encoder lacks.
+            Classes are then scored within each modality only (`scoring_ == "within-modality"`): the image
+            against the images its class name retrieved, plus the captions the image retrieved against the
+            class prompt; `refine`/`explain` use mean fusion (`fusion_used_`). A warning says so.
         seen: when at least half of the classes given are classes the fusion model was trained on (the same
             prompt embeddings, `FusionModel.learned`), refine with its weights for them (`FusionModel.seen`,
             trained on every labelled pair for the full schedule) instead of the early-stopped ones chosen for

@@ -267,12 +267,12 @@ def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> flo
     Why that half: a class the memory lacks retrieves scattered look-alikes, whose mean is short and far from
     its prompt even where the encoder knows the name, so a memory covering half of the classes would read as
     an encoder that knows half of them. Its best-covered half measures the encoder, not the coverage."""
+    if not len(q):
+        return float("nan")
     v = np.asarray(vectors, np.float32) * np.asarray(mask, np.float32)[..., None]
     v = v / np.linalg.norm(v, axis=-1, keepdims=True).clip(1e-12)
     m = v.sum(1) / np.asarray(mask, np.float32).sum(1, keepdims=True).clip(1.0)  # [B, d]
     agreement = np.linalg.norm(m, axis=1)  # [B]: 1 where all neighbours coincide
-    if not len(q):
-        return float("nan")
     q = np.asarray(q, np.float32) / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
     cos = np.einsum("bd,bd->b", q, m / agreement[:, None].clip(1e-12))
     return float(np.median(cos[agreement >= np.median(agreement)]))
