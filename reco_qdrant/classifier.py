@@ -16,8 +16,8 @@ from .memory import EncoderMismatchError, Memory, Neighbours, validate_embedding
 from .neighbors import retrieve
 
 # Classes whose prompts align with their retrieved neighbours less than this share of the fusion's training
-# classes are out of the learned fusion's reach (measured: 0.13-0.33 for names the encoder never learned,
-# 0.88-1.0 for learned ones, half of them absent from the memory or not; README "Method").
+# classes are out of the learned fusion's reach (measured: 0.08-0.33 for names the encoder never learned,
+# 0.95-1.02 for learned ones, half of them absent from the memory or not; README "Method").
 ALIGNMENT_FLOOR = 0.5
 
 # CLIP's prompt templates (a few of each set); always report the baseline with the same prompts.
@@ -70,7 +70,10 @@ class RecoClassifier:
             neighbours agree most, so that classes the memory lacks do not read as names the encoder lacks.
             Classes are then scored within each modality only (`scoring_ == "within-modality"`): the image
             against the images its class name retrieved, plus the captions the image retrieved against the
-            class prompt; `refine`/`explain` use mean fusion (`fusion_used_`). A warning says so.
+            class prompt; `refine`/`explain` use mean fusion (`fusion_used_`). A warning says so. It does not
+            act where at least half of the classes given are classes the fusion was trained on (within its
+            reach by definition), nor where the training classes' alignment was not positive (an encoder
+            that aligned nothing leaves no level to fall below).
         seen: when at least half of the classes given are classes the fusion model was trained on (the same
             prompt embeddings, `FusionModel.learned`), refine with its weights for them (`FusionModel.seen`,
             trained on every labelled pair for the full schedule) instead of the early-stopped ones chosen for
@@ -158,7 +161,8 @@ class RecoClassifier:
             self.fusion_used_ = self.fusion.seen
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
-        out_of_reach = cfg.alignment is not None and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment
+        out_of_reach = (cfg.alignment is not None and cfg.alignment > 0 and self.learned_share_ < 0.5
+                        and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment)
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
             reco_mode = cfg.search == "uni" and cfg.fusion == "cross"  # neighbours in the other modality

@@ -3,6 +3,7 @@ self-exclusion matters, checkpoints round-trip, the memory can be swapped at inf
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,25 @@ def test_guard_reads_the_encoder_not_how_much_of_the_class_set_the_memory_holds(
                            source="synthetic", encoder_id="synthetic")
         clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], setup[2])
     assert clf.scoring_ == "refined" and clf.fusion_used_ is model, (clf.alignment_, model.cfg.alignment)
+
+
+def test_guard_leaves_classes_the_fusion_learned_and_an_encoder_that_aligned_nothing(world, setup, reco):
+    """Found on real images with noisy captions, the heads fitted on other pairs than the memory's: the encoder
+    aligned even the training classes at a cosine of -0.015, the same classes given again read -0.016, below
+    half of it, and the guard scored within each modality (31% against 71% with the learned fusion). The guard
+    is for new classes, measured against a positive training alignment."""
+    model = copy.deepcopy(reco[0])
+    mem, names = setup[0], setup[2]
+    trained = np.unique(world.train_labels)
+    model.cfg.alignment = 10.0  # every class set now reads as far less aligned than the training classes
+    with pytest.warns(UserWarning, match="scored within each modality"):
+        new = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+    assert new.scoring_ == "within-modality"
+    learned = RecoClassifier(mem, model).set_class_embeddings(world.class_text[trained], [str(c) for c in trained])
+    assert learned.learned_share_ == 1.0 and learned.scoring_ == "refined" and learned.fusion_used_ is model.seen
+    model.cfg.alignment = -0.015
+    clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+    assert clf.scoring_ == "refined" and clf.fusion_used_ is model
 
 
 def test_the_searched_modality_term_can_be_left_out(setup):
