@@ -1,7 +1,7 @@
 """RECO on real images, end to end through the public API: baseline, RECO, the paper's ablations,
 mean fusion and a training-free k-NN caption vote, in four regimes, several seeds.
 
-    python benchmarks/real_images.py                       # 4 regimes x 3 seeds, ~15 min on 2 cores
+    python benchmarks/real_images.py                       # 4 regimes x 3 seeds, ~30 min on 2 cores
     python benchmarks/real_images.py --regimes web --seeds 0
     python benchmarks/real_images.py --heads disjoint --regimes web noisy partial   # heads not fitted on the memory
 
