@@ -72,6 +72,10 @@ class Setup:
     # returns were never fitted by the encoder
     heads: str = "shared"
 
+    def __post_init__(self) -> None:
+        if self.heads not in ("shared", "disjoint"):
+            raise ValueError(f"heads must be 'shared' or 'disjoint', got {self.heads!r}")
+
 
 def knn_vote(mem: Memory, queries: np.ndarray, names: list[str], fallback: np.ndarray, k: int = 10) -> np.ndarray:
     """Training-free baseline: the class named most (score-weighted) by the captions of the k nearest
@@ -116,8 +120,6 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
         heads_half = np.zeros(len(tr), bool)
         heads_half[rng.permutation(len(tr))[: len(tr) // 2]] = True
         learn, in_mem = learn[np.isin(learn, tr[heads_half])], in_mem[np.isin(in_mem, tr[~heads_half])]
-    elif setup.heads != "shared":
-        raise ValueError(f"heads must be 'shared' or 'disjoint', got {setup.heads!r}")
     eval_cls = np.flatnonzero(~half) if spec["eval"] == "other" else np.arange(n_cls)
     te = te[np.isin(cub.labels[te], eval_cls)]
     (fl_root, fl_files, fl_caps), (co_root, co_files, co_caps) = (

@@ -157,11 +157,12 @@ class RecoClassifier:
         cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
         self.learned_share_ = float(self.fusion.learned(x).mean()) if len(x) else 0.0
-        if self.seen and self.fusion.seen is not None and self.learned_share_ >= 0.5:
+        mostly_learned = self.learned_share_ >= 0.5  # `seen` serves them; the guard leaves them alone
+        if self.seen and self.fusion.seen is not None and mostly_learned:
             self.fusion_used_ = self.fusion.seen
         self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
-        out_of_reach = (cfg.alignment is not None and cfg.alignment > 0 and self.learned_share_ < 0.5
+        out_of_reach = (cfg.alignment is not None and cfg.alignment > 0 and not mostly_learned
                         and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment)
         if self.guard and out_of_reach and cfg.aggregator != "mean":
             self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
