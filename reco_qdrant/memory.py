@@ -534,6 +534,34 @@ class Memory:
             if offset is None:
                 return
 
+    def sample_pairs(self, n: int, seed: int = 0, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """A uniform sample of `n` of the memory's pairs (all of them if it holds fewer): (point ids [n], image
+        vectors [n, d], text vectors [n, d]), float32, in id order.
+
+        RECO trains its fusion on unlabelled pairs; the memory's own are the natural ones (train with their ids,
+        so that each pair's own point is left out of its neighbours). The draw ranks points by a hash of
+        (seed, id): the same memory and seed give the same sample whatever order the engine returns points in,
+        in one pass that keeps at most about 2n points in hand."""
+        if n <= 0:
+            raise ValueError(f"sample size must be positive, got {n}")
+        salt = f"{seed}\x1f".encode()
+
+        def rank(pid: str) -> int:
+            return int.from_bytes(hashlib.blake2b(salt + pid.encode(), digest_size=8).digest(), "big")
+
+        kept: list[tuple[int, Record]] = []
+        with progress_bar("sampling pairs", self.count(), progress) as advance:
+            for recs in self.scroll(1024, with_vectors=True):
+                kept.extend((rank(r.id), r) for r in recs)
+                if len(kept) > 2 * n:
+                    kept = sorted(kept, key=lambda t: t[0])[:n]
+                advance(len(recs))
+        recs = sorted((r for _, r in sorted(kept, key=lambda t: t[0])[:n]), key=lambda r: r.id)
+        if not recs:
+            raise ValueError(f"memory {self.cfg.location} holds no pairs to sample: ingest data first")
+        img, txt = (np.asarray([r.vectors[m] for r in recs], np.float32) for m in ("image", "text"))
+        return [r.id for r in recs], img, txt
+
     def vector_columns(self, directory: str | Path, progress: bool = True, keep: int = 1) -> VectorColumns:
         """Every point's two vectors as memory-mapped float16 columns under `directory`, built by one scroll
         and reused while the memory is unchanged (keyed by its id and write version; `keep` versions kept).

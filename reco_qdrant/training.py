@@ -1,11 +1,13 @@
 """Training the fusion model: a neighbour cache built once, then a contrastive loop with early stopping.
 
 Validation is split by class: the fusion must help on classes it never saw, so the best epoch is
-chosen by zero-shot accuracy on held-out classes (or, without labels, image->text recall@1 on
-held-out pairs) and kept; training stops when it stops improving. That model serves classes it never
-saw. With class embeddings, a second run on every labelled pair, no class held out, for the whole
-schedule, gives the weights for the classes trained on (`FusionModel.seen`): on those, accuracy keeps
-rising long after the held-out classes' has peaked.
+chosen by zero-shot accuracy on held-out classes and kept; training stops when it stops improving.
+Without labels (RECO's own setting: unlabelled web pairs), the pairs are clustered into pseudo-classes
+(`clusters.py`), each with its medoid caption as a prompt, and those stand in for classes everywhere:
+coverage training (a share of them hidden from the memory), the class loss and validation on held-out
+clusters, scored with and without the hidden ones. With labels and class embeddings, a second run on every
+labelled pair, no class held out, for the whole schedule, gives weights adapted to the classes trained on
+(`FusionModel.seen`, used only with `RecoClassifier(weights="adapted")`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .clusters import medoids, pseudo_classes
 from .encoders import default_device
 from .fusion import FusionConfig, FusionModel, cross_alignment
 from .loss import reco_loss
@@ -60,6 +63,9 @@ class TrainConfig:
     swap_fraction: float = 0.25  # of training queries given another query's neighbours (teaches distrust)
     uncovered_fraction: float = 0.5  # of classes treated as absent from the memory in training and validation
     misaligned_fraction: float = 0.25  # of training steps in a simulated world where image and text do not align
+    # without labels: pairs per pseudo-class (k-means on the pairs, `clusters.py`); the clusters, each with its
+    # medoid caption as prompt, stand in for classes in coverage training, the class loss and validation; 0: off
+    pseudo_class_size: int = 32
     class_loss: float = 1.0  # weight of the zero-shot loss (refined images vs refined prompts) when labels are given
     # with labels, class embeddings and validation: also train a model on every labelled pair for the full
     # schedule, for the classes trained on (`FusionModel.seen`); early stopping picks the one for other classes
@@ -304,34 +310,42 @@ class _Misalign:
 
 class _Validation:
     """Zero-shot accuracy of held-out classes' images among *all* classes' prompts (as evaluation scores
-    them), or, without labels, image->text recall@1 on held-out pairs. `img_nb` and `target_nb` are the
-    neighbour arrays (vectors, keys, mask) of the images and the targets; with `prompts`, the targets are
-    its classes, as if absent where `absent` [C] is True, and each chunk of images is scored against
-    prompts whose neighbours leave those images (`ids`) out."""
+    them), or, with neither labels nor pseudo-classes, image->text recall@1 on held-out pairs. `img_nb` and
+    `target_nb` are the neighbour arrays (vectors, keys, mask) of the images and the targets; with `prompts`,
+    the targets are its classes, as if absent where `absent` [C] is True, and each chunk of images is scored
+    against prompts whose neighbours leave those images (`ids`) out. With `covered_nb`, also scored with every
+    class present, and the two scores averaged."""
 
     CHUNK = 64
 
     def __init__(self, img: np.ndarray, img_nb: tuple, answer: np.ndarray, targets: np.ndarray | None = None,
                  target_nb: tuple | None = None, prompts: _Prompts | None = None, absent: np.ndarray | None = None,
-                 ids: np.ndarray | None = None, seed: int = 0) -> None:
-        self.img, self.img_nb, self.answer = img, img_nb, answer
+                 ids: np.ndarray | None = None, seed: int = 0, covered_nb: tuple | None = None) -> None:
+        self.img, self.img_nb, self.answer, self.covered_nb = img, img_nb, answer, covered_nb
         self.targets, self.target_nb, self.prompts, self.absent, self.ids = targets, target_nb, prompts, absent, ids
         self.order = np.random.default_rng(seed).permutation(len(img))  # chunks mix classes
 
     def score(self, model: FusionModel | None) -> float:
+        """With `covered_nb` (the images' neighbours with every class present), the mean of the scores with the
+        absent classes and with none: a memory may cover the classes asked about, or not."""
+        if self.covered_nb is None or self.absent is None:
+            return self._score(model, self.img_nb, self.absent)
+        return 0.5 * (self._score(model, self.img_nb, self.absent) + self._score(model, self.covered_nb, None))
+
+    def _score(self, model: FusionModel | None, img_nb: tuple, absent: np.ndarray | None) -> float:
         def refine(mod: str, q: np.ndarray, nb: tuple) -> np.ndarray:
             if model is None:
                 return np.asarray(q, np.float32)
             return model.refine_numpy(mod, q, nb[0], nb[2], scores=search_scores(q, nb[1], nb[2]), keys=nb[1])[0]
 
-        v = refine("image", self.img, self.img_nb)
+        v = refine("image", self.img, img_nb)
         if self.prompts is None:
             pred = (v @ refine("text", self.targets, self.target_nb).T).argmax(1)
             return float((pred == self.answer).mean())
         chunks = [self.order] if self.ids is None else np.array_split(self.order, -(-len(v) // self.CHUNK))
         pred = np.empty(len(v), np.int64)
         for rows in chunks:
-            nb = self.prompts.neighbours(self.absent, None if self.ids is None else self.ids[rows])
+            nb = self.prompts.neighbours(absent, None if self.ids is None else self.ids[rows])
             pred[rows] = (v[rows] @ refine("text", self.prompts.emb, nb).T).argmax(1)
         return float((pred == self.answer).mean())
 
@@ -385,6 +399,11 @@ def train_fusion(
         raise ValueError(f"the memory holds {memory.count()} points, fewer than k={cfg.k}: ingest data first")
     out = Path(cfg.out_dir) if cfg.out_dir else None
     run = _run_digest(memory, cfg, img, txt, labels, class_embeddings, ids)
+    learns = cfg.aggregator != "mean" and cfg.epochs > 0
+    pseudo = labels is None and learns and cfg.pseudo_class_size > 0 and len(img) >= 8 * cfg.pseudo_class_size
+    if pseudo:
+        labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed)
+        class_embeddings = txt[medoids(txt, labels)]  # one caption, as a prompt is one sentence
     resumable = out is not None and _prepare_out_dir(out, run, cfg.on_mismatch)
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
@@ -396,8 +415,7 @@ def train_fusion(
                                      uni_projection=cfg.uni_projection,
                                      search=cfg.search, fusion=cfg.fusion, encoder_id=enc_id)).to(device)
 
-    learns = cfg.aggregator != "mean" and cfg.epochs > 0
-    if learns and class_embeddings is not None:  # how well the encoder aligns the classes learned from
+    if learns and class_embeddings is not None and not pseudo:  # how well the encoder aligns the classes learned from
         seen = class_embeddings[np.unique(labels)]
         nb = retrieve(memory, seen, "text", cfg.k, cfg.search, cfg.fusion, with_payload=False)
         model.cfg.alignment = round(cross_alignment(seen, nb.vectors, nb.mask), 4)
@@ -428,7 +446,8 @@ def train_fusion(
                 absent = np.isin(classes, out_classes)
                 val_nb = _pick(np.isin(labels[va], out_classes), sub(img_out), val_nb)
             val = _Validation(img[va], val_nb, np.searchsorted(classes, labels[va]), prompts=prompts, absent=absent,
-                              ids=None if ids is None else np.asarray(ids)[va], seed=cfg.seed)
+                              ids=None if ids is None else np.asarray(ids)[va], seed=cfg.seed,
+                              covered_nb=sub(img_nb) if pseudo else None)
     train_prompts = None
     if learns and labels is not None and class_embeddings is not None and cfg.class_loss > 0:
         train_prompts = _Prompts(memory, cfg, np.unique(labels[tr]), class_embeddings, txt, labels, members,
@@ -510,7 +529,7 @@ def train_fusion(
         if out:
             _checkpoint(out, model, opt, sched, epoch, best, best_epoch, bad, history, best_state)
     model.load_state_dict(best_state)
-    if cfg.seen_model and train_prompts is not None and val is not None:
+    if cfg.seen_model and train_prompts is not None and val is not None and not pseudo:
         # the weights for the classes trained on: every labelled pair, no class held out, the full schedule; with no
         # held-out class to choose by, its epoch of lowest training loss is kept (resumable under out_dir/seen)
         seen = train_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
