@@ -11,14 +11,15 @@ from typing import Any
 import numpy as np
 
 from .encoders import Encoder, encoder_from_record
-from .fusion import FusionConfig, FusionModel, cross_alignment, neighbour_mean
+from .fusion import FusionModel, cross_alignment
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
 from .neighbors import retrieve
 
-# Classes whose prompts align with their retrieved neighbours less than this share of the fusion's training
-# classes are out of the learned fusion's reach (measured: 0.08-0.33 for names the encoder never learned,
-# 0.95-1.02 for learned ones, half of them absent from the memory or not; README "Method").
-ALIGNMENT_FLOOR = 0.5
+# A warning only: classes whose prompts align with their retrieved neighbours less than this share of the
+# adapted fusion's training classes have names the encoder does not know (measured on real images: 0.08-0.33 of
+# the training value for names the heads never learned, 0.95-1.02 for learned ones; docs/method.md).
+ALIGNMENT_WARNING = 0.5
+WEIGHTS = ("zero-shot", "adapted")
 
 # CLIP's prompt templates (a few of each set); always report the baseline with the same prompts.
 TEMPLATES: dict[str, list[str]] = {
@@ -63,34 +64,28 @@ class RecoClassifier:
             loaded when first needed); not needed for `*_embeddings`.
         k: neighbours per query (default: the fusion model's k).
         use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
-        guard: when the encoder aligns the classes given (`set_classes`) with their retrieved neighbours far
-            less than the classes the fusion learned from (`ALIGNMENT_FLOOR`), the encoder does not know these
-            names, and every image-text comparison through it is noise: the learned fusion is out of its depth
-            (it only ever saw an encoder that knows its classes). Measured on the half of the classes whose
-            neighbours agree most, so that classes the memory lacks do not read as names the encoder lacks.
-            Classes are then scored within each modality only (`scoring_ == "within-modality"`): the image
-            against the images its class name retrieved, plus the captions the image retrieved against the
-            class prompt; `refine`/`explain` use mean fusion (`fusion_used_`). A warning says so. It does not
-            act where at least half of the classes given are classes the fusion was trained on (within its
-            reach by definition), nor where the training classes' alignment was not positive (an encoder
-            that aligned nothing leaves no level to fall below).
-        seen: when at least half of the classes given are classes the fusion model was trained on (the same
-            prompt embeddings, `FusionModel.learned`), refine with its weights for them (`FusionModel.seen`,
-            trained on every labelled pair for the full schedule) instead of the early-stopped ones chosen for
-            new classes (`fusion_used_`).
+        weights: "zero-shot" (default) refines with the fusion's own weights, trained for classes it never saw;
+            "adapted" with the weights it adapted, with labels, to the classes it was trained on
+            (`FusionModel.seen`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
+            so `set_class_embeddings` warns about any class given that is not one of them. The choice is the
+            user's and holds for every call: nothing switches models by the classes given.
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
-                 batch_size: int = 256, device: str | None = None, guard: bool = True, seen: bool = True) -> None:
+                 batch_size: int = 256, device: str | None = None, weights: str = "zero-shot") -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if weights == "adapted" and (fusion is None or fusion.seen is None):
+            raise ValueError("weights='adapted' needs a fusion model adapted to its classes (trained with labels and "
+                             "class_embeddings: `reco train --adapt`); this one has only zero-shot weights")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
-        self.use_retrieval, self.batch_size, self.guard, self.seen = use_retrieval, batch_size, guard, seen
-        self.fusion_used_ = fusion  # the model that refines: `fusion`, or mean fusion (see `guard`)
-        self.scoring_ = "refined"  # cosine of refined embeddings; "within-modality" where the guard acts
+        self.use_retrieval, self.batch_size, self.weights = use_retrieval, batch_size, weights
+        self.fusion_used_ = fusion.seen if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
-        self.learned_share_ = 0.0  # share of the classes given that the fusion model was trained on
+        self.learned_share_ = 0.0  # share of the classes given that the fusion model was adapted to
         self.k = k or (fusion.cfg.k if fusion else 10)
         if fusion is not None:
             if self.k > fusion.cfg.k:
@@ -109,7 +104,6 @@ class RecoClassifier:
         self.classes_: list[str] = []
         self.raw_class_embeddings_: np.ndarray | None = None  # [C, d] prompt embeddings as given
         self.class_embeddings_: np.ndarray | None = None  # [C, d] refined (or plain) class embeddings
-        self.class_neighbours_: np.ndarray | None = None  # [C, d] mean of each class's retrieved vectors
 
     # ------------------------------------------------------------------ refinement
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
@@ -130,13 +124,12 @@ class RecoClassifier:
             out.append(self._fuse(modality, q, self._neighbours(q, modality))[0])
         return np.concatenate(out)
 
-    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False, fusing: bool = True
-                    ) -> Neighbours:
+    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
         """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
         modality (`keys`) when they will be fused by a model that uses them."""
         cfg = self.fusion.cfg
         return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                        with_payload=with_payload, with_keys=fusing and self.fusion_used_.needs_keys)
+                        with_payload=with_payload, with_keys=self.fusion_used_.needs_keys)
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -154,27 +147,21 @@ class RecoClassifier:
         if not self.use_retrieval:
             self.class_embeddings_ = x
             return self
-        cfg, self.fusion_used_, self.scoring_ = self.fusion.cfg, self.fusion, "refined"
         nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
-        self.learned_share_ = float(self.fusion.learned(x).mean()) if len(x) else 0.0
-        mostly_learned = self.learned_share_ >= 0.5  # `seen` serves them; the guard leaves them alone
-        if self.seen and self.fusion.seen is not None and mostly_learned:
-            self.fusion_used_ = self.fusion.seen
-        self.class_neighbours_ = neighbour_mean(nb.vectors, nb.mask)
+        learned = self.fusion.learned(x)
+        self.learned_share_ = float(learned.mean()) if len(x) else 0.0
+        if self.weights == "adapted" and not learned.all():
+            warnings.warn(f"{int((~learned).sum())} of the {len(x)} classes given (e.g. "
+                          f"{self.classes_[int(np.flatnonzero(~learned)[0])]!r}) are not among the "
+                          f"{self.fusion.cfg.learned_classes} classes these adapted weights were trained on; "
+                          "RecoClassifier(weights='zero-shot') is the model for new classes", stacklevel=2)
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
-        out_of_reach = (cfg.alignment is not None and cfg.alignment > 0 and not mostly_learned
-                        and self.alignment_ < ALIGNMENT_FLOOR * cfg.alignment)
-        if self.guard and out_of_reach and cfg.aggregator != "mean":
-            self.fusion_used_ = FusionModel(FusionConfig(**{**vars(cfg), "aggregator": "mean"})).to(self.device).eval()
-            reco_mode = cfg.search == "uni" and cfg.fusion == "cross"  # neighbours in the other modality
-            self.scoring_ = "within-modality" if reco_mode else "refined"
-            warnings.warn(f"the encoder aligns these {len(x)} classes with their retrieved neighbours far less than "
-                          f"the fusion model's training classes (median cosine {self.alignment_:.2f} against "
-                          f"{cfg.alignment:.2f}): it does not know these names, so "
-                          + ("classes are scored within each modality (image with the images the name retrieved, "
-                             "the image's retrieved captions with the name) and refine() uses mean fusion"
-                             if reco_mode else "mean fusion refines instead")
-                          + " (RecoClassifier(guard=False) keeps the learned fusion)", stacklevel=2)
+        trained = self.fusion.cfg.alignment
+        if trained is not None and trained > 0 and self.alignment_ < ALIGNMENT_WARNING * trained:
+            warnings.warn(f"the encoder aligns these {len(x)} class prompts with their retrieved neighbours far less "
+                          f"than the classes the fusion was trained with (median cosine {self.alignment_:.2f} "
+                          f"against {trained:.2f}): it may not know these names, and no fusion can make up for "
+                          "that; check the prompts, or use an encoder that knows them", stacklevel=2)
         self.class_embeddings_ = self._fuse("text", x, nb)[0]
         return self
 
@@ -205,16 +192,9 @@ class RecoClassifier:
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
         cls = self._check_ready()
-        scorer = self.fusion.seen if self.fusion and self.fusion_used_ is self.fusion.seen else self.fusion
-        scale = float(scorer.logit_scale.exp().clamp(max=100).item()) if scorer else 100.0
-        if self.scoring_ == "within-modality":
-            x = validate_embeddings(image_embeddings, "image embeddings", self.fusion.cfg.dim, "query")
-            nbs = (self._neighbours(x[s : s + self.batch_size], "image", fusing=False)
-                   for s in range(0, len(x), self.batch_size))
-            captions = np.concatenate([neighbour_mean(nb.vectors, nb.mask) for nb in nbs])
-            logits = scale * 0.5 * (x @ self.class_neighbours_.T + captions @ self.raw_class_embeddings_.T)
-        else:
-            logits = scale * self.refine(image_embeddings, "image") @ cls.T
+        # the temperature the refining model learned with these very scores; CLIP's 100 without retrieval
+        scale = float(self.fusion_used_.logit_scale.exp().clamp(max=100).item()) if self.use_retrieval else 100.0
+        logits = scale * self.refine(image_embeddings, "image") @ cls.T
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)
