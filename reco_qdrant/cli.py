@@ -38,8 +38,8 @@ PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="open_cl
                                                    "'none' = random (default with --model: laion2b_s34b_b79k)")]
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
-GuardOpt = Annotated[bool, typer.Option(help="score within each modality the classes whose names the encoder "
-                                             "does not align with their neighbours (RecoClassifier's guard)")]
+WeightsOpt = Annotated[str, typer.Option(help="zero-shot: the fusion's weights for classes it never saw; adapted: "
+                                               "the weights a `reco train --adapt` run fitted to its own classes")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
 
@@ -364,10 +364,19 @@ def _load_shards(path: Path, label_column: str | None, key_column: str | None) -
 
 @app.command()
 @cli_errors
-def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in the clip-retrieval layout")],
-          out_dir: Annotated[Path, typer.Option("--out", help="checkpoints: OUT/best, OUT/last (resumable)")],
+def train(pairs: Annotated[Path | None, typer.Argument(
+              help="training pairs: a clip-retrieval layout folder (default: a sample of the memory's own)")] = None,
+          out_dir: Annotated[Path, typer.Option("--out", help="checkpoints: OUT/best, OUT/last (resumable)")] = Path(
+              "reco-runs/fusion"),
           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+          sample: Annotated[int, typer.Option(
+              help="without PAIRS: how many of the memory's pairs to train on (unlabelled, as RECO does)")] = 100_000,
           label_column: Annotated[str | None, typer.Option(help="class column (validates on held-out classes)")] = None,
+          adapt: Annotated[bool, typer.Option(
+              help="also fit weights to the classes of --label-column, with their prompts (--templates): use "
+                   "them with `reco predict --weights adapted` on those classes only")] = False,
+          templates: Annotated[str, typer.Option(help="--adapt: the prompts' templates")] = "generic",
+          model_name: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
           key_column: Annotated[str | None, typer.Option(help="key column of the metadata")] = None,
           in_memory_source: Annotated[str | None, typer.Option(
               help="source name under which these pairs were ingested (excludes each pair's own point)")] = None,
@@ -381,20 +390,38 @@ def train(pairs: Annotated[Path, typer.Argument(help="training pairs: folder in 
           restart: Annotated[bool, typer.Option(
               help="OUT holds a run on other data or settings: train afresh there (else it is refused)")] = False,
           progress: ProgressOpt = True, as_json: JsonOpt = False) -> None:
-    """Train the fusion model on image-text pairs (encoders frozen), early-stopped on held-out classes.
+    """Train the fusion model (encoders frozen) on unlabelled image-text pairs: PAIRS, or by default a sample of
+    the memory's own pairs. Early-stopped on held-out pseudo-classes (or held-out classes with --label-column).
 
     Re-running with the same data and settings resumes (or returns the finished run); with others it is
     refused unless --restart."""
     from .memory import point_id
     from .training import train_fusion
 
-    img, txt, keys, labels, _, _ = _load_shards(pairs, label_column, key_column)
-    ids = [point_id(in_memory_source, kk) for kk in keys] if in_memory_source else None
+    if adapt and not label_column:
+        raise ValueError("--adapt fits weights to labelled classes: give PAIRS with --label-column")
+    if pairs is None and (label_column or in_memory_source or key_column):
+        raise ValueError("--label-column, --in-memory-source and --key-column describe a PAIRS folder; give one")
     with _open(memory, collection) as mem:
-        model = train_fusion(mem, img, txt, labels=labels, ids=ids, k=k, epochs=epochs, batch_size=batch_size,
-                             lr=lr, seed=seed, search=search, fusion=fusion, aggregator=aggregator,
-                             device=device, precision=precision, out_dir=str(out_dir), progress=progress,
-                             on_mismatch="restart" if restart else "error")
+        class_embeddings = None
+        if pairs is None:
+            ids, img, txt = mem.sample_pairs(sample, seed, progress=progress and not as_json)
+            labels = None
+            err.print(f"training on {len(ids):,} of the memory's {mem.count():,} pairs (unlabelled; each pair's own "
+                      "point is left out of its neighbours)", highlight=False)
+        else:
+            img, txt, keys, labels, names, _ = _load_shards(pairs, label_column, key_column)
+            ids = [point_id(in_memory_source, kk) for kk in keys] if in_memory_source else None
+            if adapt:
+                from .classifier import RecoClassifier
+
+                clf = RecoClassifier(encoder=_encoder(model_name, pretrained, encoder_kind, memory, collection),
+                                     use_retrieval=False).set_classes(names, templates)
+                class_embeddings = clf.raw_class_embeddings_
+        model = train_fusion(mem, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids, k=k,
+                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, search=search, fusion=fusion,
+                             aggregator=aggregator, device=device, precision=precision, out_dir=str(out_dir),
+                             progress=progress, on_mismatch="restart" if restart else "error")
     model.save_pretrained(out_dir / "best")
     res = {"checkpoint": str(out_dir / "best"), "best_epoch": model.best_epoch, "history": model.history}
     if as_json:
@@ -416,7 +443,7 @@ def _classes(classes: str) -> list[str]:
 
 
 def _classifier(memory: str | None, collection: str, fusion_path: Path | None, model: str, pretrained: str | None,
-                kind: str, retrieval: bool = True, guard: bool = True) -> tuple[Any, Any]:
+                kind: str, retrieval: bool = True, weights: str = "zero-shot") -> tuple[Any, Any]:
     from .classifier import RecoClassifier
     from .fusion import FusionModel
 
@@ -424,7 +451,7 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
     if not retrieval or fusion_path is None:
         return RecoClassifier(encoder=enc, use_retrieval=False), None
     mem = _open(memory, collection, encoder=enc)
-    return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, guard=guard), mem
+    return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights), mem
 
 
 @app.command()
@@ -435,10 +462,10 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
             templates: Annotated[str, typer.Option(
                 help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
             memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = None,
-            pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", guard: GuardOpt = True,
+            pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
             as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, guard=guard)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights)
     try:
         clf.set_classes(_classes(classes), templates)
         proba = clf.predict_proba(images)
@@ -467,14 +494,14 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
                    fusion: Annotated[Path, typer.Option(help="fusion checkpoint dir")],
                    templates: str = "generic", memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                    model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                   encoder_kind: KindOpt = "open_clip", guard: GuardOpt = True,
+                   encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
                    as_json: JsonOpt = False) -> None:
     """Zero-shot top-1/top-5, baseline and RECO side by side, same prompts."""
     from .evaluation import image_folder_dataset, zero_shot_report
 
     paths, labels, names = image_folder_dataset(folder)
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, guard=guard)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights)
     try:
         clf.set_classes(names, templates)
         res = zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels)
@@ -534,7 +561,8 @@ def demo(memory: MemoryOpt = None, seed: int = 0,
     out.print(f"memory: {m['location']} / {m['collection']}: {m['count']:,} image-text pairs "
               f"({m['dim']}-d, {m['index_backend']})")
     table = Table("method", "top-1", "top-5", "best epoch", "train s",
-                  title="zero-shot on classes never seen in training (synthetic fine-grained world)")
+                  title="zero-shot on classes never seen in training, fusion trained without labels "
+                  "(synthetic fine-grained world)")
     for r in res["table"]:
         table.add_row(r["method"], f"{100 * r['top1']:.1f}", f"{100 * r['top5']:.1f}", str(r["epoch"]),
                       f"{r['train_s']:.1f}")

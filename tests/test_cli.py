@@ -221,3 +221,32 @@ def test_ingest_auto_finds_either_layout_and_says_what_it_expected(tmp_path, tin
     empty.mkdir()
     r = runner.invoke(app, ["ingest", "auto", str(empty), "--memory", mem2])
     assert r.exit_code != 0 and "neither layout found" in r.output and "img_emb/" in r.output
+
+
+def test_train_from_the_memorys_own_pairs_without_labels(tmp_path):
+    """`reco train` with no PAIRS: a sample of the memory's pairs, unlabelled, each excluded from its own
+    neighbours; the checkpoint it writes is a real fusion model that `reco predict` can load."""
+    from reco_qdrant import FusionModel, Memory
+
+    make_shards(tmp_path / "laion", n=400, d=16)
+    mem = str(tmp_path / "m")
+    r = runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", mem, "--encoder-id", "enc",
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--memory", mem, "--out", str(tmp_path / "run"), "--sample", "300",
+                            "--epochs", "2", "--k", "5", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "training on 300 of the memory's 400 pairs" in r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    model = FusionModel.from_pretrained(res["checkpoint"])
+    assert model.cfg.k == 5 and model.cfg.encoder_id == "enc" and model.seen is None
+    with Memory.open(mem) as m:
+        ids, img, txt = m.sample_pairs(300, seed=0, progress=False)
+        again = m.sample_pairs(300, seed=0, progress=False)
+        other = m.sample_pairs(300, seed=1, progress=False)
+        assert ids == again[0] and len(set(ids)) == 300 and ids != other[0]
+        assert m.existing_ids(ids) == set(ids)
+        np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
+        assert m.sample_pairs(10_000, progress=False)[1].shape == (400, 16)  # all of them, not more
+    r = runner.invoke(app, ["train", "--memory", mem, "--out", str(tmp_path / "run2"), "--adapt"])
+    assert r.exit_code == 1 and "--label-column" in r.output
