@@ -381,3 +381,44 @@ def test_class_prompts_never_retrieve_the_images_being_scored(setup, world):
     assert mask.all() and vectors.shape == (len(classes), cfg.k, mem.dim)
     np.testing.assert_array_equal(vectors, plain.vectors[:, 3 : 3 + cfg.k])
     np.testing.assert_array_equal(keys, plain.keys[:, 3 : 3 + cfg.k])
+
+
+@pytest.fixture(scope="module")
+def zero_shot(world, setup):
+    """RECO's protocol: the fusion trains on unlabelled pairs (ids only) of the training classes and is
+    evaluated on the evaluation classes, which it never saw; mean fusion needs no training."""
+    mem, _, names, labels, tmp = setup
+    ids = [point_id("synthetic", k) for k in world.train_ids]
+    out = {}
+    for name, kw in {"RECO": {}, "mean": dict(aggregator="mean"), "untrained": dict(epochs=0)}.items():
+        model = train_fusion(mem, world.train_image, world.train_text, ids=ids, progress=False,
+                             cache_dir=str(tmp / "c"), device="cpu", **kw)
+        clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+        out[name] = (model, zero_shot_report(clf, world.eval_image, labels))
+    return out
+
+
+def test_zero_shot_without_labels_is_at_least_mean_fusion_on_new_classes(zero_shot):
+    model, res = zero_shot["RECO"]
+    mean = zero_shot["mean"][1]["reco"]["top1"]
+    assert model.seen is None and model.cfg.alignment is None  # nothing was adapted to any class
+    assert model.history[0]["epoch"] == 0 and len(model.history) > 1  # it trained, validating on pseudo-classes
+    assert res["reco"]["top1"] >= mean, (res, mean)
+    assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
+
+
+def test_pseudo_classes_group_pairs_of_one_class(world):
+    """k-means on the pairs (image and text side by side) recovers classes well enough to stand in for them:
+    most clusters are dominated by one class, far above what random groups of the same size give."""
+    from reco_qdrant.clusters import medoids, pseudo_classes
+
+    lab = pseudo_classes(world.train_image, world.train_text, size=32, seed=0)
+    assert lab.min() == 0 and lab.max() + 1 == len(np.unique(lab)) == len(lab) // 32
+    purity = np.mean([np.bincount(world.train_labels[lab == c]).max() / (lab == c).sum() for c in np.unique(lab)])
+    shuffled = np.random.default_rng(0).permutation(lab)
+    chance = np.mean([np.bincount(world.train_labels[shuffled == c]).max() / (shuffled == c).sum()
+                      for c in np.unique(lab)])
+    assert purity > 2 * chance and purity > 0.3, (purity, chance)
+    np.testing.assert_array_equal(lab, pseudo_classes(world.train_image, world.train_text, size=32, seed=0))
+    med = medoids(world.train_text, lab)
+    assert (lab[med] == np.arange(lab.max() + 1)).all()  # each medoid is a member of its own cluster
