@@ -333,17 +333,20 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluated on; adaptation: trained with the labels and prompts of the species evaluated")
     p.add_argument("--memories", nargs="+", default=list(ZERO_SHOT_MEMORIES), choices=list(ZERO_SHOT_MEMORIES),
                    help="zero-shot: which memories")
-    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES), help="adaptation: regimes")
+    p.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES), help="adaptation: regimes (all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--groups", nargs="+", default=["dev", "test"], choices=["dev", "test"],
                    help="zero-shot: species groups evaluated (choose on dev; report test)")
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--heads", choices=["shared", "disjoint"], default="shared",
+    p.add_argument("--heads", choices=["shared", "disjoint"], default=None,
                    help="adaptation: disjoint: the heads learn from half of the CUB training pairs, the memory "
                         "from the rest")
     p.add_argument("--out", default=None, help="results name (default real_images_zero_shot, real_images, or "
                                                "real_images_disjoint)")
     a = p.parse_args(argv)
+    if a.protocol == "zero-shot" and (a.regimes or a.heads):
+        p.error("--regimes and --heads belong to --protocol adaptation")
+    a.regimes, a.heads = a.regimes or list(REGIMES), a.heads or "shared"
     miss = missing_data(a.data)
     if miss:
         print(f"real_images: needs the CUB-100, Flowers-12 and COCO-MINI subsets under {a.data} "

@@ -374,7 +374,7 @@ def train(pairs: Annotated[Path | None, typer.Argument(
           label_column: Annotated[str | None, typer.Option(help="class column (validates on held-out classes)")] = None,
           adapt: Annotated[bool, typer.Option(
               help="also fit weights to the classes of --label-column, with their prompts (--templates): use "
-                   "them with `reco predict --weights adapted` on those classes only")] = False,
+                   "them with `reco predict --weights adapted` on those classes, with the same templates")] = False,
           templates: Annotated[str, typer.Option(help="--adapt: the prompts' templates")] = "generic",
           model_name: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
           key_column: Annotated[str | None, typer.Option(help="key column of the metadata")] = None,
@@ -402,7 +402,11 @@ def train(pairs: Annotated[Path | None, typer.Argument(
         raise ValueError("--adapt fits weights to labelled classes: give PAIRS with --label-column")
     if pairs is None and (label_column or in_memory_source or key_column):
         raise ValueError("--label-column, --in-memory-source and --key-column describe a PAIRS folder; give one")
-    with _open(memory, collection) as mem:
+    if pairs is not None and sample != 100_000:
+        raise ValueError("--sample draws pairs from the memory: leave it out when PAIRS is given")
+    # the prompts' encoder is resolved before the memory is opened for training (an embedded memory opens once)
+    enc = _encoder(model_name, pretrained, encoder_kind, memory, collection) if adapt else None
+    with _open(memory, collection, encoder=enc) as mem:
         class_embeddings = None
         if pairs is None:
             ids, img, txt = mem.sample_pairs(sample, seed, progress=progress and not as_json)
@@ -415,8 +419,7 @@ def train(pairs: Annotated[Path | None, typer.Argument(
             if adapt:
                 from .classifier import RecoClassifier
 
-                clf = RecoClassifier(encoder=_encoder(model_name, pretrained, encoder_kind, memory, collection),
-                                     use_retrieval=False).set_classes(names, templates)
+                clf = RecoClassifier(encoder=enc, use_retrieval=False).set_classes(names, templates)
                 class_embeddings = clf.raw_class_embeddings_
         model = train_fusion(mem, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids, k=k,
                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, search=search, fusion=fusion,
@@ -447,11 +450,17 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
     from .classifier import RecoClassifier
     from .fusion import FusionModel
 
+    if weights != "zero-shot" and (fusion_path is None or not retrieval):
+        raise ValueError(f"--weights {weights} selects a fusion model's weights: give --fusion")
     enc = _encoder(model, pretrained, kind, memory, collection)
     if not retrieval or fusion_path is None:
         return RecoClassifier(encoder=enc, use_retrieval=False), None
     mem = _open(memory, collection, encoder=enc)
-    return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights), mem
+    try:
+        return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights), mem
+    except Exception:
+        mem.close()
+        raise
 
 
 @app.command()

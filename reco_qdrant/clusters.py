@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_CLUSTERS = 1024  # past this, clusters grow instead: each step refines every training cluster's prompt
+
 
 def pseudo_classes(image_embeddings: np.ndarray, text_embeddings: np.ndarray, size: int, seed: int = 0,
-                   iters: int = 20, fit_sample: int = 100_000) -> np.ndarray:
-    """[N] cluster index of each pair (image [N, d], text [N, d], L2-normalised), about `size` pairs a cluster.
+                   iters: int = 20, fit_sample: int = 100_000, chunk: int = 8192) -> np.ndarray:
+    """[N] cluster index (0..K-1, none empty) of each pair (image [N, d], text [N, d], L2-normalised), about
+    `size` pairs a cluster and at most `MAX_CLUSTERS` clusters.
 
     Clusters are found on both modalities at once (the pair's image and text vectors side by side), so a
     cluster holds pairs that look alike *and* are described alike. Centroids are fitted on at most
-    `fit_sample` pairs (k-means++-like seeding by distance, then Lloyd iterations), then every pair is
-    assigned in chunks: memory stays O(sample), time O(N * clusters)."""
-    x = np.concatenate([image_embeddings, text_embeddings], axis=1).astype(np.float32) / np.sqrt(2.0)
+    `fit_sample` pairs (seeded by distance, k-means++ style, then Lloyd iterations), then every pair is
+    assigned; similarities are computed `chunk` rows at a time, so the working memory beyond the [N, 2d]
+    float32 input is O(chunk * K)."""
+    x = np.concatenate([image_embeddings, text_embeddings], axis=1).astype(np.float32)
+    x *= np.float32(1 / np.sqrt(2.0))
     n = len(x)
-    k = max(1, n // max(1, size))
+    k = min(MAX_CLUSTERS, max(1, n // max(1, size)))
     if k == 1:
         return np.zeros(n, np.int64)
     rng = np.random.default_rng(seed)
@@ -28,21 +33,26 @@ def pseudo_classes(image_embeddings: np.ndarray, text_embeddings: np.ndarray, si
     centres = [fit[rng.integers(len(fit))]]
     best = fit @ centres[0]
     for _ in range(k - 1):  # seeding: each new centre is drawn among the pairs farthest from the chosen ones
-        p = np.clip(1.0 - best, 0.0, None) ** 2
+        p = np.clip(1.0 - best.astype(np.float64), 0.0, None) ** 2
         c = fit[rng.choice(len(fit), p=p / p.sum()) if p.sum() > 0 else rng.integers(len(fit))]
         centres.append(c)
         best = np.maximum(best, fit @ c)
     c = np.stack(centres)
     for _ in range(iters):
-        a = (fit @ c.T).argmax(1)
+        a = _assign(fit, c, chunk)
         sums = np.zeros_like(c)
         np.add.at(sums, a, fit)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         c = np.where(norms > 0, sums / np.clip(norms, 1e-12, None), c)  # an empty cluster keeps its centre
-    out = np.empty(n, np.int64)
-    for s in range(0, n, 65536):
-        out[s:s + 65536] = (x[s:s + 65536] @ c.T).argmax(1)
-    return np.unique(out, return_inverse=True)[1].astype(np.int64)  # 0..K'-1, no empty index
+    return np.unique(_assign(x, c, chunk), return_inverse=True)[1].astype(np.int64)
+
+
+def _assign(x: np.ndarray, centres: np.ndarray, chunk: int) -> np.ndarray:
+    """[N] index of the nearest centre (cosine) of each row of x [N, D]."""
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), chunk):
+        out[s:s + chunk] = (x[s:s + chunk] @ centres.T).argmax(1)
+    return out
 
 
 def medoids(text_embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -54,8 +64,7 @@ def medoids(text_embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
     sums = np.zeros((k, text_embeddings.shape[1]), np.float32)
     np.add.at(sums, labels, text_embeddings)
     cos = np.einsum("nd,nd->n", text_embeddings, sums[labels])
-    out = np.empty(k, np.int64)
-    for c in range(k):
-        members = np.flatnonzero(labels == c)
-        out[c] = members[cos[members].argmax()]
-    return out
+    order = np.lexsort((-cos, labels))  # by cluster, best first
+    first = np.ones(len(order), bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    return order[first]

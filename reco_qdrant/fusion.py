@@ -42,7 +42,7 @@ class FusionConfig:
     uni_projection: bool = False
     # median cosine of the training class prompts with their fused neighbours, over the best-covered half (see
     # `cross_alignment`): how well the encoder aligned the classes the model learned from; RecoClassifier
-    # compares the classes it is given with it. None: not measured (trained without class prompts)
+    # warns when the classes it is given align far less. None: not measured (no labelled class prompts)
     alignment: float | None = None
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
@@ -301,7 +301,7 @@ class FusionModel(nn.Module):
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
         while on the classes it learns from, accuracy keeps rising until training ends (measured on real
         images: held-out classes peak after 3-10 of 30 epochs; a run on every labelled pair to the end gains
-        3-20 points on the classes it learned). `RecoClassifier` scores with `seen` when given those classes."""
+        3-20 points on the classes it learned). `RecoClassifier(weights="adapted")` scores with `seen`."""
         out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts),
                                   seen_uni_projection=seen.cfg.uni_projection)).to(self.device)
         out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in seen.own_state_dict().items()},

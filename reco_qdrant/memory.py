@@ -541,7 +541,7 @@ class Memory:
         RECO trains its fusion on unlabelled pairs; the memory's own are the natural ones (train with their ids,
         so that each pair's own point is left out of its neighbours). The draw ranks points by a hash of
         (seed, id): the same memory and seed give the same sample whatever order the engine returns points in,
-        in one pass that keeps at most about 2n points in hand."""
+        in one pass that keeps at most about 2n pairs' vectors (float32) in hand."""
         if n <= 0:
             raise ValueError(f"sample size must be positive, got {n}")
         salt = f"{seed}\x1f".encode()
@@ -549,18 +549,25 @@ class Memory:
         def rank(pid: str) -> int:
             return int.from_bytes(hashlib.blake2b(salt + pid.encode(), digest_size=8).digest(), "big")
 
-        kept: list[tuple[int, Record]] = []
+        ranks = np.zeros(0, np.uint64)
+        ids = np.zeros(0, object)
+        vecs = {m: np.zeros((0, self.dim or 0), np.float32) for m in ("image", "text")}
         with progress_bar("sampling pairs", self.count(), progress) as advance:
-            for recs in self.scroll(1024, with_vectors=True):
-                kept.extend((rank(r.id), r) for r in recs)
-                if len(kept) > 2 * n:
-                    kept = sorted(kept, key=lambda t: t[0])[:n]
+            for recs in self.scroll(1024, with_vectors=True):  # vectors become arrays at once: 8 bytes a float
+                ranks = np.concatenate([ranks, np.array([rank(r.id) for r in recs], np.uint64)])
+                ids = np.concatenate([ids, np.array([r.id for r in recs], object)])
+                for m in vecs:
+                    vecs[m] = np.concatenate([vecs[m], np.asarray([r.vectors[m] for r in recs], np.float32)])
+                if len(ranks) > 2 * n:
+                    keep = np.argsort(ranks, kind="stable")[:n]
+                    ranks, ids, vecs = ranks[keep], ids[keep], {m: v[keep] for m, v in vecs.items()}
                 advance(len(recs))
-        recs = sorted((r for _, r in sorted(kept, key=lambda t: t[0])[:n]), key=lambda r: r.id)
-        if not recs:
+        if not len(ids):
             raise ValueError(f"memory {self.cfg.location} holds no pairs to sample: ingest data first")
-        img, txt = (np.asarray([r.vectors[m] for r in recs], np.float32) for m in ("image", "text"))
-        return [r.id for r in recs], img, txt
+        _, first = np.unique(ids, return_index=True)  # a point scrolled twice (writes during the scroll) counts once
+        keep = first[np.argsort(ranks[first], kind="stable")[:n]]
+        keep = keep[np.argsort(ids[keep].astype(str), kind="stable")]
+        return ids[keep].tolist(), vecs["image"][keep], vecs["text"][keep]
 
     def vector_columns(self, directory: str | Path, progress: bool = True, keep: int = 1) -> VectorColumns:
         """Every point's two vectors as memory-mapped float16 columns under `directory`, built by one scroll

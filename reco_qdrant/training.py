@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05  # of all steps, then cosine decay
     patience: int = 6  # epochs without validation improvement before stopping
-    val_fraction: float = 0.2  # of classes (or of pairs, without labels) held out for validation
+    val_fraction: float = 0.2  # of classes (real or pseudo; of pairs where there are neither) held out for validation
     seed: int = 0
     device: str | None = None  # default: cuda when available
     self_exclusion: bool = True  # a training query never retrieves itself or its near-duplicates
@@ -66,7 +66,7 @@ class TrainConfig:
     # without labels: pairs per pseudo-class (k-means on the pairs, `clusters.py`); the clusters, each with its
     # medoid caption as prompt, stand in for classes in coverage training, the class loss and validation; 0: off
     pseudo_class_size: int = 32
-    class_loss: float = 1.0  # weight of the zero-shot loss (refined images vs refined prompts) when labels are given
+    class_loss: float = 1.0  # weight of the zero-shot loss: refined images vs refined (pseudo-)class prompts
     # with labels, class embeddings and validation: also train a model on every labelled pair for the full
     # schedule, for the classes trained on (`FusionModel.seen`); early stopping picks the one for other classes
     seen_model: bool = True
@@ -381,7 +381,8 @@ def train_fusion(
     Args:
         memory: the memory neighbours are retrieved from.
         image_embeddings, text_embeddings: [N, d] pairs from the memory's encoder.
-        labels: [N] class of each pair, to validate on held-out classes (recommended).
+        labels: [N] class of each pair, to validate on held-out classes; without them, k-means pseudo-classes
+            (`pseudo_class_size` pairs each) stand in, given at least 8 of them.
         class_embeddings: [C, d] class-prompt embeddings indexed by label, for that validation.
         ids: [N] memory point ids of the pairs, when they are stored in the memory (self-exclusion).
         config / overrides: `TrainConfig` fields (k, epochs, lr, seed, search, fusion, aggregator, ...).
@@ -404,6 +405,8 @@ def train_fusion(
     if pseudo:
         labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed)
         class_embeddings = txt[medoids(txt, labels)]  # one caption, as a prompt is one sentence
+        if labels.max() + 1 < 8:  # near-duplicate pairs collapse into few clusters: validate on pairs instead
+            pseudo, labels, class_embeddings = False, None, None
     resumable = out is not None and _prepare_out_dir(out, run, cfg.on_mismatch)
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
@@ -458,6 +461,7 @@ def train_fusion(
         model.history = [{"epoch": 0, "val": val.score(model) if val else float("nan"),
                           "val_baseline": baseline}]
         model.best_epoch = 0
+        model.pseudo_classes = 0
         return model.eval()
 
     steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
@@ -542,6 +546,7 @@ def train_fusion(
             _save(out, "best", model)
     model.history = history
     model.best_epoch = best_epoch
+    model.pseudo_classes = int(labels.max()) + 1 if pseudo else 0  # clusters that stood in for classes
     return model.eval()
 
 
@@ -599,7 +604,8 @@ def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarr
     return {"training pairs": _digest(img, txt), "labels": _digest(labels),
             "class embeddings": _digest(class_embeddings), "ids": _digest(ids),
             "memory (id and write version)": f"{memory.uid}@{memory.write_version}",
-            **{f"setting {k}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST}}
+            **{f"setting {k}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST
+               and not (k == "pseudo_class_size" and labels is not None)}}  # unused with labels: old runs resume
 
 
 RUN_FILE = "run.json"

@@ -250,3 +250,35 @@ def test_train_from_the_memorys_own_pairs_without_labels(tmp_path):
         assert m.sample_pairs(10_000, progress=False)[1].shape == (400, 16)  # all of them, not more
     r = runner.invoke(app, ["train", "--memory", mem, "--out", str(tmp_path / "run2"), "--adapt"])
     assert r.exit_code == 1 and "--label-column" in r.output
+
+
+def test_train_adapt_fits_weights_to_the_labelled_classes_prompts(tmp_path, tiny_encoder):
+    """`reco train PAIRS --label-column L --adapt`: the label names, embedded with the templates by the memory's
+    own encoder (resolved before the embedded memory is opened for training), give the adapted weights."""
+    from conftest import random_pairs
+
+    from reco_qdrant import FusionModel, Memory, RecoClassifier
+    from reco_qdrant.sources import write_embedding_shards
+
+    d = tiny_encoder.dim
+    img, txt, caps = random_pairs(240, d, seed=1)
+    names = [f"species {i}" for i in range(6)]
+    write_embedding_shards(tmp_path / "pairs", img, txt, caps, extra={"label": [names[i % 6] for i in range(240)]})
+    mem = str(tmp_path / "m")
+    with Memory.open(mem) as m:
+        m.add_embeddings(img, txt, caps, encoder_id=tiny_encoder.id, encoder_spec=tiny_encoder.spec)
+    args = ["train", str(tmp_path / "pairs"), "--memory", mem, "--out", str(tmp_path / "run"), "--label-column",
+            "label", "--adapt", "--templates", "a photo of a {}.", "--epochs", "1", "--k", "5", "--no-progress",
+            "--json", "--device", "cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    model = FusionModel.from_pretrained(tmp_path / "run" / "best")
+    assert model.seen is not None and model.cfg.learned_classes == 6
+    prompts = tiny_encoder.encode_texts([f"a photo of a {n}." for n in sorted(names)])
+    assert model.learned(prompts).all()
+    with Memory.open(mem) as m:
+        clf = RecoClassifier(m, model, weights="adapted").set_class_embeddings(prompts, sorted(names))
+        assert clf.fusion_used_ is model.seen and len(clf.predict_embeddings(img[:4])) == 4
+    r = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--weights", "adapted",
+                            "--memory", mem])
+    assert r.exit_code == 1 and "give --fusion" in r.output
