@@ -87,6 +87,16 @@ def _open(memory: str | None, collection: str, **kw: Any) -> Any:
     return Memory.open(memory, collection=collection, **kw)
 
 
+def _must_exist(memory: str | None) -> None:
+    """Read-only commands never create a memory: an embedded one must already be a directory."""
+    from .config import MemoryConfig
+
+    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
+    if cfg.kind == "edge" and not Path(cfg.location).exists():
+        raise FileNotFoundError(f"memory {cfg.location}: no such directory, so no memory there (check --memory or "
+                                "$RECO_MEMORY; `reco ingest ...` or `reco migrate` creates one)")
+
+
 def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str | None, collection: str) -> Any:
     """The encoder a command uses: the one named by --model/--pretrained; else the one the memory records
     (said in one line); else, for a new memory, ViT-B-32 / laion2b_s34b_b79k."""
@@ -259,6 +269,7 @@ def doctor(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
 @cli_errors
 def info(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as_json: JsonOpt = False) -> None:
     """Count, dimension, encoder, index status and migrations of a memory (never the API key)."""
+    _must_exist(memory)
     with _open(memory, collection, migrate=False, auto_index=False) as mem:
         data = mem.info()
     table = Table(title=f"memory {data['location']} / {data['collection']}", show_header=False)
@@ -278,6 +289,7 @@ def search(text: Annotated[str | None, typer.Option(help="a text query")] = None
     """Neighbours of a text or image query, with captions and scores."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
+    _must_exist(memory)  # before any encoder is loaded
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
     q, modality = (enc.encode_texts([text]), "text") if text is not None else (enc.encode_images([image]), "image")
     searched = modality if not cross else ("image" if modality == "text" else "text")

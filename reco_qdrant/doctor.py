@@ -8,10 +8,12 @@ a caption, source and key; the id derived from source and key); and whether it n
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import MemoryConfig
 from .memory import (
     EXACT_SEARCH_BELOW,
     UNSPECIFIED,
@@ -41,6 +43,10 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
 
     With `repair_ledger`, a missing ledger of an embedded memory is rebuilt from its collection first.
     """
+    cfg = MemoryConfig(location=location) if location else MemoryConfig()
+    if cfg.kind == "edge" and not Path(cfg.location).exists():  # never create a memory just to look at it
+        return [Finding("problem", f"memory {cfg.location}: no such directory, so no memory there",
+                        "check --memory / $RECO_MEMORY; `reco ingest ...` or `reco migrate` creates one")]
     try:
         mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
                           repair_ledger=repair_ledger)
