@@ -40,6 +40,7 @@ from common import print_table, write_results
 from real_world import (
     DATA,
     PROMPT,
+    Cub,
     HeadsEncoder,
     Towers,
     coco_pairs,
@@ -105,6 +106,19 @@ def knn_vote(mem: Memory, queries: np.ndarray, names: list[str], fallback: np.nd
     return pred
 
 
+def fill_memory(mem: Memory, enc: HeadsEncoder, work: Path, cub: Cub, in_mem: np.ndarray, captions: dict,
+                flowers: tuple, coco: tuple) -> None:
+    """Ingest, through the image-folder API, the CUB pairs `in_mem` (with their web captions) and the
+    Flowers and COCO pairs ((folder, files, captions) each), from caption tables written under `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    parts = (("cub-web", cub.root / "images", [cub.files[i] for i in in_mem], [captions[i] for i in in_mem]),
+             ("flowers", *flowers), ("coco", *coco))
+    for name, root, files, caps in parts:
+        table = work / f"{name}.parquet"
+        pl.DataFrame({"file": files, "caption": caps}).write_parquet(table)
+        ingest(mem, ImageFolder(root, table, source=name), enc, progress=False)
+
+
 def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, data: Path = DATA,
         epochs: int | None = None) -> dict:
     """One regime and seed: heads, memory, fusion variants, evaluation. Returns top-1 per column."""
@@ -147,15 +161,8 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
                        f"{setup.regime}-s{setup.seed}" + ("-disjoint" if setup.heads == "disjoint" else ""))
     heads_s = time.perf_counter() - t0
 
-    work.mkdir(parents=True, exist_ok=True)
-    tables = {}
-    for name, files, caps in (("cub-web", [cub.files[i] for i in in_mem], [captions[i] for i in in_mem]),
-                              ("flowers", fl_files, fl_caps), ("coco", co_files, co_caps)):
-        tables[name] = work / f"{name}.parquet"
-        pl.DataFrame({"file": files, "caption": caps}).write_parquet(tables[name])
     with Memory.open(str(work / "memory"), encoder=enc) as mem:
-        for name, root in (("cub-web", cub.root / "images"), ("flowers", fl_root), ("coco", co_root)):
-            ingest(mem, ImageFolder(root, tables[name], source=name), enc, progress=False)
+        fill_memory(mem, enc, work, cub, in_mem, captions, (fl_root, fl_files, fl_caps), (co_root, co_files, co_caps))
         fit = in_mem[np.isin(cub.labels[in_mem], cub.labels[learn])]  # the memory's pairs of the species learned
         img, txt = enc.encode_images(cub_paths(fit)), enc.encode_texts([captions[i] for i in fit])
         ids = [point_id("cub-web", cub.files[i]) for i in fit]
@@ -248,15 +255,8 @@ def run_zero_shot(memory_kind: str, seed: int, towers: Towers, work: Path, varia
     heads_txt = towers.texts([captions[i] for i in tr] + fl_caps + co_caps)
     enc = HeadsEncoder(towers, *train_heads(heads_img, heads_txt, seed=seed), f"zs-{memory_kind}-s{seed}")
     heads_s = time.perf_counter() - t0
-    work.mkdir(parents=True, exist_ok=True)
-    tables = {}
-    for name, files, caps in (("cub-web", [cub.files[i] for i in in_mem], [captions[i] for i in in_mem]),
-                              ("flowers", fl_files, fl_caps), ("coco", co_files, co_caps)):
-        tables[name] = work / f"{name}.parquet"
-        pl.DataFrame({"file": files, "caption": caps}).write_parquet(tables[name])
     with Memory.open(str(work / "memory"), encoder=enc) as mem:
-        for name, root in (("cub-web", cub.root / "images"), ("flowers", fl_root), ("coco", co_root)):
-            ingest(mem, ImageFolder(root, tables[name], source=name), enc, progress=False)
+        fill_memory(mem, enc, work, cub, in_mem, captions, (fl_root, fl_files, fl_caps), (co_root, co_files, co_caps))
         fit = in_mem[np.isin(cub.labels[in_mem], split["train"])]
         img = np.concatenate([enc.encode_images(cub_paths(fit)), enc.encode_images([fl_root / f for f in fl_files]),
                               enc.encode_images([co_root / f for f in co_files])])
