@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import sys
+import threading
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -65,6 +75,176 @@ def _register_configs() -> None:
     open_clip.add_model_config(_CONFIG_DIR)
 
 
+# --------------------------------------------------------------------------- pretrained weights: fail fast
+
+CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+PROBE_TIMEOUT_S = 2.0  # one connection attempt to the download host; no retries
+
+
+class WeightsUnavailableError(RuntimeError):
+    """An open_clip tag's weights are not cached here and cannot be downloaded now (offline, host unreachable)."""
+
+    def __init__(self, model_name: str, tag: str, why: str, where: str, filename: str, cache: str) -> None:
+        self.model_name, self.tag, self.why, self.where, self.filename, self.cache = (
+            model_name, tag, why, where, filename, cache)
+        self.headline = (f"the pretrained weights {model_name} / {tag} are not in the cache ({cache}) and cannot be "
+                         f"downloaded: {why}")
+        self.fixes = [  # (what to pass, what it is)
+            ("pretrained=FILE", f"a local checkpoint file ({filename} from {where})"),
+            ("HF_HOME=DIR", "a cache directory that holds them (DIR/hub, filled on a machine with internet; "
+                            "HF_HUB_CACHE names the hub folder itself)"),
+            ("pretrained=None", "random weights, for a dry run of the flow"),
+        ]
+        super().__init__(f"{self.headline}. Ways forward: " + "; ".join(f"{a}: {b}" for a, b in self.fixes))
+
+
+@cache
+def _pretrained_table() -> Any:
+    """open_clip's table of pretrained tags (`open_clip.pretrained`), read without importing open_clip.
+
+    Importing open_clip imports torchvision and torch._dynamo (about 3 s here): a download that cannot happen
+    must be found out before that. The table's module needs only open_clip's constants, so it is loaded under
+    a private package name; if that ever fails, open_clip is imported the ordinary way."""
+    if "open_clip" in sys.modules:
+        return importlib.import_module("open_clip.pretrained")
+    try:
+        spec = importlib.util.find_spec("open_clip")
+        name = f"{__name__}._open_clip_tables"
+        pkg = types.ModuleType(name)
+        pkg.__path__ = list(spec.submodule_search_locations or [])
+        sys.modules[name] = pkg
+        return importlib.import_module(f"{name}.pretrained")
+    except Exception:  # a future open_clip layout: the slow, ordinary way
+        sys.modules.pop(f"{__name__}._open_clip_tables", None)
+        return importlib.import_module("open_clip.pretrained")
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy a request to `url` would go through ($https_proxy, $all_proxy, ... less $no_proxy), if any."""
+    import urllib.request
+
+    u = urlparse(url)
+    proxy = urllib.request.getproxies().get(u.scheme) or urllib.request.getproxies().get("all")
+    return proxy if proxy and not urllib.request.proxy_bypass(u.hostname or "") else None
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why `url`'s host (or the proxy that would carry the request) cannot be reached, or None when it answers.
+
+    One TCP connection attempt, bounded by `timeout` (name resolution included: it runs in a thread)."""
+    target = urlparse(_proxy_for(url) or url)
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["error"] = None
+        except OSError as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    if "error" not in outcome:
+        return f"{host}:{port} gave no answer within {timeout:.0f} s"
+    e = outcome["error"]
+    return None if e is None else f"{host}:{port} cannot be reached ({getattr(e, 'strerror', None) or e})"
+
+
+def _hub_cached(repo: str, filenames: Sequence[str]) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for f in filenames:
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def check_weights(model_name: str, pretrained: str | None) -> str | None:
+    """Before open_clip is imported: make sure `pretrained` can be loaded without a long failing download.
+
+    Returns "cached" when a tag's weights are in the local cache (then load them offline: no network at all),
+    "download" when they are not but the download host answers, None when there is nothing to check (random
+    weights, a checkpoint file, a model the table does not know). Raises `WeightsUnavailableError` when they are
+    neither cached nor downloadable now (HF_HUB_OFFLINE set, or the host unreachable), FileNotFoundError for a
+    checkpoint path that is not a file, ValueError for a tag the model does not have."""
+    if pretrained is None or Path(pretrained).is_file() or model_name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    table = _pretrained_table()
+    cfg = table.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        if "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
+            raise FileNotFoundError(f"pretrained {pretrained}: no such checkpoint file")
+        tags = table.list_pretrained_tags_by_model(model_name)
+        if tags:
+            raise ValueError(f"open_clip has no pretrained weights {pretrained!r} for {model_name}: its tags are "
+                             f"{', '.join(tags)}; or give a checkpoint file, or none (random weights)")
+        return None  # a model without tags (e.g. our own configs): open_clip says what is wrong
+    from huggingface_hub import constants
+
+    hub = cfg.get("hf_hub", "")
+    if hub:  # open_clip prefers the hub when huggingface_hub is installed (it is one of our dependencies)
+        repo, filename = os.path.split(hub)
+        filename = filename or table.HF_WEIGHTS_NAME
+        safe = [table.HF_SAFE_WEIGHTS_NAME] if filename == table.HF_WEIGHTS_NAME else []
+        if filename.endswith((".bin", ".pth")):
+            safe.append(filename[:-4] + ".safetensors")
+        if _hub_cached(repo, [*safe, filename]):
+            return "cached"
+        url, cache_dir, where = constants.ENDPOINT, constants.HF_HUB_CACHE, f"https://huggingface.co/{repo}"
+        filename = safe[0] if safe else filename
+    else:
+        url = cfg["url"]
+        cache_dir = os.path.expanduser("~/.cache/clip")
+        if os.path.isfile(os.path.join(cache_dir, os.path.basename(url))):
+            return None  # open_clip reads it without the network
+        filename, where = os.path.basename(url), url
+    if constants.HF_HUB_OFFLINE and hub:
+        why = "offline mode is on (HF_HUB_OFFLINE is set)"
+    else:
+        why = unreachable(url)
+    if why:
+        raise WeightsUnavailableError(model_name, pretrained, why, where, filename, cache_dir)
+    return "download"
+
+
+@contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """Hugging Face hub calls answered from the local cache only (no update check, no retries) while `on`."""
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _without_random_init_notice() -> Iterator[None]:
+    """open_clip logs a warning when it builds a model without weights: that is what pretrained=None asked for
+    (the encoder id, `random-seed<N>`, records it)."""
+    notice = _RandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def _l2(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
@@ -72,9 +252,10 @@ def _l2(x: torch.Tensor) -> np.ndarray:
 class OpenClipEncoder:
     """An open_clip model, frozen in eval mode, with its own preprocessing and tokenizer.
 
-    `pretrained` is an open_clip tag (e.g. "laion2b_s34b_b79k", downloaded where the network allows),
-    a local checkpoint file (.pt/.bin/.safetensors), or None for random weights drawn with `seed`
-    (tests and demos only).
+    `pretrained` is an open_clip tag (e.g. "laion2b_s34b_b79k": read from the Hugging Face cache, $HF_HOME, without
+    the network when it is there, else downloaded once), a local checkpoint file (.pt/.bin/.safetensors), or None
+    for random weights drawn with `seed` (tests and demos only). Weights that are neither cached nor downloadable
+    now raise `WeightsUnavailableError` at once, naming them and the ways forward.
     """
 
     def __init__(
@@ -84,6 +265,7 @@ class OpenClipEncoder:
         device: str | None = None,
         seed: int = 0,
     ) -> None:
+        status = check_weights(model_name, pretrained)  # before open_clip's slow import: fail fast
         import open_clip
 
         _register_configs()
@@ -95,9 +277,10 @@ class OpenClipEncoder:
             tag = f"file-sha256:{file_digest(pretrained)}"
         else:
             tag = pretrained
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=self.device
-        )
+        with _hub_offline(status == "cached"), _without_random_init_notice():
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=self.device
+            )
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name = model_name
