@@ -127,6 +127,7 @@ class Backend(Protocol):
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
     def delete(self, ids: list[str]) -> None: ...
     def count(self, source: str | None = None) -> int: ...
+    def sources(self, limit: int = 10_000) -> dict[str, int]: ...
     def stored_quantization(self) -> str | None: ...
     def optimize(self) -> bool: ...
     def status(self) -> dict[str, Any]: ...
@@ -377,6 +378,13 @@ class EdgeBackend:
                                                                              match=qe.MatchValue(value=source))])
         return int(self._read(self.shard.count, qe.CountRequest(exact=True, filter=flt)))
 
+    def sources(self, limit: int = 10_000) -> dict[str, int]:
+        """Points per `source` payload value (at most `limit` sources), from the engine's facet counts."""
+        if self.shard is None:
+            return {}
+        res = self._read(self.shard.facet, self.qe.FacetRequest(key="source", limit=limit, exact=True))
+        return {str(h.value): int(h.count) for h in res.hits}
+
     def free_bytes(self) -> int:
         """Free space on the memory's disk."""
         return shutil.disk_usage(self.root).free
@@ -428,6 +436,46 @@ class EdgeBackend:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+
+def edge_collections(root: str | os.PathLike) -> list[str]:
+    """Names of the collections stored in an embedded memory directory (data or ledger present), read from the
+    directory alone: nothing is opened or created."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = set()
+    for d in root.iterdir():
+        if d.is_dir() and d.name.endswith("__meta") and EdgeBackend._exists(d):
+            names.add(d.name[: -len("__meta")])
+        elif d.is_dir() and not d.name.endswith("__vectors") and EdgeBackend._exists(d):
+            names.add(d.name)
+    return sorted(names)
+
+
+def count_edge_collection(root: str | os.PathLike, name: str) -> int | None:
+    """Points in collection `name` of an embedded memory directory (0 for a ledger without data), or None when
+    another process holds it. Takes the collection's lock while it reads, as opening it would."""
+    root = Path(root)
+    data = root / name
+    if not EdgeBackend._exists(data):
+        return 0
+    lock_path = root / f".{name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        try:
+            import qdrant_edge as qe
+
+            shard = qe.EdgeShard.load(str(data))
+            try:
+                return int(shard.count(qe.CountRequest(exact=True)))
+            finally:
+                shard.close()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- qdrant-client
@@ -566,6 +614,17 @@ class ServerBackend:
         flt = None if source is None else m.Filter(must=[m.FieldCondition(key="source",
                                                                            match=m.MatchValue(value=source))])
         return int(self._call(self.client.count, self.name, count_filter=flt, exact=True).count)
+
+    def sources(self, limit: int = 10_000) -> dict[str, int]:
+        if not self.has_collection():
+            return {}
+        res = self._call(self.client.facet, self.name, key="source", limit=limit, exact=True)
+        return {str(h.value): int(h.count) for h in res.hits}
+
+    def collections(self) -> dict[str, int]:
+        """Points per memory collection on this server (ledgers left out)."""
+        names = [c.name for c in self._call(self.client.get_collections).collections if not c.name.endswith("__meta")]
+        return {n: int(self._call(self.client.count, n, exact=True).count) for n in sorted(names)}
 
     def stored_quantization(self) -> str | None:
         info = self._call(self.client.get_collection, self.name)

@@ -27,6 +27,8 @@ from .backends import (
     MemoryInUseError,
     MemoryUnavailableError,
     Record,
+    count_edge_collection,
+    edge_collections,
     open_backend,
 )
 from .config import MemoryConfig
@@ -437,6 +439,18 @@ class Memory:
         """Points in the memory (of one `source` only, when given)."""
         return self.backend.count(source)
 
+    def sources(self) -> dict[str, int]:
+        """Points per source (the `source` each pair was ingested under), largest first."""
+        return dict(sorted(self.backend.sources().items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def collections(self) -> dict[str, int | None]:
+        """Points per collection at this memory's location, this one included (None: held by another process)."""
+        if self.cfg.kind == "edge":
+            root = Path(self.cfg.location)
+            return {n: self.count() if n == self.cfg.collection else count_edge_collection(root, n)
+                    for n in sorted({*edge_collections(root), self.cfg.collection})}
+        return {**self.backend.collections(), self.cfg.collection: self.count()}
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """The subset of point `ids` already stored (an upsert of these replaces them)."""
         if not ids or not self.backend.has_collection():
@@ -619,6 +633,7 @@ class Memory:
             "location": cfg.location,
             "collection": cfg.collection,
             "count": self.count(),
+            "sources": self.sources(),
             "dim": self.dim,
             "encoder": self.encoder_record,
             "memory_uid": self.uid,
