@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +17,7 @@ from .memory import Memory, point_id
 from .progress import progress_bar
 from .sources import Source
 
-__all__ = ["IngestReport", "copy_memory", "ingest"]
+__all__ = ["EncodedPairs", "IngestReport", "cache_root", "copy_memory", "encode_pairs", "ingest"]
 
 
 @dataclass
@@ -113,3 +117,62 @@ def copy_memory(src: Memory, dst: Memory, batch: int = 1024, progress: bool = Fa
     dst.flush()
     dst.ensure_indexed(progress=progress)
     return done
+
+
+def cache_root() -> Path:
+    """Where reco-qdrant caches what it computed: $RECO_CACHE_DIR, else $XDG_CACHE_HOME/reco_qdrant, else
+    ~/.cache/reco_qdrant."""
+    if os.environ.get("RECO_CACHE_DIR"):
+        return Path(os.environ["RECO_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reco_qdrant"
+
+
+@dataclass
+class EncodedPairs:
+    keys: list[str]  # the source's keys: with its name they give the point ids the pairs have when ingested
+    captions: list[str]
+    image_embeddings: np.ndarray  # [N, d] float32, L2-normalised
+    text_embeddings: np.ndarray  # [N, d]
+    payloads: list[dict[str, Any]]  # the table's other columns, per pair
+    cache_path: Path
+    from_cache: bool  # read back from an earlier run, nothing encoded
+
+
+def encode_pairs(source: Source, encoder: Encoder, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> EncodedPairs:
+    """Every pair of an image source (e.g. an `ImageFolder`) embedded by `encoder`, as training pairs.
+
+    The embeddings are cached under `cache_dir` (default `cache_root()/embeddings`), keyed by a digest of the
+    encoder id, the source's name and every file's path, size and modification time: a second call on the same
+    files reads them back instead of encoding again."""
+    files = getattr(source, "files_fingerprint", None)
+    digest = hashlib.sha256(json.dumps([encoder.id, source.name, source.fingerprint(),
+                                        files() if files else ""]).encode()).hexdigest()[:24]
+    path = Path(cache_dir or cache_root() / "embeddings") / f"{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return EncodedPairs(z["keys"].tolist(), z["captions"].tolist(), z["image"], z["text"],
+                                    json.loads(str(z["payloads"])), path, True)
+        except (OSError, ValueError, KeyError):  # a damaged cache file is recomputed, never trusted
+            pass
+    keys, captions, payloads, img, txt = [], [], [], [], []
+    with progress_bar(f"encode {Path(source.name).name or source.name}", source.total(), progress) as advance:
+        for batch in source.batches():
+            if batch.images is None:
+                raise ValueError(f"{batch.origin}: this source holds embeddings, not images: nothing to encode")
+            img.append(encoder.encode_images(batch.images))
+            txt.append(encoder.encode_texts(batch.captions))
+            keys += batch.keys
+            captions += batch.captions
+            payloads += batch.payloads or [{} for _ in batch.keys]
+            advance(len(batch.keys))
+    if not keys:
+        raise ValueError(f"{source.name}: no pairs to encode")
+    image, text = np.concatenate(img), np.concatenate(txt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, keys=np.array(keys, str), captions=np.array(captions, str), image=image, text=text,
+             payloads=np.array(json.dumps(payloads, default=str)))
+    os.replace(tmp, path)  # whole or absent: a killed run leaves no half-written cache
+    return EncodedPairs(keys, captions, image, text, payloads, path, False)

@@ -83,9 +83,17 @@ def read_table(path: str | Path) -> pl.DataFrame:
     raise ValueError(f"{p}: unknown table format {p.suffix!r}: expected .parquet, .csv, .tsv or .jsonl")
 
 
-def _require_column(df: pl.DataFrame, col: str, origin: str) -> None:
+class MissingColumnError(ValueError):
+    """A table lacks a column it was told to read; `role` says which setting named it (`<role>_column`)."""
+
+    def __init__(self, origin: str, column: str, columns: Sequence[str], role: str) -> None:
+        self.column, self.columns, self.role = column, list(columns), role
+        super().__init__(f"{origin}: no column {column!r}; columns are {self.columns}")
+
+
+def _require_column(df: pl.DataFrame, col: str, origin: str, role: str) -> None:
     if col not in df.columns:
-        raise ValueError(f"{origin}: no column {col!r}; columns are {df.columns}")
+        raise MissingColumnError(origin, col, df.columns, role)
 
 
 def default_source_name(path: Path) -> str:
@@ -171,9 +179,9 @@ class EmbeddingShards:
             if not (txt.shape[0] == meta.height == n):
                 raise ValueError(f"{self.root}: row counts differ: {img_path.name} has {n}, {txt_path.name} "
                                  f"{txt.shape[0]}, {meta_path.name} {meta.height}")
-            _require_column(meta, self.caption_column, str(meta_path))
+            _require_column(meta, self.caption_column, str(meta_path), "caption")
             if self.key_column:
-                _require_column(meta, self.key_column, str(meta_path))
+                _require_column(meta, self.key_column, str(meta_path), "key")
             captions = meta[self.caption_column].cast(pl.Utf8).fill_null("").to_list()
             keys = (check_keys(meta[self.key_column].cast(pl.Utf8).to_list(), f"{meta_path} column {self.key_column!r}")
                     if self.key_column else [f"{_shard_index(img_path)}:{r}" for r in range(n)])
@@ -227,8 +235,8 @@ class ImageFolder:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such image folder")
         self.table = read_table(self.table_path)
-        _require_column(self.table, file_column, str(self.table_path))
-        _require_column(self.table, caption_column, str(self.table_path))
+        _require_column(self.table, file_column, str(self.table_path), "file")
+        _require_column(self.table, caption_column, str(self.table_path), "caption")
         self.file_column, self.caption_column, self.batch_size = file_column, caption_column, batch_size
         self.name = source or default_source_name(self.root)
         self.legacy_name = None if source else self.root.resolve().name
@@ -237,6 +245,12 @@ class ImageFolder:
 
     def fingerprint(self) -> str:
         return _files_fingerprint([self.table_path], str(self.root.resolve()), self.batch_size)
+
+    def files_fingerprint(self) -> str:
+        """Changes when any image file or the table changes (one stat per image: call it once, not per batch)."""
+        root = self.root.resolve()
+        files = [p for p in (root / f for f in self.keys) if p.is_file()]
+        return _files_fingerprint([self.table_path, *files], str(root), self.file_column, self.caption_column)
 
     def total(self) -> int:
         return self.table.height
