@@ -1,7 +1,8 @@
 """`reco doctor`: check a memory and say how to recover, instead of a panic, a traceback or a silent empty memory.
 
-Checks, in order: the memory opens (not in use, files readable, ledger present); its records (migrations,
-encoder, layout); every point is a whole pair (both vectors finite, unit-norm and of the memory's dimension;
+Checks, in order: the memory and its collection exist (else which collections here hold points); it opens (not in
+use, files readable, ledger present); other collections beside it; its records (migrations, encoder, random
+weights); every point is a whole pair (both vectors finite, unit-norm and of the memory's dimension;
 a caption, source and key; the id derived from source and key); and whether it needs an index build.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import count_edge_collection, edge_collections
 from .config import MemoryConfig
 from .memory import (
     EXACT_SEARCH_BELOW,
@@ -47,6 +49,13 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
     if cfg.kind == "edge" and not Path(cfg.location).exists():  # never create a memory just to look at it
         return [Finding("problem", f"memory {cfg.location}: no such directory, so no memory there",
                         "check --memory / $RECO_MEMORY; `reco ingest ...` or `reco migrate` creates one")]
+    if cfg.kind == "edge" and collection not in edge_collections(cfg.location):  # nor a collection
+        held = {n: count_edge_collection(cfg.location, n) for n in edge_collections(cfg.location)}
+        if not held:
+            return [Finding("warning", f"memory {cfg.location} holds no collection (nothing ingested there)",
+                            f"`reco ingest images FOLDER --captions TABLE --memory {cfg.location}` fills it")]
+        return [Finding("warning", f"memory {cfg.location} has no collection {collection!r}; the data here are in "
+                        f"{collections_said(held)}", f"select it with --collection {fullest_collection(held)}")]
     try:
         mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
                           repair_ledger=repair_ledger)
@@ -58,6 +67,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
         return [Finding("problem", f"memory {location}: {e}")]
     with mem:
         found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points")]
+        found += _other_collections(mem, collection)
         if repair_ledger:
             if mem.encoder_record is None and mem.count():
                 first = next(mem.scroll(1, with_vectors=True))[0]
@@ -83,7 +93,40 @@ def _records(mem: Memory) -> list[Finding]:
                            "reco migrate --encoder-id ID"))
     elif rec is not None:
         out.append(Finding("ok", f"encoder {rec['id']} ({rec['dim']}-d)"))
+        if random_weights(rec["id"]):
+            out.append(Finding("warning", f"the encoder {rec['id']} has random weights (ingested with --pretrained "
+                               "none): a dry run; its neighbours and predictions carry no meaning",
+                               "ingest into a new memory (or --collection) with pretrained weights: --pretrained "
+                               "TAG or a checkpoint file"))
     return out
+
+
+def random_weights(encoder_id: str) -> bool:
+    """Whether an encoder id names random weights (`open_clip/<model>/random-seed<N>`: pretrained none)."""
+    parts = encoder_id.split("/")
+    return len(parts) == 3 and parts[0] == "open_clip" and parts[2].startswith("random-seed")
+
+
+def collections_said(held: dict[str, int | None]) -> str:
+    """'reco_demo (4,000 points), other (in use by another process)'."""
+    return ", ".join(f"{n} ({'in use by another process' if c is None else f'{c:,} points'})" for n, c in held.items())
+
+
+def fullest_collection(held: dict[str, int | None]) -> str:
+    """The collection holding the most points (the one to suggest with --collection)."""
+    return max(held, key=lambda n: held[n] or 0)
+
+
+def _other_collections(mem: Memory, collection: str) -> list[Finding]:
+    """Collections beside this one that hold points: a warning when this one is empty (the data are elsewhere:
+    the demo writes `reco_demo`), else an ok line naming them."""
+    others = {n: c for n, c in mem.collections().items() if n != collection and c != 0}
+    if not others:
+        return []
+    if mem.count() == 0:
+        return [Finding("warning", f"collection {collection!r} is empty; the points here are in "
+                        f"{collections_said(others)}", f"select it with --collection {fullest_collection(others)}")]
+    return [Finding("ok", f"other collections here: {collections_said(others)} (--collection selects one)")]
 
 
 def _points(mem: Memory, examples: int) -> list[Finding]:
