@@ -7,10 +7,12 @@ between embedded and server; `reco demo` runs everything on a synthetic world.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,8 +46,23 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="sho
 
 
 def _hint(e: Exception) -> str:
+    """The option or command that fixes `e` where one does; `--debug` only for errors our code did not foresee."""
+    from .encoders import WeightsUnavailableError
     from .memory import EncoderMismatchError, MemoryDamagedError, MemoryInUseError, MemoryUnavailableError
+    from .sources import MissingColumnError
 
+    given = getattr(e, "hint", None)
+    if given:
+        return given
+    if isinstance(e, WeightsUnavailableError):
+        return ("three ways forward:\n"
+                f"  1. a local checkpoint file: --pretrained /path/to/{e.filename}\n"
+                f"     from {e.where}\n"
+                "  2. a cache directory that holds them: HF_HOME=/path/to/dir (the hub cache\n"
+                "     is DIR/hub; fill it where the network is reachable)\n"
+                "  3. random weights, a dry run of the flow: --pretrained none")
+    if isinstance(e, MissingColumnError):
+        return f"name the table's {e.role} column with --{e.role}-column (its columns: {', '.join(e.columns)})"
     if isinstance(e, MemoryDamagedError):
         return "`reco doctor --memory PATH` checks the memory and says how to recover"
     if isinstance(e, MemoryInUseError):
@@ -54,7 +71,35 @@ def _hint(e: Exception) -> str:
         return "is the server up? `docker compose up -d qdrant`, and check --memory and RECO_API_KEY"
     if isinstance(e, EncoderMismatchError):
         return "use the encoder the memory was built with (see `reco info`), or another --memory/--collection"
-    return "run with --debug for the full traceback"
+    if _raised_by_us(e):
+        return f"`{_command_path()} --help` lists its options"
+    return "an unexpected error: run with --debug for the full traceback"
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """Whether `e` was raised by reco_qdrant's own code (an error it foresaw, whose message says what is wrong)."""
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+
+
+def _command_path() -> str:
+    import click
+
+    ctx = click.get_current_context(silent=True)  # its root is named after the program (`reco`, or a test's)
+    return " ".join(["reco", *(ctx.command_path.split()[1:] if ctx is not None else [])])
+
+
+@contextlib.contextmanager
+def _hint_on(kinds: type[BaseException] | tuple[type[BaseException], ...], hint: str) -> Iterator[None]:
+    """Errors of `kinds` raised inside get `hint` (the command or option that fixes them here)."""
+    try:
+        yield
+    except kinds as e:
+        if not getattr(e, "hint", None):
+            e.hint = hint  # type: ignore[attr-defined]
+        raise
 
 
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,7 +114,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {getattr(e, 'headline', e)}", markup=True, highlight=False,
+                      soft_wrap=True)
             err.print(f"[dim]hint: {_hint(e)}[/]", highlight=False)
             raise typer.Exit(1) from None
 
@@ -87,14 +133,29 @@ def _open(memory: str | None, collection: str, **kw: Any) -> Any:
     return Memory.open(memory, collection=collection, **kw)
 
 
-def _must_exist(memory: str | None) -> None:
-    """Read-only commands never create a memory: an embedded one must already be a directory."""
+def _must_exist(memory: str | None, collection: str) -> None:
+    """Read-only commands never create a memory: an embedded one must already be a directory holding `collection`."""
+    from .backends import count_edge_collection, edge_collections
     from .config import MemoryConfig
+    from .doctor import collections_said, fullest_collection
 
     cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
-    if cfg.kind == "edge" and not Path(cfg.location).exists():
-        raise FileNotFoundError(f"memory {cfg.location}: no such directory, so no memory there (check --memory or "
-                                "$RECO_MEMORY; `reco ingest ...` or `reco migrate` creates one)")
+    if cfg.kind != "edge":
+        return
+    if not Path(cfg.location).exists():
+        e = FileNotFoundError(f"memory {cfg.location}: no such directory, so no memory there (check --memory or "
+                              "$RECO_MEMORY; `reco ingest ...` or `reco migrate` creates one)")
+        e.hint = (f"`reco ingest images FOLDER --captions TABLE --memory {cfg.location}` (or `reco ingest embeddings "
+                  "FOLDER`) creates a memory there; --memory names another")
+        raise e
+    names = edge_collections(cfg.location)
+    if collection not in names:
+        held = {n: count_edge_collection(cfg.location, n) for n in names}
+        e = FileNotFoundError(f"memory {cfg.location} has no collection {collection!r}" + (
+            f"; it holds {collections_said(held)}" if held else " (nothing was ingested there)"))
+        e.hint = (f"select one with --collection {fullest_collection(held)}" if held else
+                  f"`reco ingest images FOLDER --captions TABLE --memory {cfg.location}` fills it")
+        raise e
 
 
 def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str | None, collection: str) -> Any:
@@ -114,7 +175,9 @@ def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str |
             err.print(f"encoder: {rec['id']} (recorded with the memory)", highlight=False)
             return enc
     pretrained = DEFAULT_PRETRAINED if pretrained is None else pretrained
-    return load_encoder(model or DEFAULT_MODEL, None if pretrained == "none" else pretrained, kind=kind)
+    with _hint_on((FileNotFoundError, ValueError), "--pretrained takes an open_clip tag of --model, a checkpoint file "
+                                                   "that exists, or none (random weights)"):
+        return load_encoder(model or DEFAULT_MODEL, None if pretrained == "none" else pretrained, kind=kind)
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
@@ -176,21 +239,39 @@ def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, 
                       highlight=False)
 
 
+SourceOpt = Annotated[str | None, typer.Option(
+    help="source name stored with each pair (default: the folder's full path); point ids derive from source + key, "
+         "so the same name updates those pairs and another name stores the data beside them")]
+RestartOpt = Annotated[bool, typer.Option(
+    help="ignore the resume ledger: re-encode and re-store every batch (an ingest otherwise skips the batches an "
+         "earlier run of the same files finished)")]
+FileColumnOpt = Annotated[str, typer.Option(help="the captions table's column of image file names (relative to "
+                                                 "FOLDER)")]
+CaptionColumnOpt = Annotated[str, typer.Option(help="the table's column of captions")]
+ImageBatchOpt = Annotated[int, typer.Option(help="images encoded per batch (one resume step)")]
+IMAGES_LAYOUT_HINT = ("images with a captions table? `reco ingest images FOLDER --captions TABLE` (or `reco ingest "
+                      "auto FOLDER` when the table sits in FOLDER as captions.csv|parquet)")
+
+
 @ingest_app.command("embeddings")
 @cli_errors
 def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img_emb/ text_emb/ metadata/")],
                       memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                      caption_column: str = "caption", key_column: str | None = None,
-                      source: Annotated[str | None, typer.Option(
-                          help="source name (default: the folder's full path); ids derive from source + key")] = None,
+                      caption_column: Annotated[str, typer.Option(
+                          help="the metadata's column of captions")] = "caption",
+                      key_column: Annotated[str | None, typer.Option(
+                          help="the metadata's column of keys unique within the source (default: shard and "
+                               "row)")] = None,
+                      source: SourceOpt = None,
                       encoder_id: Annotated[str | None, typer.Option(help="id of the encoder that made them")] = None,
-                      batch_size: int = 4096, progress: ProgressOpt = True,
-                      restart: Annotated[bool, typer.Option(help="ignore the resume ledger")] = False,
-                      as_json: JsonOpt = False) -> None:
+                      batch_size: Annotated[int, typer.Option(help="pairs stored per batch (one resume step)")] = 4096,
+                      progress: ProgressOpt = True, restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """Precomputed embeddings in the clip-retrieval / LAION layout (.npy + parquet)."""
     from .sources import EmbeddingShards
 
-    src = EmbeddingShards(path, caption_column, key_column, source, batch_size)
+    layout = (path / "img_emb").is_dir()  # without it, the folder may be one of images
+    with contextlib.nullcontext() if layout else _hint_on(FileNotFoundError, IMAGES_LAYOUT_HINT):
+        src = EmbeddingShards(path, caption_column, key_column, source, batch_size)
     _run_ingest(memory, collection, src, None, encoder_id, progress, restart, as_json)
 
 
@@ -198,44 +279,51 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
 @cli_errors
 def ingest_auto(path: Annotated[Path, typer.Argument(
                     help="a folder in either layout: img_emb/ text_emb/ metadata/, or images + captions.csv|parquet")],
-                memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                source: Annotated[str | None, typer.Option(
-                    help="source name (default: the folder's full path); ids derive from source + key")] = None,
+                memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", source: SourceOpt = None,
                 model: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
                 encoder_id: Annotated[str | None, typer.Option(
                     help="embeddings: id of the encoder that made them")] = None,
-                progress: ProgressOpt = True, restart: bool = False, as_json: JsonOpt = False) -> None:
+                progress: ProgressOpt = True, restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """A data folder whose layout is found by looking at it (what the compose `ingest` service runs)."""
     from .sources import EmbeddingShards, open_folder
 
-    src = open_folder(path, source)
+    with _hint_on(FileNotFoundError, "give a folder in one of the two layouts (`reco ingest images FOLDER --captions "
+                                     "TABLE` reads a table kept elsewhere)"):
+        src = open_folder(path, source)
     enc = None if isinstance(src, EmbeddingShards) else _encoder(model, pretrained, encoder_kind, memory, collection)
     _run_ingest(memory, collection, src, enc, encoder_id if enc is None else None, progress, restart, as_json)
 
 
 @ingest_app.command("images")
 @cli_errors
-def ingest_images(folder: Path, captions: Annotated[Path, typer.Option(help="table: file -> caption")],
+def ingest_images(folder: Annotated[Path, typer.Argument(help="the image folder (file names in the table are "
+                                                               "relative to it)")],
+                  captions: Annotated[Path, typer.Option(help="table: file -> caption (.csv, .tsv, .parquet or "
+                                                              ".jsonl)")],
                   memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                  file_column: str = "file", caption_column: str = "caption", source: str | None = None,
-                  model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                  encoder_kind: KindOpt = "open_clip", batch_size: int = 64, progress: ProgressOpt = True,
-                  restart: bool = False, as_json: JsonOpt = False) -> None:
+                  file_column: FileColumnOpt = "file", caption_column: CaptionColumnOpt = "caption",
+                  source: SourceOpt = None, model: ModelOpt = None, pretrained: PretrainedOpt = None,
+                  encoder_kind: KindOpt = "open_clip", batch_size: ImageBatchOpt = 64, progress: ProgressOpt = True,
+                  restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """An image folder plus a captions table (parquet/csv/jsonl), encoded with the given model."""
     from .sources import ImageFolder
 
-    src = ImageFolder(folder, captions, file_column, caption_column, source, batch_size)
+    with _hint_on(FileNotFoundError, "check FOLDER and --captions (file names in the table are relative to "
+                                     "FOLDER; --file-column names their column)"):
+        src = ImageFolder(folder, captions, file_column, caption_column, source, batch_size)
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
-    _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
+    with _hint_on(FileNotFoundError, "file names in the table are relative to FOLDER: check FOLDER and "
+                                     "--file-column"):
+        _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
 
 
 @ingest_app.command("webdataset")
 @cli_errors
 def ingest_webdataset(shards: Annotated[list[Path], typer.Argument(help=".tar shards")],
                       memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
-                      source: str | None = None, model: ModelOpt = None,
+                      source: SourceOpt = None, model: ModelOpt = None,
                       pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
-                      batch_size: int = 64, progress: ProgressOpt = True, restart: bool = False,
+                      batch_size: ImageBatchOpt = 64, progress: ProgressOpt = True, restart: RestartOpt = False,
                       as_json: JsonOpt = False) -> None:
     """WebDataset tar shards (KEY.jpg + KEY.txt), read in memory and encoded with the given model."""
     from .sources import WebDataset
@@ -265,31 +353,49 @@ def doctor(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
         raise typer.Exit(1)
 
 
+SOURCES_SHOWN = 20  # sources listed by `reco info`, largest first
+
+
 @app.command()
 @cli_errors
 def info(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as_json: JsonOpt = False) -> None:
-    """Count, dimension, encoder, index status and migrations of a memory (never the API key)."""
-    _must_exist(memory)
+    """Count, sources, dimension, encoder, index status and migrations of a memory (never the API key)."""
+    _must_exist(memory, collection)
+    from .doctor import collections_said, fullest_collection
+
     with _open(memory, collection, migrate=False, auto_index=False) as mem:
         data = mem.info()
+        others = {n: c for n, c in mem.collections().items() if n != collection and c != 0}
     table = Table(title=f"memory {data['location']} / {data['collection']}", show_header=False)
     for k, v in data.items():
-        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        if k == "sources":  # one row per source (the JSON has them all)
+            for name, n in list(v.items())[:SOURCES_SHOWN]:
+                table.add_row("source", f"{name}: {n:,} points")
+            if len(v) > SOURCES_SHOWN:
+                table.add_row("source", f"... {len(v) - SOURCES_SHOWN:,} more (see --json)")
+            if not v:
+                table.add_row("sources", "none (nothing ingested)")
+        else:
+            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     _emit(data, as_json, table)
+    if others and not as_json:
+        err.print(f"[yellow]note:[/] other collections here: {collections_said(others)}; select one with "
+                  f"--collection {fullest_collection(others)}", highlight=False)
 
 
 @app.command()
 @cli_errors
 def search(text: Annotated[str | None, typer.Option(help="a text query")] = None,
            image: Annotated[Path | None, typer.Option(help="an image query")] = None,
-           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", k: int = 10,
+           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+           k: Annotated[int, typer.Option(help="neighbours to show")] = 10,
            cross: Annotated[bool, typer.Option(help="search the other modality's vectors")] = False,
            model: ModelOpt = None, pretrained: PretrainedOpt = None,
            encoder_kind: KindOpt = "open_clip", as_json: JsonOpt = False) -> None:
     """Neighbours of a text or image query, with captions and scores."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
-    _must_exist(memory)  # before any encoder is loaded
+    _must_exist(memory, collection)  # before any encoder is loaded
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
     q, modality = (enc.encode_texts([text]), "text") if text is not None else (enc.encode_images([image]), "image")
     searched = modality if not cross else ("image" if modality == "text" else "text")
@@ -374,10 +480,99 @@ def _load_shards(path: Path, label_column: str | None, key_column: str | None) -
     return np.concatenate(img), np.concatenate(txt), keys, lab, names, src.name
 
 
+@dataclass
+class _Pairs:
+    """Training pairs read from PAIRS, with what names them in the memory."""
+
+    image: np.ndarray  # [N, d]
+    text: np.ndarray  # [N, d]
+    keys: list[str]  # with a source name, the point ids the pairs have if they were ingested
+    labels: np.ndarray | None  # [N] class index, with --label-column
+    names: list[str]  # class names, by index
+    source_names: list[str]  # the names an ingest of PAIRS would have given the source (default, legacy)
+
+
+def _labels_of(values: list[Any], column: str, origin: str) -> tuple[np.ndarray, list[str]]:
+    if any(v is None for v in values):
+        raise ValueError(f"{origin}: column {column!r} has empty values; every training pair needs a class")
+    names = sorted({str(v) for v in values})
+    return np.searchsorted(names, [str(v) for v in values]), names
+
+
+def _training_pairs(pairs: Path, captions: Path | None, file_column: str, caption_column: str,
+                    label_column: str | None, key_column: str | None, enc: Any, progress: bool) -> _Pairs:
+    """PAIRS as embeddings: a clip-retrieval folder as stored, an image folder (+ captions table) encoded with
+    `enc` (the memory's encoder) and cached, so that a second run does not encode again."""
+    from .ingest import encode_pairs
+    from .sources import ImageFolder, MissingColumnError, open_folder
+
+    if captions is None and (pairs / "img_emb").is_dir():
+        img, txt, keys, labels, names, name = _load_shards(pairs, label_column, key_column)
+        return _Pairs(img, txt, keys, labels, names, [name, pairs.resolve().name])
+    if key_column:
+        raise ValueError("--key-column names the metadata column of an embeddings folder; an image folder's keys are "
+                         "its file names (--file-column)")
+    with _hint_on(FileNotFoundError, "PAIRS: an embeddings folder (img_emb/ text_emb/ metadata/), or an image "
+                                     "folder with --captions TABLE"):
+        src = (ImageFolder(pairs, captions, file_column, caption_column) if captions is not None
+               else open_folder(pairs))  # no img_emb/ there: images with their own captions table, or an error
+    if label_column and label_column not in src.table.columns:
+        raise MissingColumnError(str(src.table_path), label_column, src.table.columns, "label")
+    with _hint_on(FileNotFoundError, "file names in the table are relative to PAIRS: check --file-column"):
+        enc_pairs = encode_pairs(src, enc, progress=progress)
+    n = len(enc_pairs.keys)
+    err.print(f"{n:,} training pairs from {pairs}: " + (
+        f"embeddings read from the cache ({enc_pairs.cache_path})" if enc_pairs.from_cache else
+        f"encoded with {enc.id}, cached in {enc_pairs.cache_path}"), highlight=False)
+    labels, names = None, []
+    if label_column:
+        labels, names = _labels_of([p.get(label_column) for p in enc_pairs.payloads], label_column,
+                                   str(src.table_path))
+    return _Pairs(enc_pairs.image_embeddings, enc_pairs.text_embeddings, enc_pairs.keys, labels, names,
+                  [src.name, src.legacy_name or src.name])
+
+
+def _in_memory(mem: Any, keys: list[str], given: str | None, defaults: list[str]) -> tuple[str | None, list[str]]:
+    """The source under which these keys were ingested into `mem` (`given`, else found: the source names an ingest
+    of PAIRS gives by default, then the memory's own sources), and the ids of the keys stored under it.
+
+    A sample of 200 keys picks the source at once when the pairs are mostly stored; when it finds none, every key
+    is looked up under each of the first 10 candidates (a few stored pairs among many new ones)."""
+    from .memory import point_id
+
+    def stored(source: str, ks: list[str]) -> list[str]:
+        ids = [point_id(source, k) for k in ks]
+        found: set[str] = set()
+        for s in range(0, len(ids), 1000):
+            found |= mem.existing_ids(ids[s : s + 1000])
+        return [i for i in ids if i in found]
+
+    candidates = [given] if given else list(dict.fromkeys([*defaults, *list(mem.sources())[:50]]))
+    probe = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(len(keys), 200)).astype(int))]
+    hits = {c: len(stored(c, probe)) for c in candidates}
+    best = max(candidates, key=lambda c: hits[c]) if candidates else None
+    if best is not None and hits[best]:
+        return best, stored(best, keys)
+    for c in candidates[:10]:
+        found = stored(c, keys)
+        if found:
+            return c, found
+    if given:
+        raise ValueError(f"none of the training pairs is in the memory under source {given!r}; its sources: "
+                         f"{', '.join(mem.sources()) or 'none'} (--in-memory-source names one, or leave it out "
+                         "to have it found)")
+    return None, []
+
+
 @app.command()
 @cli_errors
 def train(pairs: Annotated[Path | None, typer.Argument(
-              help="training pairs: a clip-retrieval layout folder (default: a sample of the memory's own)")] = None,
+              help="training pairs: an image folder (with --captions TABLE, or its own captions.csv|parquet), "
+                   "encoded with the memory's encoder and cached; or a clip-retrieval embeddings folder "
+                   "(default: a sample of the memory's own pairs)")] = None,
+          captions: Annotated[Path | None, typer.Option(
+              help="PAIRS is an image folder: its captions table (what `reco ingest images` takes)")] = None,
+          file_column: FileColumnOpt = "file", caption_column: CaptionColumnOpt = "caption",
           out_dir: Annotated[Path, typer.Option("--out", help="checkpoints: OUT/best, OUT/last (resumable)")] = Path(
               "reco-runs/fusion"),
           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
@@ -389,15 +584,20 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                    "them with `reco predict --weights adapted` on those classes, with the same templates")] = False,
           templates: Annotated[str, typer.Option(help="--adapt: the prompts' templates")] = "generic",
           model_name: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
-          key_column: Annotated[str | None, typer.Option(help="key column of the metadata")] = None,
+          key_column: Annotated[str | None, typer.Option(help="key column of an embeddings folder's metadata")] = None,
           in_memory_source: Annotated[str | None, typer.Option(
-              help="source name under which these pairs were ingested (excludes each pair's own point)")] = None,
-          k: int = 10, epochs: int = 30, batch_size: int = 128,
+              help="source name under which PAIRS were ingested (each pair's own point is left out of its "
+                   "neighbours); found by the pairs' keys when left out")] = None,
+          k: Annotated[int, typer.Option(help="neighbours retrieved per query")] = 10,
+          epochs: Annotated[int, typer.Option(help="most epochs (the best one by validation is kept)")] = 30,
+          batch_size: Annotated[int, typer.Option(help="pairs per training step")] = 128,
           lr: Annotated[float | None, typer.Option(
               help="default: the aggregator's (relevance 2e-3, transformer 3e-4)")] = None,
-          seed: int = 0, search: str = "uni", fusion: str = "cross",
+          seed: Annotated[int, typer.Option(help="seed of the initialisation, shuffling and validation split")] = 0,
+          search: Annotated[str, typer.Option(help="uni (search the query's modality) | cross")] = "uni",
+          fusion: Annotated[str, typer.Option(help="cross (fuse the neighbours' other modality) | uni")] = "cross",
           aggregator: Annotated[str, typer.Option(help="relevance | transformer (the paper's) | mean")] = "relevance",
-          device: str | None = None,
+          device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when present)")] = None,
           precision: Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 if the chip has it)")] = "auto",
           restart: Annotated[bool, typer.Option(
               help="OUT holds a run on other data or settings: train afresh there (else it is refused)")] = False,
@@ -405,33 +605,47 @@ def train(pairs: Annotated[Path | None, typer.Argument(
     """Train the fusion model (encoders frozen) on unlabelled image-text pairs: PAIRS, or by default a sample of
     the memory's own pairs. Early-stopped on held-out pseudo-classes (or held-out classes with --label-column).
 
-    Re-running with the same data and settings resumes (or returns the finished run); with others it is
-    refused unless --restart."""
+    Pairs that are in the memory (found by their keys) are left out of their own neighbours. Re-running with the
+    same data and settings resumes (or returns the finished run); with others it is refused unless --restart."""
     from .memory import point_id
     from .training import train_fusion
 
     if adapt and not label_column:
         raise ValueError("--adapt fits weights to labelled classes: give PAIRS with --label-column")
-    if pairs is None and (label_column or in_memory_source or key_column):
-        raise ValueError("--label-column, --in-memory-source and --key-column describe a PAIRS folder; give one")
+    if pairs is None and (label_column or in_memory_source or key_column or captions):
+        raise ValueError("--label-column, --in-memory-source, --key-column and --captions describe PAIRS; give it")
     if pairs is not None and sample != 100_000:
         raise ValueError("--sample draws pairs from the memory: leave it out when PAIRS is given")
-    # the prompts' encoder is resolved before the memory is opened for training (an embedded memory opens once)
-    enc = _encoder(model_name, pretrained, encoder_kind, memory, collection) if adapt else None
+    images = pairs is not None and (captions is not None or not (pairs / "img_emb").is_dir())
+    if images or adapt:
+        _must_exist(memory, collection)  # the memory's encoder encodes the images: it must hold pairs already
+    # the encoder is resolved before the memory is opened for training (an embedded memory opens once)
+    enc = _encoder(model_name, pretrained, encoder_kind, memory, collection) if images or adapt else None
+    data = None if pairs is None else _training_pairs(pairs, captions, file_column, caption_column, label_column,
+                                                      key_column, enc, progress and not as_json)
     with _open(memory, collection, encoder=enc) as mem:
-        class_embeddings = None
-        if pairs is None:
+        class_embeddings, labels, ids = None, None, None
+        if data is None:
             ids, img, txt = mem.sample_pairs(sample, seed, progress=progress and not as_json)
-            labels = None
             err.print(f"training on {len(ids):,} of the memory's {mem.count():,} pairs (unlabelled; each pair's own "
                       "point is left out of its neighbours)", highlight=False)
         else:
-            img, txt, keys, labels, names, _ = _load_shards(pairs, label_column, key_column)
-            ids = [point_id(in_memory_source, kk) for kk in keys] if in_memory_source else None
+            img, txt, labels = data.image, data.text, data.labels
+            source, found = _in_memory(mem, data.keys, in_memory_source, data.source_names)
+            n = len(data.keys)
+            if found:
+                how = "" if in_memory_source else ", found by their keys"
+                err.print(f"{len(found):,} of the {n:,} training pairs are in the memory (source {source}{how}): "
+                          "each is left out of its own neighbours", highlight=False)
+                ids = [point_id(source, kk) for kk in data.keys]
+                img, txt, labels, ids = _first_found(img, txt, labels, ids, set(found))
+            else:
+                err.print(f"0 of the {n:,} training pairs are in the memory: none to leave out of their own "
+                          "neighbours", highlight=False)
             if adapt:
                 from .classifier import RecoClassifier
 
-                clf = RecoClassifier(encoder=enc, use_retrieval=False).set_classes(names, templates)
+                clf = RecoClassifier(encoder=enc, use_retrieval=False).set_classes(data.names, templates)
                 class_embeddings = clf.raw_class_embeddings_
         model = train_fusion(mem, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids, k=k,
                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, search=search, fusion=fusion,
@@ -448,6 +662,18 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                           f"{h['val_baseline']:.4f}", f"{h.get('seconds', 0):.1f}")
         out.print(table)
         out.print(f"saved {out_dir / 'best'}")
+
+
+def _first_found(img: np.ndarray, txt: np.ndarray, labels: np.ndarray | None, ids: list[str],
+                 found: set[str]) -> tuple:
+    """train_fusion checks that its ids are the memory's on a sample of rows that starts with the first: put a pair
+    that is in the memory first (one swap), so a few stored pairs among many new ones are still left out."""
+    j = next(i for i, pid in enumerate(ids) if pid in found)
+    if j == 0:
+        return img, txt, labels, ids
+    order = np.arange(len(ids))
+    order[[0, j]] = order[[j, 0]]
+    return img[order], txt[order], None if labels is None else labels[order], [ids[i] for i in order]
 
 
 def _classes(classes: str) -> list[str]:
@@ -513,7 +739,10 @@ def _report_table(title: str, rows: list[tuple[str, dict]]) -> Table:
 @cli_errors
 def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOLDER/<class name>/<image>")],
                    fusion: Annotated[Path, typer.Option(help="fusion checkpoint dir")],
-                   templates: str = "generic", memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+                   templates: Annotated[str, typer.Option(
+                       help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = (
+                       "generic"),
+                   memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                    model: ModelOpt = None, pretrained: PretrainedOpt = None,
                    encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
@@ -557,7 +786,8 @@ def eval_retrieval(pairs: Annotated[Path, typer.Argument(help="paired embeddings
 
 @app.command()
 @cli_errors
-def demo(memory: MemoryOpt = None, seed: int = 0,
+def demo(memory: MemoryOpt = None,
+         seed: Annotated[int, typer.Option(help="seed of the synthetic world and of training")] = 0,
          out_dir: Annotated[Path, typer.Option("--out", help="the demo's checkpoint dir")] = Path("reco-runs/demo"),
          ablations: Annotated[bool, typer.Option(help="also train the paper's ablations")] = True,
          export: Annotated[Path | None, typer.Option(

@@ -34,6 +34,7 @@ def fails(args: list[str], *patterns: str, memory: str | None = None, count: int
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and "error:" in r.output and "hint:" in r.output, r.output
     flat = " ".join(r.output.split())
+    assert "--debug" not in flat, r.output  # a foreseen error: its hint names the fix, not the traceback
     for p in patterns:
         assert p in flat, (p, r.output)
     if memory is not None and count is not None:
@@ -68,7 +69,7 @@ def test_row_count_mismatch(stored, tmp_path):
 def test_missing_caption_column(stored, tmp_path):
     make_shards(tmp_path / "t", n=10, shard_size=10, seed=1)
     fails(ingest_args(str(tmp_path / "t"), stored) + ["--caption-column", "text"], "no column 'text'",
-          memory=stored)
+          "name the table's caption column with --caption-column", memory=stored)
 
 
 def test_dimension_mismatch(stored, tmp_path):
@@ -100,6 +101,46 @@ def _folder(tmp_path, files: dict[str, bytes], captions: bytes | None = None):
     table.write_bytes(captions or ("file,caption\nok.png,fine\n" + "".join(f"{n},broken\n" for n in files)).encode())
     return ["ingest", "images", str(folder), "--captions", str(table), "--memory", str(tmp_path / "img-mem"),
             "--batch-size", "1", "--no-progress", *TINY]
+
+
+def test_missing_file_column(tmp_path):
+    args = _folder(tmp_path, {}, captions=b"path,caption\nok.png,fine\n")
+    fails(args, "captions.csv: no column 'file'", "--file-column (its columns: path, caption)")
+    assert not (tmp_path / "img-mem").exists()  # refused before any memory was made
+
+
+def test_image_in_the_table_but_not_in_the_folder(tmp_path):
+    args = _folder(tmp_path, {}, captions=b"file,caption\nok.png,fine\ngone.png,lost\n")
+    fails(args, "row 1: image", "gone.png not found", "relative to FOLDER", memory=str(tmp_path / "img-mem"),
+          count=1)
+
+
+def test_checkpoint_file_that_does_not_exist(tmp_path):
+    args = _folder(tmp_path, {})[:-len(TINY)]
+    fails(args + ["--model", "reco-tiny", "--pretrained", str(tmp_path / "ckpt" / "model.bin")],
+          "model.bin: no such checkpoint file", "--pretrained takes an open_clip tag")
+
+
+def test_unknown_pretrained_tag(tmp_path):
+    args = _folder(tmp_path, {})[:-len(TINY)]
+    fails(args + ["--pretrained", "laion2b_nope"], "no pretrained weights 'laion2b_nope' for ViT-B-32",
+          "its tags are", "laion2b_s34b_b79k", "--pretrained takes an open_clip tag")
+
+
+def test_collection_that_does_not_exist(tmp_path):
+    mem = str(tmp_path / "m")
+    with Memory.open(mem, collection="reco_demo") as m:
+        m.add_embeddings(*_pairs(40), source="synthetic")
+    for args in (["search", "--text", "a bird", *TINY], ["info"]):
+        fails([*args, "--memory", mem], "has no collection 'reco_memory'; it holds reco_demo (40 points)",
+              "select one with --collection reco_demo")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if not p.name.startswith(".")) == [
+        "reco_demo", "reco_demo__meta", "reco_demo__vectors"]  # nothing created for the missing one
+
+
+def _pairs(n: int) -> tuple:
+    img = np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32)
+    return img, img, [f"c {i}" for i in range(n)]
 
 
 def test_corrupt_or_truncated_image(tmp_path):

@@ -293,3 +293,213 @@ def test_read_only_commands_never_create_a_memory(tmp_path):
         assert r.exit_code == 1, (args, r.output)
         assert "no such directory, so no memory there" in " ".join(r.output.split()), r.output
         assert not nope.exists(), args
+
+
+def _commands(group, path=("reco",)):
+    """(command path, command) for every command of the `reco` app, sub-commands of groups included."""
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a group (typer's own click types: no isinstance on click's)
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def test_every_option_and_argument_says_what_it_does():
+    import typer
+
+    command = typer.main.get_command(app)
+    commands = dict(_commands(command))
+    assert {"reco ingest images", "reco eval zero-shot", "reco train", "reco search"} <= set(commands)
+    missing = [f"{where} {p.name}" for where, cmd in commands.items() for p in cmd.params
+               if not (getattr(p, "help", None) or "").strip()]
+    assert not missing, missing
+    r = runner.invoke(app, ["ingest", "images", "--help"], env={"COLUMNS": "200"})
+    flat = " ".join(r.output.split())
+    assert "--source <str> source name stored with each pair" in flat
+    assert "--restart --no-restart <bool> ignore the resume ledger" in flat
+
+
+def test_hints_name_the_fix_and_keep_debug_for_the_unforeseen():
+    import json as json_module
+
+    from reco_qdrant.cli import _hint
+    from reco_qdrant.sources import read_table
+
+    try:
+        json_module.loads("{")  # raised inside the standard library: not foreseen by us
+    except ValueError as e:
+        assert _hint(e) == "an unexpected error: run with --debug for the full traceback"
+    try:
+        read_table("nowhere.csv")  # raised by our own code, with a message that says what is wrong
+    except FileNotFoundError as e:
+        assert _hint(e) == "`reco --help` lists its options"
+
+
+def test_info_lists_sources_and_says_where_the_data_are(tmp_path):
+    """`reco info` counts the memory's points per source; info and doctor name the collections that hold the data
+    when the one asked about does not (the demo writes `reco_demo`)."""
+    from reco_qdrant import Memory
+
+    mem = str(tmp_path / "m")
+    make_shards(tmp_path / "a", n=120)
+    make_shards(tmp_path / "b", n=30, seed=1)
+    for name in ("a", "b"):
+        r = runner.invoke(app, ["ingest", "embeddings", str(tmp_path / name), "--memory", mem, "--source",
+                                f"set-{name}", "--encoder-id", "enc", "--no-progress"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", "--memory", mem, "--json"])
+    assert json.loads(r.stdout)["sources"] == {"set-a": 120, "set-b": 30}
+    r = runner.invoke(app, ["info", "--memory", mem], env={"COLUMNS": "120"})
+    assert "set-a: 120 points" in r.stdout and "set-b: 30 points" in r.stdout
+
+    demo = str(tmp_path / "demo")
+    with Memory.open(demo, collection="reco_demo") as m:
+        img, txt, caps = make_shards(tmp_path / "c", n=50)
+        m.add_embeddings(img, txt, caps, source="synthetic", encoder_id="synthetic-world")
+    r = runner.invoke(app, ["doctor", "--memory", demo])
+    assert r.exit_code == 0, r.output  # a warning, as before: nothing is wrong with the memory
+    flat = " ".join(r.output.split())
+    assert ("warning: memory " + demo + " has no collection 'reco_memory'; the data here are in reco_demo "
+            "(50 points) fix: select it with --collection reco_demo") in flat
+    assert not (tmp_path / "demo" / "reco_memory__meta").exists()  # looking created nothing
+    r = runner.invoke(app, ["doctor", "--memory", demo, "--collection", "reco_demo", "--quick"])
+    assert r.exit_code == 0 and "ok: opens:" in r.output and "other collections" not in r.output, r.output
+
+    assert runner.invoke(app, ["migrate", "--memory", demo, "--dim", "16"]).exit_code == 0  # an empty default one
+    r = runner.invoke(app, ["doctor", "--memory", demo, "--quick"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0 and ("warning: collection 'reco_memory' is empty; the points here are in reco_demo "
+                                 "(50 points) fix: select it with --collection reco_demo") in flat, r.output
+    r = runner.invoke(app, ["info", "--memory", demo])
+    assert r.exit_code == 0 and "note: other collections here: reco_demo (50 points); select one with --collection " \
+        "reco_demo" in " ".join(r.stderr.split())
+
+
+def test_sources_and_collections_on_both_backends(tmp_path):
+    from conftest import open_memory, random_pairs
+
+    for kind in ("edge", "local"):
+        with open_memory(kind, tmp_path / kind) as m:
+            assert m.sources() == {} and m.collections() == {"reco_memory": 0}
+            img, txt, caps = random_pairs(40)
+            m.add_embeddings(img[:25], txt[:25], caps[:25], source="web")
+            m.add_embeddings(img[25:], txt[25:], caps[25:], source="/data/cub")
+            assert m.sources() == {"web": 25, "/data/cub": 15}, kind  # largest first
+            assert m.collections() == {"reco_memory": 40}, kind
+    from reco_qdrant import Memory
+
+    with Memory.open(str(tmp_path / "edge" / "mem"), collection="second") as m:
+        m.add_embeddings(img[:5], txt[:5], caps[:5], source="x")
+        assert m.collections() == {"reco_memory": 40, "second": 5}
+
+
+def test_progress_bars_fit_80_columns(tmp_path):
+    """Drawn as on an 80-column terminal (COLUMNS=80, colours forced): no line reaches the last column, with a long
+    description (an ingest names its folder's full path) and large counts."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = ("import time\nfrom reco_qdrant.progress import progress_bar\n"
+              "with progress_bar('ingest /data/a/rather/long/folder/of/bird/photos/cub_200_2011/images', 1234567) "
+              "as advance:\n    for _ in range(20):\n        advance(61728)\n        time.sleep(0.02)\n"
+              "with progress_bar('neighbours (image queries)', None) as advance:\n    advance(10)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "80", "FORCE_COLOR": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", r.stderr)) if ln.strip()]
+    assert any("1234560/1234567" in ln for ln in lines), lines
+    assert any("ingest …" in ln and "cub_200_2011/images" in ln for ln in lines), lines  # its start and its end
+    assert max(len(ln) for ln in lines) < 80, [ln for ln in lines if len(ln) >= 80]
+
+
+def test_train_from_an_image_folder_leaves_the_pairs_in_the_memory_out_of_their_neighbours(tmp_path, monkeypatch):
+    """`reco train FOLDER --captions TABLE`: the images are encoded with the memory's recorded encoder and cached;
+    the pairs the memory holds are found by their keys (no --in-memory-source) and said in one line."""
+    import shutil
+
+    from test_newcomer import write_images
+
+    from reco_qdrant import FusionModel
+
+    monkeypatch.setenv("RECO_CACHE_DIR", str(tmp_path / "cache"))
+    images = write_images(tmp_path)
+    rows = (tmp_path / "captions.csv").read_text().splitlines()
+    (tmp_path / "part.csv").write_text("\n".join([rows[0], *rows[-10:]]) + "\n")  # the last 10 pairs only
+    mem = str(tmp_path / "m")
+    r = runner.invoke(app, ["ingest", "images", str(images), "--captions", str(tmp_path / "part.csv"), "--memory",
+                            mem, "--model", "reco-tiny", "--pretrained", "none", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    train = ["train", str(images), "--captions", str(tmp_path / "captions.csv"), "--memory", mem, "--epochs", "1",
+             "--k", "5", "--no-progress"]
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "encoder: open_clip/reco-tiny/random-seed0 (recorded with the memory)" in flat
+    assert "24 training pairs from" in flat and "encoded with open_clip/reco-tiny/random-seed0, cached in" in flat
+    assert (f"10 of the 24 training pairs are in the memory (source {images.resolve()}, found by their keys): each "
+            "is left out of its own neighbours") in flat  # the first row is not one of them: it is moved
+    assert FusionModel.from_pretrained(tmp_path / "run" / "best").cfg.encoder_id == "open_clip/reco-tiny/random-seed0"
+
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run2"), "--label-column", "label"])
+    assert r.exit_code == 0, r.output
+    assert "24 training pairs from" in r.output and "embeddings read from the cache" in " ".join(r.output.split())
+
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run3"), "--in-memory-source", "photos"])
+    assert r.exit_code == 1
+    assert (f"none of the training pairs is in the memory under source 'photos'; its sources: {images.resolve()}"
+            in " ".join(r.output.split()))
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run3"), "--label-column", "species"])
+    assert r.exit_code == 1 and "no column 'species'" in r.output and "--label-column" in r.output
+
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(images, elsewhere)  # the same photos in another folder: another source, nothing in the memory
+    shutil.copy(tmp_path / "captions.csv", elsewhere)  # the folder's own table: no --captions needed
+    r = runner.invoke(app, ["train", str(elsewhere), "--memory", mem, "--epochs", "1", "--k", "5", "--no-progress",
+                            "--out", str(tmp_path / "run4")])
+    assert r.exit_code == 0, r.output
+    assert "0 of the 24 training pairs are in the memory" in " ".join(r.output.split())
+
+
+def test_train_finds_the_source_of_embedding_pairs_in_the_memory(tmp_path):
+    """PAIRS in the clip-retrieval layout, ingested under a source name of their own: no --in-memory-source
+    needed any more; the source is found by the pairs' keys."""
+    make_shards(tmp_path / "laion", n=300, d=16)
+    mem = str(tmp_path / "m")
+    r = runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", mem, "--source", "laion",
+                            "--encoder-id", "enc", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", str(tmp_path / "laion"), "--memory", mem, "--out", str(tmp_path / "run"),
+                            "--epochs", "1", "--k", "5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert ("300 of the 300 training pairs are in the memory (source laion, found by their keys): each is left out "
+            "of its own neighbours") in " ".join(r.output.split())
+    r = runner.invoke(app, ["train", str(tmp_path / "laion"), "--memory", mem, "--out", str(tmp_path / "run"),
+                            "--epochs", "1", "--k", "5", "--no-progress", "--in-memory-source", "laion"])
+    assert r.exit_code == 0 and "(source laion):" in " ".join(r.output.split()), r.output
+
+
+def test_train_leaves_out_a_few_stored_pairs_among_many_new_ones(tmp_path):
+    """1,500 training pairs of which 3 are in the memory, at rows train_fusion's id check does not sample: they are
+    still found, said, and left out (a stored pair is moved first, where that check looks)."""
+    from conftest import random_pairs
+
+    from reco_qdrant import Memory
+    from reco_qdrant.sources import write_embedding_shards
+
+    img, txt, caps = random_pairs(1500, 16, seed=2)
+    keys = [f"k{i}" for i in range(1500)]
+    write_embedding_shards(tmp_path / "pairs", img, txt, caps, extra={"key": keys})
+    sampled = set(np.unique(np.linspace(0, 1499, 1000).astype(int)))
+    stored = [i for i in range(1500) if i not in sampled][:3]
+    other = random_pairs(50, 16, seed=3)
+    with Memory.open(str(tmp_path / "m")) as m:
+        m.add_embeddings(img[stored], txt[stored], [caps[i] for i in stored], ids=[keys[i] for i in stored],
+                         source="few", encoder_id="enc")
+        m.add_embeddings(*other, source="others", encoder_id="enc")
+    r = runner.invoke(app, ["train", str(tmp_path / "pairs"), "--key-column", "key", "--memory", str(tmp_path / "m"),
+                            "--out", str(tmp_path / "run"), "--epochs", "1", "--k", "5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "3 of the 1,500 training pairs are in the memory (source few, found by their keys)" in " ".join(
+        r.output.split())

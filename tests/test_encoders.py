@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,115 @@ def test_sentence_transformers_clip_folder(tmp_path):
         mem.add_embeddings(v, t[:2], texts[:2], encoder_id=enc.id)
         nb = mem.search(enc.encode_texts(["a photo of a red bird"]), "text", 1, "image")
         assert nb.captions[0][0] == "a photo of a red bird" and nb.scores[0, 0] > 0.999
+
+
+# --------------------------------------------------------------------------- pretrained weights: fail fast
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connecting to it is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _offline_env(tmp_path, port: int) -> dict[str, str]:
+    """The environment of a machine without internet and without cached weights: the hub is a closed local port
+    (no test reaches the network), its cache an empty folder, no proxy."""
+    import os
+
+    drop = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"}
+    drop |= {f"{p}_proxy" for p in ("http", "https", "all")} | {f"{p}_PROXY" for p in ("HTTP", "HTTPS", "ALL")}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf-home"),
+               RECO_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="200")
+    return env
+
+
+def test_missing_weights_fail_fast_naming_them_and_the_ways_forward(tmp_path):
+    """Default encoder, weights not cached, hub unreachable: `reco ingest images` fails in under 5 s (one
+    connection attempt, no retries), names the weights and the three ways forward, and creates no memory."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    (tmp_path / "captions.csv").write_text("file,caption\na.png,a red square\n")
+    port = _closed_port()
+    env = _offline_env(tmp_path, port)
+    cmd = [str(Path(sys.executable).parent / "reco"), "ingest", "images", str(folder), "--captions",
+           str(tmp_path / "captions.csv"), "--memory", str(tmp_path / "m")]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    flat = " ".join(r.stderr.split())
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert elapsed < 5, f"{elapsed:.1f} s\n{r.stderr}"
+    assert ("error: the pretrained weights ViT-B-32 / laion2b_s34b_b79k are not in the cache "
+            f"({tmp_path / 'hf-home' / 'hub'}) and cannot be downloaded: 127.0.0.1:{port} cannot be reached") in flat
+    assert "--pretrained /path/to/open_clip_model.safetensors" in flat  # 1. a local checkpoint file
+    assert "from https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in flat  # (where it comes from)
+    assert "HF_HOME=/path/to/dir" in flat  # 2. a cache directory
+    assert "--pretrained none" in flat  # 3. random weights, a dry run
+    assert "Retry" not in r.stderr and "Traceback" not in r.stderr and "--debug" not in flat
+    assert not (tmp_path / "m").exists() and not (tmp_path / "hf-home").exists()
+
+    env["HF_HUB_OFFLINE"] = "1"  # the hub's own offline switch is honoured, and said
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "offline mode is on (HF_HUB_OFFLINE is set)" in " ".join(r.stderr.split())
+
+
+def _fake_hub_cache(root, repo: str, filename: str) -> Path:
+    """The hub cache's layout for one file of `repo` (refs/main -> snapshots/<sha>/<filename>)."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snap = folder / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / filename).write_bytes(b"weights")
+    return snap / filename
+
+
+def test_check_weights_reads_the_cache_and_names_what_is_missing(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from reco_qdrant.encoders import WeightsUnavailableError, check_weights, unreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsUnavailableError, match=r"ViT-B-32 / laion2b_s34b_b79k .*HF_HUB_OFFLINE") as e:
+        check_weights("ViT-B-32", "laion2b_s34b_b79k")
+    assert [f for f, _ in e.value.fixes] == ["pretrained=FILE", "HF_HOME=DIR", "pretrained=None"]
+    assert e.value.where == "https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    cached = _fake_hub_cache(tmp_path / "hub", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors")
+    assert check_weights("ViT-B-32", "laion2b_s34b_b79k") == "cached"  # then loaded offline: no network at all
+    cached.unlink()
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    port = _closed_port()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(WeightsUnavailableError, match=f"127.0.0.1:{port} cannot be reached"):
+        check_weights("ViT-B-32", "laion2b_s34b_b79k")
+    assert "cannot be reached" in unreachable(f"http://127.0.0.1:{port}")
+    import socket
+
+    with socket.socket() as server:  # a host that answers: the download may go ahead
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert unreachable(constants.ENDPOINT) is None
+        assert check_weights("ViT-B-32", "laion2b_s34b_b79k") == "download"
+
+    with pytest.raises(ValueError, match="no pretrained weights 'laion2b_nope' for ViT-B-32: its tags are .*"
+                                         "laion2b_s34b_b79k"):
+        check_weights("ViT-B-32", "laion2b_nope")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        check_weights("ViT-B-32", str(tmp_path / "missing.bin"))
+    assert check_weights("ViT-B-32", None) is None  # random weights: nothing to fetch
+    assert check_weights("reco-tiny", "anything") is None  # no tags for our config: open_clip says what is wrong
