@@ -47,6 +47,70 @@ def test_compose_file_follows_the_compose_spec():
     assert all(services[n]["image"] == image for n in nodes)  # one pinned version for the whole cluster
 
 
+def test_ingest_service_keeps_encoder_weights_in_a_named_volume():
+    """The weights the ingest service downloads land in a named volume (HF_HOME inside its mount), so a second run
+    reads them instead of downloading again."""
+    spec = yaml.safe_load(COMPOSE.read_text())
+    ingest = spec["services"]["ingest"]
+    hf_home = ingest["environment"]["HF_HOME"]
+    named = {v.split(":")[0]: v.split(":")[1] for v in ingest["volumes"] if not v.startswith(("./", "/"))}
+    assert named, ingest["volumes"]
+    volume = next(n for n, target in named.items() if hf_home == target or hf_home.startswith(target.rstrip("/") + "/"))
+    assert volume in spec["volumes"]  # declared: kept across `docker compose run`s, not an anonymous volume
+    assert not any(v.endswith(":ro") for v in ingest["volumes"] if v.startswith(volume + ":"))  # written to
+
+
+def _local_checkpoint_variant() -> str:
+    """docker-compose.yml as its comments say to change it for a local checkpoint: the marked volume line
+    uncommented, the marked command in place of the one above it."""
+    lines, out = COMPOSE.read_text().splitlines(), []
+    marked = [ln for ln in lines if ln.rstrip().endswith("# [local checkpoint]")]
+    assert len(marked) == 2, "docker-compose.yml: the two lines marked [local checkpoint] are gone"
+    for ln in lines:
+        if ln.rstrip().endswith("# [local checkpoint]"):
+            indent = ln[: len(ln) - len(ln.lstrip())]
+            ln = indent + ln.strip()[2:].removesuffix("# [local checkpoint]").rstrip()
+            if ln.strip().startswith("command:"):
+                out.pop()  # the command it replaces sits just above it
+        out.append(ln)
+    return "\n".join(out) + "\n"
+
+
+def test_the_documented_local_checkpoint_mount_is_valid_and_ingests(tmp_path, tiny_encoder, monkeypatch):
+    """The commented way to use a local checkpoint: a valid compose file whose ingest command, run with the mounts
+    mapped to folders here, encodes with that checkpoint file (the tiny config standing in for ViT-B-32)."""
+    from safetensors.torch import save_file
+    from test_newcomer import write_images
+
+    variant = tmp_path / "docker-compose.yml"
+    variant.write_text(_local_checkpoint_variant())
+    run = validate(variant)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ingest = yaml.safe_load(variant.read_text())["services"]["ingest"]
+    assert "./checkpoints:/checkpoints:ro" in ingest["volumes"]
+    command = ingest["command"]
+    checkpoint = command[command.index("--pretrained") + 1]
+    assert checkpoint.startswith("/checkpoints/") and command[:3] == ["reco", "ingest", "auto"]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_images(tmp_path / "stage").rename(data / "memory")  # ./data/memory: the images and their table
+    (tmp_path / "stage" / "captions.csv").rename(data / "memory" / "captions.csv")
+    (tmp_path / "checkpoints").mkdir()
+    save_file({k: v.contiguous() for k, v in tiny_encoder.model.state_dict().items()},
+              str(tmp_path / "checkpoints" / Path(checkpoint).name))
+    mapped = [str(tmp_path / a.lstrip("/")) if a.startswith(("/data", "/checkpoints")) else a for a in command]
+    mapped[mapped.index("--model") + 1] = "reco-tiny"
+    monkeypatch.setenv("RECO_MEMORY", str(tmp_path / "server-memory"))
+    r = CliRunner().invoke(app, mapped[1:] + ["--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["added"] == 24
+    from reco_qdrant import Memory
+
+    with Memory.open(str(tmp_path / "server-memory")) as m:
+        assert m.encoder_record["id"].startswith("open_clip/reco-tiny/file-sha256:")
+
+
 BREAKAGES = {
     "misspelt service key": ("    depends_on:\n", "    depend_on:\n"),
     "misspelt key in the shared block": ("  healthcheck:\n", "  healthchek:\n"),
