@@ -13,17 +13,24 @@ MAX_CLUSTERS = 1024  # past this, clusters grow instead: each step refines every
 
 
 def pseudo_classes(image_embeddings: np.ndarray, text_embeddings: np.ndarray, size: int, seed: int = 0,
-                   iters: int = 20, fit_sample: int = 100_000, chunk: int = 8192) -> np.ndarray:
+                   iters: int = 20, fit_sample: int = 100_000, chunk: int = 8192, on: str = "both") -> np.ndarray:
     """[N] cluster index (0..K-1, none empty) of each pair (image [N, d], text [N, d], L2-normalised), about
     `size` pairs a cluster and at most `MAX_CLUSTERS` clusters.
 
-    Clusters are found on both modalities at once (the pair's image and text vectors side by side), so a
-    cluster holds pairs that look alike *and* are described alike. Centroids are fitted on at most
+    `on="both"`: clusters are found on both modalities at once (the pair's image and text vectors side by
+    side), so a cluster holds pairs that look alike *and* are described alike. `on="image"`: on the images
+    alone, so a cluster is a visual concept whose captions carry whatever noise the memory's captions carry.
+    Centroids are fitted on at most
     `fit_sample` pairs (seeded by distance, k-means++ style, then Lloyd iterations), then every pair is
     assigned; similarities are computed `chunk` rows at a time, so the working memory beyond the [N, 2d]
     float32 input is O(chunk * K)."""
-    x = np.concatenate([image_embeddings, text_embeddings], axis=1).astype(np.float32)
-    x *= np.float32(1 / np.sqrt(2.0))
+    if on == "both":
+        x = np.concatenate([image_embeddings, text_embeddings], axis=1).astype(np.float32)
+        x *= np.float32(1 / np.sqrt(2.0))
+    elif on == "image":
+        x = np.array(image_embeddings, np.float32)
+    else:
+        raise ValueError(f"on must be 'both' or 'image', got {on!r}")
     n = len(x)
     k = min(MAX_CLUSTERS, max(1, n // max(1, size)))
     if k == 1:

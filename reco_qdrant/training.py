@@ -3,9 +3,9 @@
 Validation is split by class: the fusion must help on classes it never saw, so the best epoch is
 chosen by zero-shot accuracy on held-out classes and kept; training stops when it stops improving.
 Without labels (RECO's own setting: unlabelled web pairs), the pairs are clustered into pseudo-classes
-(`clusters.py`), each with its medoid caption as a prompt, and those stand in for classes everywhere:
-coverage training (a share of them hidden from the memory), the class loss and validation on held-out
-clusters, scored with and without the hidden ones. With labels and class embeddings, a second run on every
+(`clusters.py`), each with its medoid caption as a prompt, and those stand in for classes: coverage
+training (a share of them hidden from the memory) and the class loss run on clusters of the pairs; validation
+runs on held-out clusters of the images, scored with and without the hidden ones. With labels and class embeddings, a second run on every
 labelled pair, no class held out, for the whole schedule, gives weights adapted to the classes trained on
 (`FusionModel.seen`, used only with `RecoClassifier(weights="adapted")`).
 """
@@ -432,7 +432,17 @@ def train_fusion(
     img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=labels) if class_out else None
     txt_out = neighbour_cache(memory, txt, "text", cfg, ids, class_out=labels) if class_out else None
     classes = np.unique(labels) if labels is not None else None
-    is_val = _split(len(img), labels, cfg.val_fraction, rng)
+    # What validation scores against: the classes themselves, or without labels clusters of the *images*, not
+    # of the pairs as in training (see README "Method": pair clusters select captions that agree with their
+    # images, so on a memory of noisy captions they overrate what training does for real prompts)
+    v_labels, v_classes, v_emb, v_members, v_img_out = labels, classes, class_embeddings, members, img_out
+    if pseudo:
+        v_labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed, on="image")
+        v_classes, v_emb = np.unique(v_labels), txt[medoids(txt, v_labels)]
+        if class_out:
+            v_members = class_members(ids, v_labels)
+            v_img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=v_labels)
+    is_val = _split(len(img), v_labels, cfg.val_fraction, rng)
     tr = np.flatnonzero(~is_val)
     va = np.flatnonzero(is_val)
     val = None
@@ -441,14 +451,14 @@ def train_fusion(
         if labels is None:
             val = _Validation(img[va], sub(img_nb), np.arange(len(va)), txt[va], sub(txt_nb))
         else:
-            prompts = _Prompts(memory, cfg, classes, class_embeddings, txt, labels, members, exclusion=ids is not None)
+            prompts = _Prompts(memory, cfg, v_classes, v_emb, txt, v_labels, v_members, exclusion=ids is not None)
             val_nb, absent = sub(img_nb), None
             if class_out:
-                held = np.unique(labels[va])
+                held = np.unique(v_labels[va])
                 out_classes = rng.choice(held, int(round(len(held) * cfg.uncovered_fraction)), replace=False)
-                absent = np.isin(classes, out_classes)
-                val_nb = _pick(np.isin(labels[va], out_classes), sub(img_out), val_nb)
-            val = _Validation(img[va], val_nb, np.searchsorted(classes, labels[va]), prompts=prompts, absent=absent,
+                absent = np.isin(v_classes, out_classes)
+                val_nb = _pick(np.isin(v_labels[va], out_classes), sub(v_img_out), val_nb)
+            val = _Validation(img[va], val_nb, np.searchsorted(v_classes, v_labels[va]), prompts=prompts, absent=absent,
                               ids=None if ids is None else np.asarray(ids)[va], seed=cfg.seed,
                               covered_nb=sub(img_nb) if pseudo else None)
     train_prompts = None
