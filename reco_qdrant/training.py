@@ -4,10 +4,11 @@ Validation is split by class: the fusion must help on classes it never saw, so t
 chosen by zero-shot accuracy on held-out classes and kept; training stops when it stops improving.
 Without labels (RECO's own setting: unlabelled web pairs), the pairs are clustered into pseudo-classes
 (`clusters.py`), each with its medoid caption as a prompt, and those stand in for classes: coverage
-training (a share of them hidden from the memory) and the class loss run on clusters of the pairs; validation
-runs on held-out clusters of the images, scored with and without the hidden ones. With labels and class embeddings, a second run on every
-labelled pair, no class held out, for the whole schedule, gives weights adapted to the classes trained on
-(`FusionModel.seen`, used only with `RecoClassifier(weights="adapted")`).
+training (a share of them hidden from the memory) and the class loss run on clusters of the pairs;
+validation runs on held-out clusters of the images, scored with and without the hidden ones. With labels
+and class embeddings, a second run on every labelled pair, no class held out, for the whole schedule, gives
+weights adapted to the classes trained on (`FusionModel.seen`, used only with
+`RecoClassifier(weights="adapted")`).
 """
 
 from __future__ import annotations
