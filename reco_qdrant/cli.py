@@ -161,13 +161,14 @@ def _must_exist(memory: str | None, collection: str) -> None:
 def _encoder(model: str | None, pretrained: str | None, kind: str, memory: str | None, collection: str) -> Any:
     """The encoder a command uses: the one named by --model/--pretrained; else the one the memory records
     (said in one line); else, for a new memory, ViT-B-32 / laion2b_s34b_b79k."""
+    from .backends import edge_collections
     from .config import MemoryConfig
     from .encoders import encoder_from_record, load_encoder
 
     if model is None and pretrained is None:
         cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
         rec = None
-        if cfg.kind != "edge" or Path(cfg.location).exists():  # never create a memory just to look
+        if cfg.kind != "edge" or collection in edge_collections(cfg.location):  # never create one just to look
             with _open(memory, collection, migrate=False, auto_index=False) as mem:
                 rec = mem.encoder_record
         if rec is not None:
@@ -690,6 +691,8 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
 
     if weights != "zero-shot" and (fusion_path is None or not retrieval):
         raise ValueError(f"--weights {weights} selects a fusion model's weights: give --fusion")
+    if retrieval and fusion_path is not None:
+        _must_exist(memory, collection)  # RECO retrieves from it: before any encoder is loaded, creating nothing
     enc = _encoder(model, pretrained, kind, memory, collection)
     if not retrieval or fusion_path is None:
         return RecoClassifier(encoder=enc, use_retrieval=False), None

@@ -285,10 +285,12 @@ def test_train_adapt_fits_weights_to_the_labelled_classes_prompts(tmp_path, tiny
 
 
 def test_read_only_commands_never_create_a_memory(tmp_path):
-    """`reco info`, `reco doctor` and `reco search` on a directory that does not exist: exit 1 with the reason
-    and what creates a memory, before any encoder is loaded; nothing is created."""
+    """`reco info`, `reco doctor`, `reco search` and `reco predict --fusion` on a directory that does not exist: exit 1
+    with the reason and what creates a memory, before any encoder is loaded; nothing is created."""
     nope = tmp_path / "nope"
-    for args in (["info"], ["doctor"], ["search", "--text", "a bird"]):
+    (tmp_path / "x.png").write_bytes(b"")
+    predict = ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--fusion", str(tmp_path / "ckpt")]
+    for args in (["info"], ["doctor"], ["search", "--text", "a bird"], predict):
         r = runner.invoke(app, [*args, "--memory", str(nope)])
         assert r.exit_code == 1, (args, r.output)
         assert "no such directory, so no memory there" in " ".join(r.output.split()), r.output
