@@ -419,6 +419,9 @@ class EdgeBackend:
         self.meta.flush()
 
     def flush(self) -> None:
+        """Make every acknowledged write durable: the vector copy's rows (fsync) and the engine's segments."""
+        if self.copy is not None:
+            self.copy.flush()
         if self.shard is not None:
             self.shard.flush()
 

@@ -238,6 +238,9 @@ def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, 
             err.print(f"[yellow]note:[/] {rep.updated:,} points already existed under source {rep.source!r} with the "
                       "same keys and were replaced; use --source to store another data set beside them",
                       highlight=False)
+        if rep.replaced_duplicates:
+            err.print(f"[yellow]note:[/] {rep.replaced_duplicates:,} rows replaced by a later shard's row of the same "
+                      "key (--duplicates last): the last shard's row was kept", highlight=False)
 
 
 SourceOpt = Annotated[str | None, typer.Option(
@@ -266,13 +269,16 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
                       source: SourceOpt = None,
                       encoder_id: Annotated[str | None, typer.Option(help="id of the encoder that made them")] = None,
                       batch_size: Annotated[int, typer.Option(help="pairs stored per batch (one resume step)")] = 4096,
+                      duplicates: Annotated[str, typer.Option(
+                          help="a key held by more than one shard: 'error' (refused, naming both files) or 'last' "
+                               "(the last shard's row is kept, and the replaced rows are reported)")] = "error",
                       progress: ProgressOpt = True, restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """Precomputed embeddings in the clip-retrieval / LAION layout (.npy + parquet)."""
     from .sources import EmbeddingShards
 
     layout = (path / "img_emb").is_dir()  # without it, the folder may be one of images
     with contextlib.nullcontext() if layout else _hint_on(FileNotFoundError, IMAGES_LAYOUT_HINT):
-        src = EmbeddingShards(path, caption_column, key_column, source, batch_size)
+        src = EmbeddingShards(path, caption_column, key_column, source, batch_size, duplicates)
     _run_ingest(memory, collection, src, None, encoder_id, progress, restart, as_json)
 
 

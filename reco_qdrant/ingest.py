@@ -30,6 +30,7 @@ class IngestReport:
     items_per_s: float
     count: int  # points in the memory afterwards
     indexed: bool  # whether an index build ran
+    replaced_duplicates: int = 0  # rows replaced by a later shard's row of the same key (duplicates="last")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +59,11 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
                          f"(named by folder basename by reco-qdrant 0.1); sources are now named by their path "
                          f"({source.name!r}), so this ingest would store them twice: pass source={legacy!r} "
                          "(--source) to update those points, or another name to keep both")
-    state_key = f"ingest:{memory.collection_uid}:{source.name}:{source.fingerprint()}"
+    fingerprint = source.fingerprint()
+    files = getattr(source, "files_fingerprint", None)  # an image folder: the images, not only the table
+    if files is not None:
+        fingerprint = f"{fingerprint}:{files()}"
+    state_key = f"ingest:{memory.collection_uid}:{source.name}:{fingerprint}"
     state = (memory.get_state(state_key) if resume else None) or {"batches": 0, "items": 0}
     skip = int(state["batches"])
     total = source.total()
@@ -76,9 +81,10 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
             memory.add_embeddings(img, txt, batch.captions, ids=batch.keys, source=source.name,
                                   payloads=batch.payloads, encoder_id=encoder_id, origin=batch.origin,
                                   row_offset=batch.row_offset, encoder_spec=getattr(encoder, "spec", None))
-            state_key = f"ingest:{memory.collection_uid}:{source.name}:{source.fingerprint()}"  # created by the 1st add
+            state_key = f"ingest:{memory.collection_uid}:{source.name}:{fingerprint}"  # uid created by the 1st add
             state = {"batches": state["batches"] + 1, "items": state["items"] + len(batch.keys)}
-            memory.set_state(state_key, state)  # after the upsert: a crash in between only re-does it
+            memory.flush()  # the batch is on disk before the ledger says so: a power cut cannot lose a batch
+            memory.set_state(state_key, state)  # that a resume would skip; a crash in between only re-does it
             added += len(batch.keys) - existing
             updated += existing
             advance(len(batch.keys))
@@ -86,7 +92,8 @@ def ingest(memory: Memory, source: Source, encoder: Encoder | None = None, *, en
     seconds = time.perf_counter() - t0
     indexed = optimize and memory.ensure_indexed(progress=progress)
     return IngestReport(source.name, added, updated, skip, seconds,
-                        (added + updated) / seconds if seconds > 0 else 0.0, memory.count(), bool(indexed))
+                        (added + updated) / seconds if seconds > 0 else 0.0, memory.count(), bool(indexed),
+                        int(getattr(source, "replaced_duplicates", 0)))
 
 
 def copy_memory(src: Memory, dst: Memory, batch: int = 1024, progress: bool = False) -> int:

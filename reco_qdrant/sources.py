@@ -25,6 +25,7 @@ import polars as pl
 from .encoders import open_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DUPLICATE_MODES = ("error", "last")  # a key held by more than one shard: refused, or the last shard's row kept
 
 
 @dataclass
@@ -138,9 +139,15 @@ class EmbeddingShards:
     """Precomputed CLIP embeddings in the clip-retrieval layout, read shard by shard with memory maps."""
 
     def __init__(self, root: str | Path, caption_column: str = "caption", key_column: str | None = None,
-                 source: str | None = None, batch_size: int = 4096) -> None:
+                 source: str | None = None, batch_size: int = 4096, duplicates: str = "error") -> None:
+        """`duplicates`: what a key found in more than one shard does: "error" (refused, naming both files) or
+        "last" (the last shard's row is kept; `replaced_duplicates` counts the rows it replaced)."""
+        if duplicates not in DUPLICATE_MODES:
+            raise ValueError(f"duplicates={duplicates!r}: expected one of {DUPLICATE_MODES}")
         self.root = Path(root)
         self.caption_column, self.key_column, self.batch_size = caption_column, key_column, batch_size
+        self.duplicates = duplicates
+        self.replaced_duplicates = 0  # rows of an earlier shard whose key a later shard holds again ("last")
         img = sorted((self.root / "img_emb").glob("img_emb_*.npy"), key=_shard_index)
         if not img:
             raise FileNotFoundError(f"{self.root}: no img_emb/img_emb_*.npy files (clip-retrieval layout)")
@@ -158,7 +165,44 @@ class EmbeddingShards:
 
     def fingerprint(self) -> str:
         files = [p for s in self.shards for p in s]
-        return _files_fingerprint(files, self.caption_column, self.key_column, self.batch_size)
+        extra = () if self.duplicates == "error" else (self.duplicates,)
+        return _files_fingerprint(files, self.caption_column, self.key_column, self.batch_size, *extra)
+
+    def check_duplicates(self) -> int:
+        """Refuse (or, with duplicates="last", count) keys that more than one shard holds: a later shard's row
+        would silently replace an earlier one's point. Reads only the key column of each metadata table."""
+        self.replaced_duplicates = 0
+        if not self.key_column or len(self.shards) < 2:
+            return 0
+        frames = []
+        for i, (_, _, meta) in enumerate(self.shards):
+            try:
+                df = pl.read_parquet(meta, columns=[self.key_column])
+            except Exception:  # polars raises several types; a missing column or an unreadable file is named
+                return 0  # by the batch reader when it reaches that shard, before anything of it is stored
+            frames.append(df.select(pl.col(self.key_column).cast(pl.Utf8).alias("key"))
+                          .with_row_index("row").with_columns(pl.lit(i).alias("shard")))
+        keys = pl.concat(frames)
+        dup = keys.filter(pl.col("key").is_not_null() & pl.col("key").is_duplicated())
+        if dup.is_empty():
+            return 0
+        per_key = dup.group_by("key", maintain_order=True).agg(pl.col("shard"), pl.col("row"))
+        across = per_key.filter(pl.col("shard").list.n_unique() > 1)
+        if across.is_empty():
+            return 0  # duplicates within one shard only: refused by the batch reader, naming the rows
+        if self.duplicates == "error":
+            first = across.row(0, named=True)
+            (sa, ra), (sb, rb) = [(s, r) for s, r in zip(first["shard"], first["row"])][:2]
+            if sa == sb:  # the first two inside one shard: name a pair across shards
+                sb, rb = next((s, r) for s, r in zip(first["shard"], first["row"]) if s != sa)
+            fa, fb = self.shards[sa][2], self.shards[sb][2]
+            raise ValueError(f"{fa} row {ra} and {fb} row {rb} have the same key {first['key']!r} (column "
+                             f"{self.key_column!r}), and {across.height:,} keys in all appear in more than one shard; "
+                             "keys must be unique within a source (the later row would overwrite the earlier): fix "
+                             "the metadata, or ingest with duplicates='last' (--duplicates last) to keep the last "
+                             "shard's row")
+        self.replaced_duplicates = int(across.select(pl.col("shard").list.len().sum()).item()) - across.height
+        return self.replaced_duplicates
 
     def _rows(self, shard: tuple[Path, Path, Path]) -> int:
         return int(_load_npy(shard[0]).shape[0])
@@ -167,6 +211,7 @@ class EmbeddingShards:
         return sum(self._rows(s) for s in self.shards)
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
+        self.check_duplicates()  # all shards, also those a resumed run skips
         seen = 0
         for img_path, txt_path, meta_path in self.shards:
             img, txt = _load_npy(img_path), _load_npy(txt_path)

@@ -92,6 +92,15 @@ class VectorCopy:
                 raw.madvise(mmap.MADV_RANDOM)
         return np.asarray(m[rows], np.float32)
 
+    def flush(self) -> None:
+        """Make the rows written so far durable (fsync each file)."""
+        for f in self._files.values():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def close(self) -> None:
         self._maps.clear()
 
