@@ -658,7 +658,9 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, search=search, fusion=fusion,
                              aggregator=aggregator, device=device, precision=precision, out_dir=str(out_dir),
                              progress=progress, on_mismatch="restart" if restart else "error")
-    model.save_pretrained(out_dir / "best")
+    from .training import _save
+
+    _save(out_dir, "best", model)  # beside, fsync, rename: a crash here leaves training's best/ whole
     res = {"checkpoint": str(out_dir / "best"), "best_epoch": model.best_epoch, "history": model.history}
     if as_json:
         _emit(res, True)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import durable
 from .clusters import medoids, pseudo_classes
 from .encoders import default_device
 from .fusion import FusionConfig, FusionModel, cross_alignment
@@ -170,8 +171,12 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
     paths = {p: root / f"{key}.{p}.npy" for p in ("vectors", "keys", "mask")}
     searched, returned = mode_modalities(query_modality, cfg.search, cfg.fusion)
     if all(p.exists() for p in paths.values()):
-        os.utime(paths["vectors"])  # recently used: pruned last
-        return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), np.load(paths["mask"])
+        try:
+            os.utime(paths["vectors"])  # recently used: pruned last
+            return (np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"),
+                    np.load(paths["mask"]))
+        except FileNotFoundError:  # pruned by another process meanwhile: computed again below
+            pass
     root.mkdir(parents=True, exist_ok=True)
     n, d = queries.shape
     tmp = {p: root / f"{key}.{os.getpid()}.{p}.tmp.npy" for p in ("vectors", "keys")}
@@ -199,9 +204,15 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
     for a in (vecs, keys):
         a.flush()
     del vecs, keys
-    np.save(paths["mask"], mask)
-    os.replace(tmp["keys"], paths["keys"])
-    os.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
+    tmp_mask = root / f"{key}.{os.getpid()}.mask.tmp.npy"
+    try:
+        np.save(tmp_mask, mask)  # beside, then renamed: a reader never sees part of a mask under its name
+    except BaseException:
+        tmp_mask.unlink(missing_ok=True)
+        raise
+    durable.replace(tmp_mask, paths["mask"])
+    durable.replace(tmp["keys"], paths["keys"])
+    durable.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
     _prune_cache(root, cfg.cache_keep)
     return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), mask
 
@@ -681,6 +692,7 @@ def _save(out: Path, name: str, model: FusionModel, trainer_state: dict | None =
     model.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    durable.fsync_path(tmp)  # whole on disk before the renames publish it
     final = out / name
     if final.exists():  # a crash between these renames is undone by `_recover`
         os.replace(final, old)
@@ -688,6 +700,7 @@ def _save(out: Path, name: str, model: FusionModel, trainer_state: dict | None =
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    durable.fsync_dir(out)
 
 
 def _resume(out: Path, model: FusionModel, opt: Any, sched: Any, device: str) -> tuple:
