@@ -167,7 +167,10 @@ class Memory:
         self._encoder_record: dict[str, Any] | None = None  # cached once known (it never changes back)
         self._auto_index = False  # set by open(): build the index lazily, before a search needs it
         self._unchecked_writes = 0  # points written since the index was last checked
-        self._index_lock = threading.Lock()  # one build at a time when several threads search
+        # One writer at a time among the threads sharing this memory: collection creation, upserts and their
+        # vector-copy rows, deletes, ledger and encoder records, migrations and index builds. (Reads take it only
+        # to build an index that is due.) Reentrant: a write creates the collection, an index build checks space.
+        self._write_lock = threading.RLock()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -264,8 +267,9 @@ class Memory:
                                        f"not {encoder_id!r}; use the same encoder or another memory")
 
     def _set_encoder_record(self, rec: dict[str, Any]) -> None:
-        self.backend.meta_set(ENCODER_KEY, rec)
-        self._encoder_record = rec
+        with self._write_lock:
+            self.backend.meta_set(ENCODER_KEY, rec)
+            self._encoder_record = rec
 
     @property
     def write_version(self) -> str:
@@ -276,8 +280,9 @@ class Memory:
     def _bump_write_version(self) -> None:
         # Bumped *before* the write: a crash in between costs a cache miss, never a stale hit. The random
         # token keeps two writers that both read n from colliding on n + 1.
-        v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0}
-        self.backend.meta_set(WRITE_VERSION_KEY, {"n": int(v["n"]) + 1, "token": uuid.uuid4().hex[:12]})
+        with self._write_lock:
+            v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0}
+            self.backend.meta_set(WRITE_VERSION_KEY, {"n": int(v["n"]) + 1, "token": uuid.uuid4().hex[:12]})
 
     @property
     def collection_uid(self) -> str:
@@ -305,10 +310,11 @@ class Memory:
     # ------------------------------------------------------------------ schema
     def migrate(self, dim: int | None = None) -> list[str]:
         """Apply pending schema migrations in order; returns the names applied (none if up to date)."""
-        applied = migrations.apply_pending(self.backend, self.cfg, dim or self.dim)
-        if applied:
-            self._adopt_layout()
-        return applied
+        with self._write_lock:
+            applied = migrations.apply_pending(self.backend, self.cfg, dim or self.dim)
+            if applied:
+                self._adopt_layout()
+            return applied
 
     def pending_migrations(self) -> list[str]:
         return [f"{m.version:04d}_{m.name}" for m in migrations.pending(self.backend)]
@@ -354,12 +360,6 @@ class Memory:
             raise ValueError(f"{origin}: {len(ids)} ids for {n} items")
         if payloads is not None and len(payloads) != n:
             raise ValueError(f"{origin}: {len(payloads)} payloads for {n} items")
-        copies = 3 if self.cfg.vector_copy else 2  # vectors: storage + WAL (+ the vector copy)
-        self._check_space(n * (copies * 2 * 4 * img.shape[1] + 1024), "this write")
-        self.check_encoder(encoder_id, img.shape[1], record=True,
-                           extra={"load": encoder_spec} if encoder_spec else None)
-        if not self.backend.has_collection():
-            self.migrate(img.shape[1])
         keys = list(ids) if ids is not None else [_content_key(img[i], captions[i]) for i in range(n)]
         pids = [point_id(source, k) for k in keys]
         if len(set(pids)) != n:
@@ -373,22 +373,31 @@ class Memory:
         for i in range(n):
             extra = {k: v for k, v in (payloads[i] if payloads else {}).items() if k not in RESERVED_PAYLOAD}
             out.append({"caption": captions[i], "source": source, "key": str(keys[i]), **extra})
-        self._bump_write_version()
-        step = self.cfg.upsert_batch
-        for s in range(0, n, step):
-            self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
-            self._unchecked_writes += min(step, n - s)
+        copies = 3 if self.cfg.vector_copy else 2  # vectors: storage + WAL (+ the vector copy)
+        with self._write_lock:  # one writer at a time: the collection is created once, copy rows never shared
+            self._check_space(n * (copies * 2 * 4 * img.shape[1] + 1024), "this write")
+            self.check_encoder(encoder_id, img.shape[1], record=True,
+                               extra={"load": encoder_spec} if encoder_spec else None)
+            if not self.backend.has_collection():
+                self.migrate(img.shape[1])
+            self._bump_write_version()
+            step = self.cfg.upsert_batch
+            for s in range(0, n, step):
+                self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
+                self._unchecked_writes += min(step, n - s)
         return pids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove points by id."""
         if ids:
-            self._bump_write_version()
-            self.backend.delete(list(ids))
+            with self._write_lock:
+                self._bump_write_version()
+                self.backend.delete(list(ids))
 
     def optimize(self) -> bool:
         """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself)."""
-        return self.backend.optimize()
+        with self._write_lock:
+            return self.backend.optimize()
 
     def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW, progress: bool = True) -> bool:
         """On Edge, build the HNSW index (`optimize()`) when more than `threshold` vectors are unindexed and
@@ -401,14 +410,15 @@ class Memory:
         the GIL): searches wait for it and are never served from a half-built index. Fewer unindexed
         vectors than `threshold` are searched exactly, which is fast at that size.
         """
-        self._unchecked_writes = 0
-        points, unindexed = self.index_backlog()
-        if not index_due(points, unindexed, threshold):
-            return False
-        self._check_space(self.backend.stored_bytes(), "building the index")  # segments are rebuilt beside the old
-        with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
-                         progress):
-            return self.optimize()
+        with self._write_lock:
+            self._unchecked_writes = 0
+            points, unindexed = self.index_backlog()
+            if not index_due(points, unindexed, threshold):
+                return False
+            self._check_space(self.backend.stored_bytes(), "building the index")  # segments rebuilt beside the old
+            with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
+                             progress):
+                return self.optimize()
 
     def _check_space(self, need: int, what: str) -> None:
         """Refuse (before writing anything) what would leave an embedded memory's disk nearly full."""
@@ -482,7 +492,7 @@ class Memory:
         q = np.asarray(queries)
         q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "search")
         if self._auto_index and self._unchecked_writes:
-            with self._index_lock:
+            with self._write_lock:
                 if self._unchecked_writes:  # another thread may have just built it
                     self.ensure_indexed()
         if k < 1:
@@ -652,7 +662,8 @@ class Memory:
         return self.backend.meta_get(f"state:{key}")
 
     def set_state(self, key: str, value: Any) -> None:
-        self.backend.meta_set(f"state:{key}", value)
+        with self._write_lock:
+            self.backend.meta_set(f"state:{key}", value)
 
 
 def _content_key(vec: np.ndarray, caption: str) -> str:
