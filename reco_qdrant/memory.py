@@ -35,7 +35,8 @@ from .config import MemoryConfig
 from .progress import progress_bar, status_line
 from .vector_copy import COPY_FIELD
 
-__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "MemoryInUseError",
+__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "IndexPostponedWarning",
+           "MemoryInUseError",
            "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
            "validate_embeddings"]
 
@@ -59,6 +60,10 @@ def index_due(points: int, unindexed: int, threshold: int = EXACT_SEARCH_BELOW) 
 
 class EncoderMismatchError(MemoryError_):
     """Vectors or an encoder that do not match the encoder the memory was built with."""
+
+
+class IndexPostponedWarning(UserWarning):
+    """An index build that was due when reading did not fit on the disk: postponed, searches stay exact."""
 
 
 class UnverifiedEncoderWarning(UserWarning):
@@ -167,6 +172,7 @@ class Memory:
         self._encoder_record: dict[str, Any] | None = None  # cached once known (it never changes back)
         self._auto_index = False  # set by open(): build the index lazily, before a search needs it
         self._unchecked_writes = 0  # points written since the index was last checked
+        self._postponed_warned = False  # an index build a read found due did not fit on the disk (warned once)
         # One writer at a time among the threads sharing this memory: collection creation, upserts and their
         # vector-copy rows, deletes, ledger and encoder records, migrations and index builds. (Reads take it only
         # to build an index that is due.) Reentrant: a write creates the collection, an index build checks space.
@@ -202,7 +208,7 @@ class Memory:
                 mem.migrate()
             mem._auto_index = auto_index and cfg.kind == "edge"
             if mem._auto_index:
-                mem.ensure_indexed()
+                mem._index_if_room()
         except BaseException:
             mem.close()
             raise
@@ -395,9 +401,27 @@ class Memory:
                 self.backend.delete(list(ids))
 
     def optimize(self) -> bool:
-        """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself)."""
+        """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself).
+
+        Raises `MemoryFullError` (before building anything) when the rebuilt segments would not fit on the disk."""
         with self._write_lock:
+            if self.cfg.kind == "edge" and self.backend.has_collection():
+                self._check_space(self.backend.stored_bytes(), "building the index")  # rebuilt beside the old
             return self.backend.optimize()
+
+    def _index_if_room(self) -> bool:
+        """The index build a read finds due (on opening, before a search): one that does not fit on the disk is
+        postponed with one warning, and reads go on (segments not indexed are searched exactly: correct, slower)."""
+        try:
+            return self.ensure_indexed()
+        except MemoryFullError as e:
+            if not self._postponed_warned:
+                self._postponed_warned = True
+                warnings.warn(f"index build postponed: {e}; searches stay correct (exact over what is not "
+                              "indexed); the build runs on a later open or search once there is room, or by "
+                              "`Memory.optimize()`",
+                              IndexPostponedWarning, stacklevel=4)
+            return False
 
     def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW, progress: bool = True) -> bool:
         """On Edge, build the HNSW index (`optimize()`) when more than `threshold` vectors are unindexed and
@@ -415,7 +439,6 @@ class Memory:
             points, unindexed = self.index_backlog()
             if not index_due(points, unindexed, threshold):
                 return False
-            self._check_space(self.backend.stored_bytes(), "building the index")  # segments rebuilt beside the old
             with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
                              progress):
                 return self.optimize()
@@ -494,7 +517,7 @@ class Memory:
         if self._auto_index and self._unchecked_writes:
             with self._write_lock:
                 if self._unchecked_writes:  # another thread may have just built it
-                    self.ensure_indexed()
+                    self._index_if_room()
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if not self.backend.has_collection():

@@ -9,6 +9,7 @@ instead of taking pytest down with it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,66 @@ def test_opening_on_a_nearly_full_disk_is_refused_not_killed(small_disk, tmp_pat
     (small_disk / "filler").unlink()
     with Memory.open(str(mem)) as m:
         assert m.count() == 3000
+
+
+def _child(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_reading_a_memory_whose_index_is_due_needs_no_room_for_the_index(small_disk, tmp_path):
+    """Opening and searching a memory whose index build is due, on a disk too full for the build: the build is
+    postponed with one warning and searches are right; an explicit build is refused, a small write still runs."""
+    from reco_qdrant.backends import DISK_RESERVE
+
+    assert _mount(small_disk, 1024, remount=True)  # room for the memory, then filled below
+    mem = small_disk / "mem"
+    fill = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from conftest import random_pairs\nfrom reco_qdrant import Memory\n"
+            "img, txt, caps = random_pairs(24_000, 64, seed=4)\n"
+            f"with Memory.open({str(mem)!r}, auto_index=False) as m:\n"
+            "    m.add_embeddings(img, txt, caps, encoder_id='enc')\n"
+            f"with Memory.open({str(mem)!r}, auto_index=False) as m:\n"
+            "    print(m.backend.stored_bytes(), *m.index_backlog())")
+    r = _child(fill)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stored, points, unindexed = map(int, r.stdout.split())
+    assert points == 24_000 and unindexed == 48_000  # due: nothing indexed yet
+    free = shutil.disk_usage(small_disk).free
+    room = DISK_RESERVE + 96 * 2**20  # what opening takes (measured ~70 MiB: new appendable segments), not the build
+    assert stored > 96 * 2**20, (stored, free)  # the build needs more than is left
+    subprocess.run(["fallocate", "-l", str(free - room), str(small_disk / "filler")], check=True)
+    probe = (f"import json, sys, warnings; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+             "import numpy as np\nfrom conftest import random_pairs\n"
+             "import reco_qdrant.memory as M\nfrom reco_qdrant import Memory\n"
+             "from reco_qdrant.memory import MemoryFullError\n"
+             "IndexPostponedWarning = getattr(M, 'IndexPostponedWarning', UserWarning)\n"
+             "img, txt, caps = random_pairs(24_000, 64, seed=4)\n"
+             "out = {}\n"
+             "with warnings.catch_warnings(record=True) as w:\n"
+             "    warnings.simplefilter('always')\n"
+             f"    with Memory.open({str(mem)!r}) as m:\n"
+             "        a = m.search(img[:200], 'image', k=5)\n"
+             "        b = m.search(img[:200], 'image', k=5)\n"
+             "        e = m.search(img[:200], 'image', k=5, exact=True)\n"
+             "        out['right'] = bool((a.ids == e.ids).all() and (b.ids == e.ids).all())\n"
+             "        out['self'] = float((a.scores[:, 0] > 0.999).mean())\n"
+             "        out['count'] = m.count()\n"
+             "        out['unindexed'] = m.index_backlog()[1]\n"
+             "        for name, fn in (('optimize', m.optimize), ('ensure', m.ensure_indexed),\n"
+             "                         ('write', lambda: m.add_embeddings(img[:10], txt[:10], caps[:10], ids=list('abcdefghij'), encoder_id='enc'))):\n"  # noqa: E501
+             "            try:\n"
+             "                fn()\n"
+             "                out[name] = 'ran'\n"
+             "            except MemoryFullError as x:\n"
+             "                out[name] = str(x)\n"
+             "out['warnings'] = [str(x.message) for x in w if issubclass(x.category, IndexPostponedWarning)]\n"
+             "print(json.dumps(out))")
+    r = _child(probe)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -7 would be SIGBUS
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["count"] == 24_000 and out["right"] and out["self"] == 1.0
+    assert out["unindexed"] == 48_000  # nothing was built
+    assert len(out["warnings"]) == 1 and "index build postponed" in out["warnings"][0]  # once, not per search
+    assert "building the index needs about" in out["optimize"] and "building the index" in out["ensure"]
+    assert out["write"] == "ran"  # a write that fits is not refused for the index it cannot build
