@@ -376,6 +376,31 @@ def _split(n: int, labels: np.ndarray | None, frac: float, rng: np.random.Genera
     return rng.random(n) < frac
 
 
+def _pseudo_labels(img: np.ndarray, txt: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+                   ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Without labels: (training clusters [N], validation clusters [N], validation rows [N] bool), or None for
+    the first when the training pairs fall into fewer than 8 clusters.
+
+    Validation holds out clusters of the *images*: visual concepts whose captions carry the memory's own
+    noise. Training clusters the remaining *pairs* (image and text side by side), so that hiding a cluster
+    hides the captions that name its concept along with its images, as a memory lacking a class does; pair
+    clusters are not used for validation, because they gather captions that agree with their images and so
+    overrate, on noisy captions, what training does for real prompts (docs/experiments.md). Training
+    clusters and their medoid prompts come from training rows only; validation rows get classes of their own,
+    so no validation caption serves as a training prompt."""
+    v_labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed, on="image")
+    if v_labels.max() + 1 < 8:
+        return None, v_labels, np.zeros(len(img), bool)
+    is_val = _split(len(img), v_labels, cfg.val_fraction, rng)
+    tr = np.flatnonzero(~is_val)
+    labels = np.empty(len(img), np.int64)
+    labels[tr] = pseudo_classes(img[tr], txt[tr], cfg.pseudo_class_size, cfg.seed)
+    if labels[tr].max() + 1 < 8:
+        return None, v_labels, is_val
+    labels[is_val] = labels[tr].max() + 1 + np.unique(v_labels[is_val], return_inverse=True)[1]
+    return labels, v_labels, is_val
+
+
 def train_fusion(
     memory: Memory,
     image_embeddings: np.ndarray,
@@ -413,16 +438,18 @@ def train_fusion(
     out = Path(cfg.out_dir) if cfg.out_dir else None
     run = _run_digest(memory, cfg, img, txt, labels, class_embeddings, ids)
     learns = cfg.aggregator != "mean" and cfg.epochs > 0
+    rng = np.random.default_rng(cfg.seed)
     pseudo = labels is None and learns and cfg.pseudo_class_size > 0 and len(img) >= 8 * cfg.pseudo_class_size
+    v_labels = is_val = None
     if pseudo:
-        labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed)
-        class_embeddings = txt[medoids(txt, labels)]  # one caption, as a prompt is one sentence
-        if labels.max() + 1 < 8:  # near-duplicate pairs collapse into few clusters: validate on pairs instead
-            pseudo, labels, class_embeddings = False, None, None
+        labels, v_labels, is_val = _pseudo_labels(img, txt, cfg, rng)
+        if labels is None:  # near-duplicate pairs collapse into few clusters: validate on pairs instead
+            pseudo = False
+        else:
+            class_embeddings = txt[medoids(txt, labels)]  # one caption, as a prompt is one sentence
     resumable = out is not None and _prepare_out_dir(out, run, cfg.on_mismatch)
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     enc_id = encoder_id or (memory.encoder_record or {}).get("id")
     model = FusionModel(FusionConfig(dim=img.shape[1], k=cfg.k, n_heads=cfg.n_heads, dropout=cfg.dropout,
                                      token_dropout=cfg.token_dropout, aggregator=cfg.aggregator,
@@ -444,17 +471,16 @@ def train_fusion(
     img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=labels) if class_out else None
     txt_out = neighbour_cache(memory, txt, "text", cfg, ids, class_out=labels) if class_out else None
     classes = np.unique(labels) if labels is not None else None
-    # What validation scores against: the classes themselves, or without labels clusters of the *images*, not
-    # of the pairs as in training (see README "Method": pair clusters select captions that agree with their
-    # images, so on a memory of noisy captions they overrate what training does for real prompts)
-    v_labels, v_classes, v_emb, v_members, v_img_out = labels, classes, class_embeddings, members, img_out
+    # What validation scores against: the held-out classes, or without labels held-out clusters of the images
+    # (see `_pseudo_labels`), each with its medoid caption as prompt
+    v_classes, v_emb, v_members, v_img_out = classes, class_embeddings, members, img_out
     if pseudo:
-        v_labels = pseudo_classes(img, txt, cfg.pseudo_class_size, cfg.seed, on="image")
         v_classes, v_emb = np.unique(v_labels), txt[medoids(txt, v_labels)]
         if class_out:
             v_members = class_members(ids, v_labels)
             v_img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=v_labels)
-    is_val = _split(len(img), v_labels, cfg.val_fraction, rng)
+    else:
+        v_labels, is_val = labels, _split(len(img), labels, cfg.val_fraction, rng)
     tr = np.flatnonzero(~is_val)
     va = np.flatnonzero(is_val)
     val = None
@@ -626,6 +652,8 @@ def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarr
     return {"training pairs": _digest(img, txt), "labels": _digest(labels),
             "class embeddings": _digest(class_embeddings), "ids": _digest(ids),
             "memory (id and write version)": f"{memory.uid}@{memory.write_version}",
+            # without labels, how pseudo-classes are made (a run made otherwise does not resume)
+            **({"pseudo-classes": "pairs for training, images for validation"} if labels is None else {}),
             **{f"setting {k}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST
                and not (k == "pseudo_class_size" and labels is not None)}}  # unused with labels: old runs resume
 
