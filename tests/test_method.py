@@ -423,3 +423,19 @@ def test_pseudo_classes_group_pairs_of_one_class(world):
     np.testing.assert_array_equal(lab, pseudo_classes(world.train_image, world.train_text, size=32, seed=0))
     med = medoids(world.train_text, lab)
     assert (lab[med] == np.arange(lab.max() + 1)).all()  # each medoid is a member of its own cluster
+
+
+def test_pseudo_class_validation_never_meets_a_training_prompt(world):
+    """Without labels, validation holds out clusters of the images, and training clusters only the remaining
+    pairs: no validation pair shares a training cluster, so no validation caption is a training prompt."""
+    from reco_qdrant.clusters import medoids
+    from reco_qdrant.training import TrainConfig, _pseudo_labels
+
+    labels, v_labels, is_val = _pseudo_labels(world.train_image, world.train_text, TrainConfig(),
+                                              np.random.default_rng(0))
+    assert 0 < is_val.sum() < len(is_val)
+    assert not set(labels[is_val]) & set(labels[~is_val])  # validation rows form classes of their own
+    assert not set(v_labels[is_val]) & set(v_labels[~is_val])  # whole image clusters are held out
+    assert labels.max() + 1 == len(np.unique(labels))  # contiguous: medoids index by label
+    train_prompts = medoids(world.train_text, labels)[np.unique(labels[~is_val])]
+    assert not is_val[train_prompts].any()
