@@ -125,14 +125,20 @@ def _proxy_for(url: str) -> str | None:
 
     u = urlparse(url)
     proxy = urllib.request.getproxies().get(u.scheme) or urllib.request.getproxies().get("all")
-    return proxy if proxy and not urllib.request.proxy_bypass(u.hostname or "") else None
+    if not proxy or urllib.request.proxy_bypass(u.hostname or ""):
+        return None
+    # `https_proxy=proxy:3128` (no scheme) is an http proxy to huggingface_hub/httpx and to urllib alike
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why `url`'s host (or the proxy that would carry the request) cannot be reached, or None when it answers.
 
-    One TCP connection attempt, bounded by `timeout` (name resolution included: it runs in a thread)."""
-    target = urlparse(_proxy_for(url) or url)
+    One TCP connection attempt, bounded by `timeout` (name resolution included: it runs in a thread). Behind a
+    proxy only the proxy is tried: one that answers may still fail to reach the host (the download then fails
+    the ordinary, slower way)."""
+    proxy = _proxy_for(url)
+    target = urlparse(proxy or url)
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
     outcome: dict[str, BaseException | None] = {}
@@ -147,10 +153,13 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     t = threading.Thread(target=connect, daemon=True)
     t.start()
     t.join(timeout + 0.5)
+    what = f"the proxy {host}:{port}" if proxy else f"{host}:{port}"
     if "error" not in outcome:
-        return f"{host}:{port} gave no answer within {timeout:.0f} s"
+        return f"{what} gave no answer within {timeout:.0f} s"
     e = outcome["error"]
-    return None if e is None else f"{host}:{port} cannot be reached ({getattr(e, 'strerror', None) or e})"
+    if e is None:
+        return None
+    return f"{what} cannot be reached ({getattr(e, 'strerror', None) or e})"
 
 
 def _hub_cached(repo: str, filenames: Sequence[str]) -> str | None:
@@ -161,6 +170,19 @@ def _hub_cached(repo: str, filenames: Sequence[str]) -> str | None:
         if isinstance(hit, str):
             return hit
     return None
+
+
+def _safe_alternatives(table: Any, filename: str) -> list[str]:
+    """The .safetensors files open_clip tries before `filename` on the hub (its `_get_safe_alternatives`), and
+    only those: a cached file of another name would not be loaded, so it is no reason to skip the check."""
+    if not getattr(table, "_has_safetensors", True):
+        return []
+    alternatives = getattr(table, "_get_safe_alternatives", None)
+    if alternatives is not None:
+        return list(alternatives(filename))
+    if filename == table.HF_WEIGHTS_NAME:
+        return [table.HF_SAFE_WEIGHTS_NAME]
+    return [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []
 
 
 def check_weights(model_name: str, pretrained: str | None) -> str | None:
@@ -189,9 +211,7 @@ def check_weights(model_name: str, pretrained: str | None) -> str | None:
     if hub:  # open_clip prefers the hub when huggingface_hub is installed (it is one of our dependencies)
         repo, filename = os.path.split(hub)
         filename = filename or table.HF_WEIGHTS_NAME
-        safe = [table.HF_SAFE_WEIGHTS_NAME] if filename == table.HF_WEIGHTS_NAME else []
-        if filename.endswith((".bin", ".pth")):
-            safe.append(filename[:-4] + ".safetensors")
+        safe = _safe_alternatives(table, filename)
         if _hub_cached(repo, [*safe, filename]):
             return "cached"
         url, cache_dir, where = constants.ENDPOINT, constants.HF_HUB_CACHE, f"https://huggingface.co/{repo}"

@@ -240,3 +240,44 @@ def test_check_weights_reads_the_cache_and_names_what_is_missing(tmp_path, monke
         check_weights("ViT-B-32", str(tmp_path / "missing.bin"))
     assert check_weights("ViT-B-32", None) is None  # random weights: nothing to fetch
     assert check_weights("reco-tiny", "anything") is None  # no tags for our config: open_clip says what is wrong
+
+
+def test_check_weights_accepts_only_the_file_open_clip_loads(tmp_path, monkeypatch):
+    """A cached `open_clip_pytorch_model.safetensors` is not what open_clip loads for a tag whose file is
+    `open_clip_pytorch_model.bin` (it tries `open_clip_model.safetensors`, then the .bin): not "cached"."""
+    from huggingface_hub import constants
+
+    from reco_qdrant.encoders import WeightsUnavailableError, check_weights
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    stray = _fake_hub_cache(tmp_path / "hub", repo, "open_clip_pytorch_model.safetensors")
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE"):
+        check_weights("ViT-B-32", "laion2b_s34b_b79k")
+    (stray.parent / "open_clip_pytorch_model.bin").write_bytes(b"weights")  # the tag's own file
+    assert check_weights("ViT-B-32", "laion2b_s34b_b79k") == "cached"
+
+
+def test_a_proxy_without_a_scheme_is_an_http_proxy(tmp_path, monkeypatch):
+    """`https_proxy=localhost:PORT` (no scheme, as httpx and huggingface_hub read it: http://) is probed at
+    localhost:PORT, not reported as ":80 cannot be reached"."""
+    import socket
+
+    from reco_qdrant.encoders import unreachable
+
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    hub = "https://huggingface.co"
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("https_proxy", f"localhost:{proxy.getsockname()[1]}")
+        assert unreachable(hub) is None
+        monkeypatch.setenv("https_proxy", f"127.0.0.1:{proxy.getsockname()[1]}")
+        assert unreachable(hub) is None
+    port = _closed_port()
+    monkeypatch.setenv("https_proxy", f"localhost:{port}")
+    why = unreachable(hub)
+    assert why is not None and why.startswith(f"the proxy localhost:{port} cannot be reached"), why
