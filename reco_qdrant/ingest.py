@@ -156,13 +156,9 @@ def encode_pairs(source: Source, encoder: Encoder, cache_dir: str | Path | None 
     digest = hashlib.sha256(json.dumps([encoder.id, source.name, source.fingerprint(),
                                         files() if files else ""]).encode()).hexdigest()[:24]
     path = Path(cache_dir or cache_root() / "embeddings") / f"{digest}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return EncodedPairs(z["keys"].tolist(), z["captions"].tolist(), z["image"], z["text"],
-                                    json.loads(str(z["payloads"])), path, True)
-        except (OSError, ValueError, KeyError):  # a damaged cache file is recomputed, never trusted
-            pass
+    cached = _read_encoded(path, source.total(), getattr(encoder, "dim", None))
+    if cached is not None:
+        return cached
     keys, captions, payloads, img, txt = [], [], [], [], []
     with progress_bar(f"encode {Path(source.name).name or source.name}", source.total(), progress) as advance:
         for batch in source.batches():
@@ -178,8 +174,53 @@ def encode_pairs(source: Source, encoder: Encoder, cache_dir: str | Path | None 
         raise ValueError(f"{source.name}: no pairs to encode")
     image, text = np.concatenate(img), np.concatenate(txt)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_writes(path)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, keys=np.array(keys, str), captions=np.array(captions, str), image=image, text=text,
-             payloads=np.array(json.dumps(payloads, default=str)))
-    os.replace(tmp, path)  # whole or absent: a killed run leaves no half-written cache
+    try:
+        np.savez(tmp, keys=np.array(keys, str), captions=np.array(captions, str), image=image, text=text,
+                 payloads=np.array(json.dumps(payloads, default=str)))
+        os.replace(tmp, path)  # whole or absent: a killed run leaves no half-written cache
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return EncodedPairs(keys, captions, image, text, payloads, path, False)
+
+
+def _read_encoded(path: Path, n: int | None, dim: int | None) -> EncodedPairs | None:
+    """The cached pairs at `path`, or None when there are none usable: a missing, truncated, empty or otherwise
+    unreadable file, or one whose arrays do not fit together (n pairs when known, dim columns) is a miss, never
+    trusted."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys, captions = z["keys"].tolist(), z["captions"].tolist()
+            image, text = np.asarray(z["image"], np.float32), np.asarray(z["text"], np.float32)
+            payloads = json.loads(str(z["payloads"]))
+    except Exception:  # BadZipFile, EOFError, OSError, ValueError, KeyError, a JSON error, ...: recompute
+        return None
+    if not (isinstance(keys, list) and isinstance(captions, list) and isinstance(payloads, list)):
+        return None
+    if image.ndim != 2 or text.ndim != 2 or image.shape != text.shape or (dim and image.shape[1] != dim):
+        return None
+    if not len(keys) == len(captions) == len(payloads) == image.shape[0] or n not in (None, image.shape[0]):
+        return None
+    return EncodedPairs(keys, captions, image, text, payloads, path, True)
+
+
+def _remove_stale_writes(path: Path) -> None:
+    """Remove `path`'s temporary files left by writes that failed (their process is gone): a killed or failed
+    run must not leave them to pile up. A write still in progress in a live process is left alone."""
+    for tmp in path.parent.glob(f"{path.stem}.*.tmp.npz"):
+        pid = tmp.name[len(path.stem) + 1:-len(".tmp.npz")]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: its write may still be going on
+            except ProcessLookupError:
+                pass
+            except (OSError, ValueError, OverflowError):
+                continue  # not ours to judge (another user's process, a platform without signal 0)
+        tmp.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -189,3 +190,68 @@ def test_bad_images_and_texts(tmp_path, tiny_encoder):
         with pytest.raises(ValueError, match="bad.tar: a.txt is not UTF-8"):
             ingest(mem, WebDataset([tar_path]), tiny_encoder, progress=False)
         assert mem.count() == 1
+
+
+def test_a_damaged_training_pair_cache_is_a_miss_and_recomputed(tmp_path, tiny_encoder, monkeypatch):
+    """`encode_pairs`' cache: a truncated file (BadZipFile), an empty one (EOFError), one whose arrays do not fit
+    the source or the encoder, are recomputed, not a traceback; temporary files of failed writes are removed."""
+    from reco_qdrant.ingest import encode_pairs
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rows = []
+    for i, c in enumerate([(220, 20, 20), (20, 200, 20), (20, 20, 220)]):
+        _png(c).save(folder / f"{i}.png")
+        rows.append({"file": f"{i}.png", "caption": f"square {i}"})
+    pl.DataFrame(rows).write_csv(tmp_path / "captions.csv")
+    src = ImageFolder(folder, tmp_path / "captions.csv")
+    cache = tmp_path / "cache"
+    first = encode_pairs(src, tiny_encoder, cache, progress=False)
+    assert not first.from_cache and encode_pairs(src, tiny_encoder, cache, progress=False).from_cache
+    good = first.cache_path.read_bytes()
+
+    def damaged(content: bytes) -> None:
+        first.cache_path.write_bytes(content)
+        again = encode_pairs(src, tiny_encoder, cache, progress=False)
+        assert not again.from_cache and again.keys == first.keys
+        np.testing.assert_array_equal(again.image_embeddings, first.image_embeddings)
+        assert encode_pairs(src, tiny_encoder, cache, progress=False).from_cache  # written again, whole
+
+    damaged(good[: len(good) // 2])  # truncated
+    damaged(b"")  # empty
+    buf = io.BytesIO()  # readable, but not these pairs: one pair short, and 8 columns for a 64-d encoder
+    np.savez(buf, keys=np.array(first.keys[:2]), captions=np.array(first.captions[:2]),
+             image=first.image_embeddings[:2], text=first.text_embeddings[:2], payloads=np.array("[{}, {}]"))
+    damaged(buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(first.keys), captions=np.array(first.captions),
+             image=first.image_embeddings[:, :8], text=first.text_embeddings[:, :8],
+             payloads=np.array(json.dumps(first.payloads)))
+    damaged(buf.getvalue())
+    buf = io.BytesIO()  # a key missing
+    np.savez(buf, keys=np.array(first.keys), image=first.image_embeddings, text=first.text_embeddings)
+    damaged(buf.getvalue())
+
+    # a write that failed (disk full) leaves no temporary file; one left by a process that died is removed
+    # on the next write; one of a live process (a write in progress) is left alone
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stem = first.cache_path.stem
+    (cache / f"{stem}.{gone.pid}.tmp.npz").write_bytes(b"half a write")
+    (cache / f"{stem}.{os.getppid()}.tmp.npz").write_bytes(b"a write going on")
+    first.cache_path.unlink()
+    real_savez = np.savez
+
+    def disk_full(file, **arrays):
+        with open(file, "wb") as f:
+            f.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        encode_pairs(src, tiny_encoder, cache, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == [f"{stem}.{os.getppid()}.tmp.npz"]
+    monkeypatch.setattr(np, "savez", real_savez)
+    (cache / f"{stem}.{gone.pid}.tmp.npz").write_bytes(b"half a write")
+    assert not encode_pairs(src, tiny_encoder, cache, progress=False).from_cache
+    assert sorted(p.name for p in cache.iterdir()) == [f"{stem}.{os.getppid()}.tmp.npz", f"{stem}.npz"]
