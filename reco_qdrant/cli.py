@@ -346,11 +346,14 @@ def doctor(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
            quick: Annotated[bool, typer.Option(help="skip reading every point")] = False,
            repair_ledger: Annotated[bool, typer.Option(
                help="rebuild a missing ledger from the collection (embedded memories)")] = False,
+           accept_count: Annotated[bool, typer.Option(
+               help="adopt the engine's point count where it differs from the one the ledger acknowledged (after a "
+                    "deliberate change made outside reco-qdrant; embedded memories)")] = False,
            as_json: JsonOpt = False) -> None:
     """Check a memory (opens, records, every point whole, index) and say how to recover. Exit 1 on a problem."""
     from .doctor import check_memory
 
-    found = check_memory(memory, collection, deep=not quick, repair_ledger=repair_ledger)
+    found = check_memory(memory, collection, deep=not quick, repair_ledger=repair_ledger, accept_count=accept_count)
     if as_json:
         _emit([f.to_dict() for f in found], True)
     for f in [] if as_json else found:

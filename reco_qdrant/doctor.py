@@ -40,10 +40,11 @@ class Finding:
 
 
 def check_memory(location: str | None = None, collection: str = "reco_memory", deep: bool = True,
-                 repair_ledger: bool = False, examples: int = 5) -> list[Finding]:
+                 repair_ledger: bool = False, examples: int = 5, accept_count: bool = False) -> list[Finding]:
     """Findings about the memory at `location` (directory or URL); `deep` reads every point.
 
-    With `repair_ledger`, a missing ledger of an embedded memory is rebuilt from its collection first.
+    With `repair_ledger`, a missing ledger of an embedded memory is rebuilt from its collection first; with
+    `accept_count`, the engine's point count is adopted where it differs from the one the ledger acknowledged.
     """
     cfg = MemoryConfig(location=location) if location else MemoryConfig()
     if cfg.kind == "edge" and not Path(cfg.location).exists():  # never create a memory just to look at it
@@ -58,7 +59,8 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
                         f"{collections_said(held)}", f"select it with --collection {fullest_collection(held)}")]
     try:
         mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
-                          repair_ledger=repair_ledger)
+                          repair_ledger=repair_ledger, accept_count=accept_count,
+                          check_sample=False)  # every point is read below (deep), not a sample
     except MemoryInUseError as e:
         return [Finding("problem", str(e), "stop the other process (its pid is in the directory's .lock file)")]
     except MemoryDamagedError as e:
@@ -67,6 +69,8 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
         return [Finding("problem", f"memory {location}: {e}")]
     with mem:
         found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points")]
+        if accept_count:
+            found.append(Finding("ok", f"the ledger now acknowledges the engine's {mem.count():,} points"))
         found += _other_collections(mem, collection)
         if repair_ledger:
             if mem.encoder_record is None and mem.count():

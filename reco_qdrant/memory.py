@@ -45,6 +45,8 @@ ENCODER_KEY = "encoder"
 UID_KEY = "memory_uid"
 WRITE_VERSION_KEY = "write_version"  # {"n": writes so far, "token": random}: keys caches of search results
 LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0001 and 0003)
+POINTS_KEY = "points"  # Edge: {"count": points acknowledged, "low", "high": the range a write in progress may leave}
+OPEN_SAMPLE = 256  # points whose vectors are checked on opening (the lowest ids: spread over the storage)
 COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
 UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
 EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
@@ -181,7 +183,8 @@ class Memory:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, location: str | None = None, *, encoder: Any = None, migrate: bool = True,
-             auto_index: bool = True, repair_ledger: bool = False, **settings: Any) -> Memory:
+             auto_index: bool = True, repair_ledger: bool = False, accept_count: bool = False,
+             check_sample: bool = True, **settings: Any) -> Memory:
         """Open (creating if needed) the memory at `location`.
 
         Args:
@@ -189,6 +192,9 @@ class Memory:
             encoder: an `Encoder` (or its id string) that must match the memory's recorded encoder.
             migrate: apply pending schema migrations (idempotent).
             repair_ledger: on Edge, rebuild a missing ledger from the collection (else that is an error).
+            accept_count: on Edge, adopt the engine's point count when it differs from the count the ledger
+                acknowledged (else that is a `MemoryDamagedError`): after a deliberate change made outside.
+            check_sample: on Edge, check the vectors of a fixed sample of points (`OPEN_SAMPLE`) on opening.
             auto_index: on Edge, build the HNSW index when many points are unindexed: on opening, and
                 before the first search after writes that left many unindexed (see `ensure_indexed`).
             **settings: any `MemoryConfig` field (collection, api_key, quantization, ...).
@@ -202,6 +208,8 @@ class Memory:
             if mem.backend.meta_get(UID_KEY) is None:
                 mem.backend.meta_set(UID_KEY, str(uuid.uuid4()))
             mem._adopt_layout()
+            if cfg.kind == "edge" and mem.backend.has_collection():
+                mem._check_points(accept_count, check_sample)
             if encoder is not None:
                 mem.check_encoder(getattr(encoder, "id", encoder), getattr(encoder, "dim", None))
             if migrate and (mem.dim is not None or mem.backend.has_collection()):
@@ -387,10 +395,12 @@ class Memory:
             if not self.backend.has_collection():
                 self.migrate(img.shape[1])
             self._bump_write_version()
+            self._expect_points(0, n)
             step = self.cfg.upsert_batch
             for s in range(0, n, step):
                 self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
                 self._unchecked_writes += min(step, n - s)
+            self._ack_points()
         return pids
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -398,7 +408,72 @@ class Memory:
         if ids:
             with self._write_lock:
                 self._bump_write_version()
+                self._expect_points(-len(ids), 0)
                 self.backend.delete(list(ids))
+                self._ack_points()
+
+    # ------------------------------------------------------------------ damage found on opening
+    def _expect_points(self, low: int, high: int) -> None:
+        """Before a write (Edge): the ledger records the range of counts the write may leave if interrupted."""
+        if self.cfg.kind != "edge":
+            return
+        rec = self.backend.meta_get(POINTS_KEY)
+        n = int(rec["count"]) if rec else self.backend.count()
+        self.backend.meta_set(POINTS_KEY, {"count": n, "low": max(0, n + low), "high": n + high})
+
+    def _ack_points(self) -> None:
+        """After a write (Edge): the count the engine acknowledged."""
+        if self.cfg.kind != "edge":
+            return
+        n = self.backend.count()
+        self.backend.meta_set(POINTS_KEY, {"count": n, "low": n, "high": n})
+
+    def _check_points(self, accept_count: bool = False, check_sample: bool = True) -> None:
+        """On opening (Edge): the engine holds the count of points the ledger acknowledged (or one a write in
+        progress may have left), and a fixed sample of points has whole vectors equal to their copy. Cheap: one
+        count and one read of `OPEN_SAMPLE` points; `reco doctor` reads everything."""
+        engine = self.backend.count()
+        rec = self.backend.meta_get(POINTS_KEY)
+        root = self.cfg.location
+        if rec is not None and not accept_count and not int(rec["low"]) <= engine <= int(rec["high"]):
+            said = (f"{int(rec['count']):,}" if rec["low"] == rec["high"]
+                    else f"between {int(rec['low']):,} and {int(rec['high']):,}")
+            raise MemoryDamagedError(
+                f"memory {root}: the engine holds {engine:,} points, but the ledger acknowledged {said} (segments "
+                "lost or restored from another copy?); restore the directory from a complete copy, or, after a "
+                f"deliberate change made outside reco-qdrant, adopt the engine's count with `reco doctor --memory "
+                f"{root} --accept-count`")
+        if rec is None or accept_count or int(rec["count"]) != engine or rec["low"] != rec["high"]:
+            with self._write_lock:
+                self.backend.meta_set(POINTS_KEY, {"count": engine, "low": engine, "high": engine})
+        problem = self._sample_problem() if check_sample else None
+        if problem:
+            raise MemoryDamagedError(f"memory {root}: {problem}; restore the directory from a copy, or check every "
+                                     f"point with `reco doctor --memory {root}`")
+
+    def _sample_problem(self) -> str | None:
+        """What is wrong with the vectors of the first `OPEN_SAMPLE` points (by id), or None."""
+        recs, _ = self.backend.scroll(OPEN_SAMPLE, None, True)
+        dim, copy = self.dim, getattr(self.backend, "copy", None)
+        for r in recs:
+            for m in VECTOR_NAMES:
+                v = r.vectors.get(m)
+                if v is None or (dim is not None and len(v) != dim):
+                    return f"point {r.id} has no whole {m} vector ({0 if v is None else len(v)} values)"
+                x = np.asarray(v, np.float32)
+                norm = float(np.linalg.norm(x)) if np.isfinite(x).all() else float("nan")
+                if not abs(norm - 1.0) <= 1e-3:
+                    return f"point {r.id}'s {m} vector has norm {norm:.4g}, expected 1 (its vector file is damaged)"
+        entries = [r.copy_entry for r in recs]
+        if copy is not None and recs and all(e is not None for e in entries) and self.backend.copy_doubt is None:
+            got = copy.read(np.array(entries, np.int64).reshape(-1, 2))
+            same = got is not None and all(
+                np.abs(got[m][i] - np.asarray(r.vectors[m], np.float32)).max() <= 1e-5
+                for i, r in enumerate(recs) for m in VECTOR_NAMES)
+            if not same:  # the copy is a cache of the engine's vectors: distrusted (said once), the engine answers
+                self.backend._distrust_copy("found on opening: sampled points' rows do not hold their vectors: "
+                                            "lost in a crash, damaged, or from another memory")
+        return None
 
     def optimize(self) -> bool:
         """Build indexes now (Edge: HNSW over unindexed segments; a server does this by itself).

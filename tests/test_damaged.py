@@ -110,10 +110,10 @@ def test_lock_file_damage_is_harmless(copy, damage):
         assert mem.count() == N
 
 
-def test_garbled_vectors_open_silently_but_the_doctor_finds_them(copy):
+def test_garbled_vectors_are_found_on_opening_and_by_the_doctor(copy):
     _garble(_one(copy, "reco_memory/segments/*/vector_storage-image/vectors/chunk_0.mmap"))
-    with Memory.open(str(copy)) as mem:  # the engine cannot tell: it stores no checksums
-        assert mem.count() == N
+    with pytest.raises(MemoryDamagedError, match="image vector has norm .* expected 1.*reco doctor"):
+        Memory.open(str(copy))  # the engine stores no checksums: the sample checked on opening finds it
     found = check_memory(str(copy))
     bad = [f for f in found if f.level == "problem"]
     assert bad and "not unit-norm" in " ".join(f.what for f in bad) and "re-ingest" in bad[-1].fix
@@ -124,7 +124,7 @@ def test_garbled_vectors_open_silently_but_the_doctor_finds_them(copy):
 def test_a_damaged_vector_copy_costs_speed_not_answers_and_the_doctor_says_so(copy, damage):
     damage(copy / "reco_memory__vectors" / "text.f32")
     img, txt, _ = random_pairs(N, seed=7)
-    with Memory.open(str(copy)) as mem, pytest.warns(UserWarning, match="out of step"):
+    with pytest.warns(UserWarning, match="out of step"), Memory.open(str(copy)) as mem:  # found on opening
         nb = mem.search(img[:20], "image", 1, "text")
     np.testing.assert_allclose(nb.vectors[:, 0], txt[:20], atol=1e-6)  # the engine's vectors, not the copy's
     found = check_memory(str(copy))
