@@ -11,7 +11,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -542,36 +542,65 @@ def _training_pairs(pairs: Path, captions: Path | None, file_column: str, captio
                   [src.name, src.legacy_name or src.name])
 
 
-def _in_memory(mem: Any, keys: list[str], given: str | None, defaults: list[str]) -> tuple[str | None, list[str]]:
-    """The source under which these keys were ingested into `mem` (`given`, else found: the source names an ingest
-    of PAIRS gives by default, then the memory's own sources), and the ids of the keys stored under it.
+SAME_PAIR_COSINE = 0.99  # a stored image vector this close to a training pair's is that pair's point
 
-    A sample of 200 keys picks the source at once when the pairs are mostly stored; when it finds none, every key
-    is looked up under each of the first 10 candidates (a few stored pairs among many new ones)."""
+
+def _in_memory(mem: Any, keys: list[str], image: np.ndarray, given: str | None,
+               defaults: list[str]) -> tuple[str | None, list[str], tuple[str, int] | None]:
+    """The source under which these pairs were ingested into `mem` (`given`, else found: the source names an ingest
+    of PAIRS gives by default, then the memory's own sources), the ids of the pairs stored under it, and where
+    their keys were found with other pictures ((source, how many), or None).
+
+    A pair is stored under a source when a point has its key there and that point's image vector is the pair's
+    (`image`, cosine > 0.99): keys alone are file names, and another folder with the same names holds other
+    pictures. A sample of 200 keys picks the source at once when the pairs are mostly stored; when it finds none,
+    every key is looked up under each of the first 10 candidates (a few stored pairs among many new ones)."""
     from .memory import point_id
 
-    def stored(source: str, ks: list[str]) -> list[str]:
-        ids = [point_id(source, k) for k in ks]
-        found: set[str] = set()
-        for s in range(0, len(ids), 1000):
-            found |= mem.existing_ids(ids[s : s + 1000])
-        return [i for i in ids if i in found]
+    unit = np.asarray(image, np.float32)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    namesakes: dict[str, int] = {}  # source -> keys found there with another image vector
 
+    def stored(source: str, rows: Sequence[int]) -> list[str]:
+        if not mem.backend.has_collection():
+            return []
+        ids = [point_id(source, keys[i]) for i in rows]
+        row_of = dict(zip(ids, rows, strict=True))
+        same: set[str] = set()
+        other = 0
+        for s in range(0, len(ids), 1000):
+            for r in mem.retrieve(ids[s : s + 1000], with_vectors=True):
+                v = np.asarray(r.vectors["image"], np.float32)
+                u = unit[row_of[r.id]]
+                if v.shape == u.shape and float(u @ v) > SAME_PAIR_COSINE * max(float(np.linalg.norm(v)), 1e-12):
+                    same.add(r.id)
+                else:
+                    other += 1
+        namesakes[source] = max(namesakes.get(source, 0), other)
+        return [i for i in ids if i in same]
+
+    def namesake() -> tuple[str, int] | None:
+        most = max(namesakes, key=lambda c: namesakes[c], default=None)
+        return (most, namesakes[most]) if most is not None and namesakes[most] else None
+
+    every = range(len(keys))
     candidates = [given] if given else list(dict.fromkeys([*defaults, *list(mem.sources())[:50]]))
-    probe = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(len(keys), 200)).astype(int))]
+    probe = np.unique(np.linspace(0, len(keys) - 1, min(len(keys), 200)).astype(int)).tolist()
     hits = {c: len(stored(c, probe)) for c in candidates}
     best = max(candidates, key=lambda c: hits[c]) if candidates else None
     if best is not None and hits[best]:
-        return best, stored(best, keys)
+        return best, stored(best, every), None
     for c in candidates[:10]:
-        found = stored(c, keys)
+        found = stored(c, every)
         if found:
-            return c, found
+            return c, found, None
     if given:
-        raise ValueError(f"none of the training pairs is in the memory under source {given!r}; its sources: "
-                         f"{', '.join(mem.sources()) or 'none'} (--in-memory-source names one, or leave it out "
-                         "to have it found)")
-    return None, []
+        other = namesakes.get(given, 0)
+        raise ValueError(f"none of the training pairs is in the memory under source {given!r}" + (
+            f" ({other:,} of their keys are there, with other images: other pairs)" if other else "") +
+            f"; its sources: {', '.join(mem.sources()) or 'none'} (--in-memory-source names one, or leave it out "
+            "to have it found)")
+    return None, [], namesake()
 
 
 @app.command()
@@ -641,7 +670,7 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                       "point is left out of its neighbours)", highlight=False)
         else:
             img, txt, labels = data.image, data.text, data.labels
-            source, found = _in_memory(mem, data.keys, in_memory_source, data.source_names)
+            source, found, namesake = _in_memory(mem, data.keys, data.image, in_memory_source, data.source_names)
             n = len(data.keys)
             if found:
                 how = "" if in_memory_source else ", found by their keys"
@@ -651,7 +680,8 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                 img, txt, labels, ids = _first_found(img, txt, labels, ids, set(found))
             else:
                 err.print(f"0 of the {n:,} training pairs are in the memory: none to leave out of their own "
-                          "neighbours", highlight=False)
+                          "neighbours" + (f" ({namesake[1]:,} of their keys are stored under source {namesake[0]}, "
+                                          "with other images: other pairs)" if namesake else ""), highlight=False)
             if adapt:
                 from .classifier import RecoClassifier
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from test_ingest import make_shards
@@ -456,12 +457,57 @@ def test_train_from_an_image_folder_leaves_the_pairs_in_the_memory_out_of_their_
     assert r.exit_code == 1 and "no column 'species'" in r.output and "--label-column" in r.output
 
     elsewhere = tmp_path / "copy"
-    shutil.copytree(images, elsewhere)  # the same photos in another folder: another source, nothing in the memory
+    shutil.copytree(images, elsewhere)  # the same photos in another folder: the same pairs, found by their vectors
     shutil.copy(tmp_path / "captions.csv", elsewhere)  # the folder's own table: no --captions needed
     r = runner.invoke(app, ["train", str(elsewhere), "--memory", mem, "--epochs", "1", "--k", "5", "--no-progress",
                             "--out", str(tmp_path / "run4")])
     assert r.exit_code == 0, r.output
-    assert "0 of the 24 training pairs are in the memory" in " ".join(r.output.split())
+    stored = re.escape(str(images.resolve()))
+    assert re.search(rf"(?<![\d,])10 of the 24 training pairs are in the memory \(source {stored}, found by their "
+                     r"keys\)", " ".join(r.output.split())), r.output
+
+
+def test_train_does_not_take_other_pictures_with_the_same_names_for_stored_pairs(tmp_path, monkeypatch):
+    """A folder whose files have the names of stored pairs but hold other pictures: its pairs are not in the memory
+    (their keys are, with other image vectors), so none is left out of its neighbours as "itself"; the same for an
+    embeddings folder whose keys are stored with other embeddings."""
+    from PIL import Image
+    from test_newcomer import write_images
+
+    monkeypatch.setenv("RECO_CACHE_DIR", str(tmp_path / "cache"))
+    images = write_images(tmp_path)
+    mem = str(tmp_path / "m")
+    r = runner.invoke(app, ["ingest", "images", str(images), "--captions", str(tmp_path / "captions.csv"), "--memory",
+                            mem, "--model", "reco-tiny", "--pretrained", "none", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    namesakes = tmp_path / "namesakes"
+    namesakes.mkdir()
+    rng = np.random.default_rng(5)
+    for f in images.iterdir():  # the same file names, other pictures (noise: far from any coloured square)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(namesakes / f.name)
+    train = ["train", str(namesakes), "--captions", str(tmp_path / "captions.csv"), "--memory", mem, "--epochs", "1",
+             "--k", "5", "--no-progress"]
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert re.search(r"(?<![\d,])0 of the 24 training pairs are in the memory: none to leave out of their own "
+                     rf"neighbours \(24 of their keys are stored under source {re.escape(str(images.resolve()))}, "
+                     r"with other images: other pairs\)", flat), r.output
+    r = runner.invoke(app, [*train, "--out", str(tmp_path / "run2"), "--in-memory-source", str(images.resolve())])
+    assert r.exit_code == 1
+    assert (f"none of the training pairs is in the memory under source '{images.resolve()}' (24 of their keys are "
+            "there, with other images: other pairs)") in " ".join(r.output.split())
+
+    make_shards(tmp_path / "laion", n=300, d=16)
+    make_shards(tmp_path / "other" / "laion", n=300, d=16, seed=1)  # the same keys, other embeddings
+    r = runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "laion"), "--memory", str(tmp_path / "m2"),
+                            "--source", "laion", "--encoder-id", "enc", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", str(tmp_path / "other" / "laion"), "--memory", str(tmp_path / "m2"), "--out",
+                            str(tmp_path / "run3"), "--epochs", "1", "--k", "5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"(?<![\d,])0 of the 300 training pairs are in the memory: none to leave out", " ".join(
+        r.output.split())), r.output
 
 
 def test_train_finds_the_source_of_embedding_pairs_in_the_memory(tmp_path):
