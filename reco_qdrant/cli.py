@@ -656,8 +656,7 @@ def train(pairs: Annotated[Path | None, typer.Argument(
     if pairs is not None and sample != 100_000:
         raise ValueError("--sample draws pairs from the memory: leave it out when PAIRS is given")
     images = pairs is not None and (captions is not None or not (pairs / "img_emb").is_dir())
-    if images or adapt:
-        _must_exist(memory, collection)  # the memory's encoder encodes the images: it must hold pairs already
+    _must_exist(memory, collection)  # training retrieves from the memory (its encoder encodes images): create none
     # the encoder is resolved before the memory is opened for training (an embedded memory opens once)
     enc = _encoder(model_name, pretrained, encoder_kind, memory, collection) if images or adapt else None
     data = None if pairs is None else _training_pairs(pairs, captions, file_column, caption_column, label_column,

@@ -322,6 +322,33 @@ def test_every_option_and_argument_says_what_it_does():
     assert "--restart --no-restart <bool> ignore the resume ledger" in flat
 
 
+def test_train_never_creates_a_memory_or_a_collection(tmp_path):
+    """`reco train` on a memory that does not exist, or a collection it does not hold (with or without PAIRS):
+    exit 1 naming what is missing; no directory, no `typo` collection or ledger is created."""
+    from conftest import random_pairs
+
+    from reco_qdrant import Memory
+
+    make_shards(tmp_path / "pairs", n=50, d=16)
+    mem = tmp_path / "m"
+    with Memory.open(str(mem)) as m:
+        m.add_embeddings(*random_pairs(50, 16), source="s", encoder_id="enc")
+    before = sorted(p.name for p in mem.iterdir())
+    nope = tmp_path / "nope"
+    common = ["--out", str(tmp_path / "run"), "--epochs", "1", "--k", "5", "--no-progress"]
+    for pairs in ([], [str(tmp_path / "pairs")]):
+        r = runner.invoke(app, ["train", *pairs, "--memory", str(nope), *common])
+        assert r.exit_code == 1, (pairs, r.output)
+        assert "no such directory, so no memory there" in " ".join(r.output.split()), r.output
+        assert not nope.exists(), pairs
+        r = runner.invoke(app, ["train", *pairs, "--memory", str(mem), "--collection", "typo", *common])
+        assert r.exit_code == 1, (pairs, r.output)
+        assert f"memory {mem} has no collection 'typo'; it holds reco_memory (50 points)" in " ".join(
+            r.output.split()), r.output
+        assert sorted(p.name for p in mem.iterdir()) == before, pairs
+    assert not (tmp_path / "run").exists()
+
+
 def test_hints_name_the_fix_and_keep_debug_for_the_unforeseen():
     import json as json_module
 
