@@ -28,7 +28,7 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(eval_app, name="eval")
 out = Console()
 err = Console(stderr=True)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "command": None}
 
 MemoryOpt = Annotated[str | None, typer.Option("--memory", "-m", help="directory | :memory: | http(s)://host[:port]; "
                                                "default $RECO_MEMORY or ./reco-data")]
@@ -85,10 +85,23 @@ def _raised_by_us(e: BaseException) -> bool:
 
 
 def _command_path() -> str:
-    import click
+    """`reco` and the names of the command running now, as typed (`reco ingest images`); `reco` outside one.
 
-    ctx = click.get_current_context(silent=True)  # its root is named after the program (`reco`, or a test's)
-    return " ".join(["reco", *(ctx.command_path.split()[1:] if ctx is not None else [])])
+    The command is the one cli_errors recorded when it started: click's current context is not at hand here
+    (typer may run on its own copy of click), and the program's name may be a test's."""
+    running = _state.get("command")
+
+    def find(group: typer.Typer, path: list[str]) -> list[str] | None:
+        for info in group.registered_commands:
+            if running is not None and info.callback is running:
+                return [*path, info.name or info.callback.__name__.lower().replace("_", "-")]
+        for g in group.registered_groups:
+            sub = find(g.typer_instance, [*path, g.name or ""]) if g.typer_instance is not None else None
+            if sub:
+                return sub
+        return None
+
+    return " ".join(find(app, ["reco"]) or ["reco"])
 
 
 @contextlib.contextmanager
@@ -107,6 +120,7 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        running, _state["command"] = _state.get("command"), wrapper  # the command the hints name
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -118,6 +132,8 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                       soft_wrap=True)
             err.print(f"[dim]hint: {_hint(e)}[/]", highlight=False)
             raise typer.Exit(1) from None
+        finally:
+            _state["command"] = running
 
     return wrapper
 

@@ -362,7 +362,21 @@ def test_hints_name_the_fix_and_keep_debug_for_the_unforeseen():
     try:
         read_table("nowhere.csv")  # raised by our own code, with a message that says what is wrong
     except FileNotFoundError as e:
-        assert _hint(e) == "`reco --help` lists its options"
+        assert _hint(e) == "`reco --help` lists its options"  # outside any command: the program's
+
+
+def test_the_help_hint_names_the_command_that_failed(tmp_path):
+    """An error our code foresaw, with no hint of its own: the hint names the command's --help (`reco train`,
+    `reco ingest embeddings`), not `reco --help`."""
+    (tmp_path / "emb" / "img_emb").mkdir(parents=True)
+    r = runner.invoke(app, ["train", "--memory", str(tmp_path / "m"), "--label-column", "x"])
+    assert r.exit_code == 1, r.output
+    assert "hint: `reco train --help` lists its options" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["ingest", "embeddings", str(tmp_path / "emb"), "--memory", str(tmp_path / "m")])
+    assert r.exit_code == 1, r.output
+    flat = " ".join(r.output.split())
+    assert "no img_emb/img_emb_*.npy files" in flat
+    assert "hint: `reco ingest embeddings --help` lists its options" in flat
 
 
 def test_info_lists_sources_and_says_where_the_data_are(tmp_path):
