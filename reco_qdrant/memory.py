@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import migrations
+from . import durable, migrations
 from .backends import (
     DISK_RESERVE,
     VECTOR_NAMES,
@@ -754,6 +754,54 @@ class Memory:
             "api_key_set": bool(self.cfg.api_key),
             **{f"index_{k}": v for k, v in st.items()},
         }
+
+    # ------------------------------------------------------------------ backup and restore (embedded)
+    def backup(self, dest: str | Path) -> int:
+        """Copy this embedded memory (collection, ledger, vector copy) to the new directory `dest`, consistent:
+        writes from this process wait while it copies (another process cannot hold the memory), so the copy is
+        one acknowledged state. Searches go on meanwhile. Returns the number of points copied."""
+        if self.cfg.kind != "edge":
+            raise ValueError(f"memory {self.cfg.location} is not embedded: back a server up with Qdrant's "
+                             "snapshot API")
+        dest = Path(dest)
+        if dest.exists():
+            raise FileExistsError(f"{dest}: already exists; back up into a new directory")
+        root, name = Path(self.cfg.location), self.cfg.collection
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self._write_lock:
+            self.backend.flush()
+            points = self.count()
+            tmp.mkdir(parents=True)
+            for part in (name, f"{name}__meta", f"{name}__vectors"):
+                if (root / part).exists():
+                    shutil.copytree(root / part, tmp / part)
+        durable.fsync_path(tmp)
+        os.replace(tmp, dest)
+        durable.fsync_dir(dest.parent)
+        return points
+
+    @classmethod
+    def restore(cls, backup: str | Path, location: str | Path, collection: str = "reco_memory") -> int:
+        """Bring a `backup` back into `location` (a directory without that collection) and verify it: opening
+        checks the engine's count against the count the backup's ledger acknowledged. Returns the count."""
+        backup, root = Path(backup), Path(location)
+        if not (backup / f"{collection}__meta").exists():
+            raise FileNotFoundError(f"{backup}: not a backup of collection {collection!r} (no {collection}__meta)")
+        if any((root / p).exists() for p in (collection, f"{collection}__meta")):
+            raise FileExistsError(f"{root}: already holds collection {collection!r}; restore into another directory "
+                                  "or move it away first")
+        root.mkdir(parents=True, exist_ok=True)
+        for part in (collection, f"{collection}__meta", f"{collection}__vectors"):
+            if (backup / part).exists():
+                tmp = root / f".{part}.restore.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(backup / part, tmp)
+                durable.fsync_path(tmp)
+                os.replace(tmp, root / part)
+        durable.fsync_dir(root)
+        with cls.open(str(root), collection=collection, auto_index=False) as mem:  # the count check verifies it
+            return mem.count()
 
     # ------------------------------------------------------------------ ledger for resumable jobs
     def get_state(self, key: str) -> Any:
