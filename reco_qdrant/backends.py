@@ -456,9 +456,21 @@ def edge_collections(root: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def count_edge_collection(root: str | os.PathLike, name: str) -> int | None:
-    """Points in collection `name` of an embedded memory directory (0 for a ledger without data), or None when
-    another process holds it. Takes the collection's lock while it reads, as opening it would."""
+@dataclass(frozen=True)
+class UnreadableCollection:
+    """A collection the engine cannot read (damaged files), as `count_edge_collection` counts it: never raised for
+    a collection beside the one asked about, only said."""
+
+    why: str  # the engine's words, shortened
+
+    def __str__(self) -> str:
+        return f"unreadable: {self.why}"
+
+
+def count_edge_collection(root: str | os.PathLike, name: str) -> int | UnreadableCollection | None:
+    """Points in collection `name` of an embedded memory directory (0 for a ledger without data), None when another
+    process holds it, an `UnreadableCollection` when the engine cannot read it (a damaged collection is no reason
+    to fail a command about another one). Takes the collection's lock while it reads, as opening it would."""
     root = Path(root)
     data = root / name
     if not EdgeBackend._exists(data):
@@ -472,11 +484,19 @@ def count_edge_collection(root: str | os.PathLike, name: str) -> int | None:
         try:
             import qdrant_edge as qe
 
-            shard = qe.EdgeShard.load(str(data))
             try:
-                return int(shard.count(qe.CountRequest(exact=True)))
-            finally:
-                shard.close()
+                shard = qe.EdgeShard.load(str(data))
+                try:
+                    return int(shard.count(qe.CountRequest(exact=True)))
+                finally:
+                    shard.close()
+            except BaseException as e:  # the engine's errors are plain Exceptions, its panics BaseExceptions
+                if not _engine_failure(e):
+                    raise
+                if "WouldBlock" in str(e):
+                    return None
+                said = " ".join(str(e).split())
+                return UnreadableCollection(said if len(said) <= 200 else said[:199] + "…")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -387,7 +387,8 @@ SOURCES_SHOWN = 20  # sources listed by `reco info`, largest first
 def info(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as_json: JsonOpt = False) -> None:
     """Count, sources, dimension, encoder, index status and migrations of a memory (never the API key)."""
     _must_exist(memory, collection)
-    from .doctor import collections_said, fullest_collection
+    from .backends import UnreadableCollection
+    from .doctor import collections_said, fullest_collection, unreadable_collections
 
     with _open(memory, collection, migrate=False, auto_index=False) as mem:
         data = mem.info()
@@ -404,9 +405,12 @@ def info(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as
         else:
             table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     _emit(data, as_json, table)
-    if others and not as_json:
-        err.print(f"[yellow]note:[/] other collections here: {collections_said(others)}; select one with "
-                  f"--collection {fullest_collection(others)}", highlight=False)
+    readable = {n: c for n, c in others.items() if not isinstance(c, UnreadableCollection)}
+    if readable and not as_json:
+        err.print(f"[yellow]note:[/] other collections here: {collections_said(readable)}; select one with "
+                  f"--collection {fullest_collection(readable)}", highlight=False)
+    for f in [] if as_json else unreadable_collections(data["location"], others):
+        err.print(f"[yellow]note:[/] {f.what}; {f.fix}", highlight=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import count_edge_collection, edge_collections
+from .backends import UnreadableCollection, count_edge_collection, edge_collections
 from .config import MemoryConfig
 from .memory import (
     EXACT_SEARCH_BELOW,
@@ -56,7 +56,8 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
             return [Finding("warning", f"memory {cfg.location} holds no collection (nothing ingested there)",
                             f"`reco ingest images FOLDER --captions TABLE --memory {cfg.location}` fills it")]
         return [Finding("warning", f"memory {cfg.location} has no collection {collection!r}; the data here are in "
-                        f"{collections_said(held)}", f"select it with --collection {fullest_collection(held)}")]
+                        f"{collections_said(held)}", f"select it with --collection {fullest_collection(held)}"),
+                *unreadable_collections(cfg.location, held)]
     try:
         mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
                           repair_ledger=repair_ledger, accept_count=accept_count,
@@ -111,26 +112,46 @@ def random_weights(encoder_id: str) -> bool:
     return len(parts) == 3 and parts[0] == "open_clip" and parts[2].startswith("random-seed")
 
 
-def collections_said(held: dict[str, int | None]) -> str:
-    """'reco_demo (4,000 points), other (in use by another process)'."""
-    return ", ".join(f"{n} ({'in use by another process' if c is None else f'{c:,} points'})" for n, c in held.items())
+Held = dict[str, int | UnreadableCollection | None]  # collection -> points (None: in use elsewhere)
 
 
-def fullest_collection(held: dict[str, int | None]) -> str:
-    """The collection holding the most points (the one to suggest with --collection)."""
-    return max(held, key=lambda n: held[n] or 0)
+def collections_said(held: Held) -> str:
+    """'reco_demo (4,000 points), other (in use by another process), old (unreadable by the engine)'."""
+    def said(c: int | UnreadableCollection | None) -> str:
+        if c is None:
+            return "in use by another process"
+        return "unreadable by the engine" if isinstance(c, UnreadableCollection) else f"{c:,} points"
+
+    return ", ".join(f"{n} ({said(c)})" for n, c in held.items())
+
+
+def fullest_collection(held: Held) -> str:
+    """The collection holding the most points (the one to suggest with --collection), a readable one first."""
+    return max(held, key=lambda n: (not isinstance(held[n], UnreadableCollection), held[n] or 0))
+
+
+def unreadable_collections(location: str, held: Held) -> list[Finding]:
+    """A warning for each collection here the engine cannot read (not the one asked about: that one's opening
+    says what is wrong), naming it and the check that says how to recover it."""
+    return [Finding("warning", f"collection {n!r} beside it cannot be read by the engine ({c.why})",
+                    f"`reco doctor --memory {location} --collection {n}` checks it and says how to recover")
+            for n, c in held.items() if isinstance(c, UnreadableCollection)]
 
 
 def _other_collections(mem: Memory, collection: str) -> list[Finding]:
     """Collections beside this one that hold points: a warning when this one is empty (the data are elsewhere:
     the demo writes `reco_demo`), else an ok line naming them."""
     others = {n: c for n, c in mem.collections().items() if n != collection and c != 0}
+    unreadable = unreadable_collections(mem.cfg.location, others)
     if not others:
         return []
     if mem.count() == 0:
         return [Finding("warning", f"collection {collection!r} is empty; the points here are in "
-                        f"{collections_said(others)}", f"select it with --collection {fullest_collection(others)}")]
-    return [Finding("ok", f"other collections here: {collections_said(others)} (--collection selects one)")]
+                        f"{collections_said(others)}", f"select it with --collection {fullest_collection(others)}"),
+                *unreadable]
+    readable = {n: c for n, c in others.items() if not isinstance(c, UnreadableCollection)}
+    said = [Finding("ok", f"other collections here: {collections_said(readable)} (--collection selects one)")]
+    return [*(said if readable else []), *unreadable]
 
 
 def _points(mem: Memory, examples: int) -> list[Finding]:

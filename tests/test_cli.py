@@ -379,6 +379,47 @@ def test_the_help_hint_names_the_command_that_failed(tmp_path):
     assert "hint: `reco ingest embeddings --help` lists its options" in flat
 
 
+def test_a_damaged_collection_beside_the_one_asked_about_is_said_not_a_crash(tmp_path):
+    """A sibling collection whose files the engine cannot read: `reco info` and `reco doctor` on the healthy one
+    work and name it as unreadable (doctor: a warning with the check for it); so does a missing collection's
+    error. No traceback."""
+    from conftest import random_pairs
+
+    from reco_qdrant import Memory
+    from reco_qdrant.doctor import check_memory
+
+    mem = tmp_path / "m"
+    for name in ("reco_memory", "other"):
+        with Memory.open(str(mem), collection=name) as m:
+            m.add_embeddings(*random_pairs(40, 16), source="s", encoder_id="enc")
+    segment = sorted((mem / "other" / "segments").glob("*/segment.json"))
+    assert segment, "the engine's layout changed"
+    segment[0].write_bytes(b"")  # the engine cannot load `other` now
+
+    r = runner.invoke(app, ["info", "--memory", str(mem)])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "collection 'other' beside it cannot be read by the engine" in flat
+    assert f"`reco doctor --memory {mem} --collection other` checks it" in flat
+    assert "select one with --collection other" not in flat and "Traceback" not in r.output
+    r = runner.invoke(app, ["doctor", "--memory", str(mem)])
+    assert r.exit_code == 0, r.output  # a warning: the memory asked about is healthy
+    flat = " ".join(r.output.split())
+    assert "warning: collection 'other' beside it cannot be read by the engine" in flat, r.output
+    assert "ok: other collections here" not in flat
+    unreadable = [f for f in check_memory(str(mem)) if "'other'" in f.what]
+    assert [f.level for f in unreadable] == ["warning"] and "--collection other" in unreadable[0].fix
+    r = runner.invoke(app, ["doctor", "--memory", str(mem), "--collection", "typo"])
+    flat = " ".join(r.output.split())
+    assert ("the data here are in other (unreadable by the engine), reco_memory (40 points)" in flat
+            and "select it with --collection reco_memory" in flat
+            and "warning: collection 'other' beside it cannot be read" in flat), r.output
+    r = runner.invoke(app, ["info", "--memory", str(mem), "--collection", "typo"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert ("has no collection 'typo'; it holds other (unreadable by the engine), reco_memory (40 points)"
+            in " ".join(r.output.split())), r.output
+
+
 def test_info_lists_sources_and_says_where_the_data_are(tmp_path):
     """`reco info` counts the memory's points per source; info and doctor name the collections that hold the data
     when the one asked about does not (the demo writes `reco_demo`)."""
