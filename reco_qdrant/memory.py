@@ -43,9 +43,10 @@ __all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWar
 _ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
 ENCODER_KEY = "encoder"
 UID_KEY = "memory_uid"
-WRITE_VERSION_KEY = "write_version"  # {"n": writes so far, "token": random}: keys caches of search results
+# {"n": writes so far, "token": random}: keys caches of search results; on Edge also "points": [low, high], the
+# point counts the engine may hold (the range the last write may leave if interrupted; one count once acknowledged)
+WRITE_VERSION_KEY = "write_version"
 LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0001 and 0003)
-POINTS_KEY = "points"  # Edge: {"count": points acknowledged, "low", "high": the range a write in progress may leave}
 OPEN_SAMPLE = 256  # points whose vectors are checked on opening (the lowest ids: spread over the storage)
 COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
 UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
@@ -175,6 +176,7 @@ class Memory:
         self._auto_index = False  # set by open(): build the index lazily, before a search needs it
         self._unchecked_writes = 0  # points written since the index was last checked
         self._postponed_warned = False  # an index build a read found due did not fit on the disk (warned once)
+        self._wrote = False  # Edge: written since the ledger last acknowledged one point count (see close)
         # One writer at a time among the threads sharing this memory: collection creation, upserts and their
         # vector-copy rows, deletes, ledger and encoder records, migrations and index builds. (Reads take it only
         # to build an index that is due.) Reentrant: a write creates the collection, an index build checks space.
@@ -229,7 +231,12 @@ class Memory:
         self.close()
 
     def close(self) -> None:
-        self.backend.close()
+        with self._write_lock:
+            try:
+                if self._wrote and self.backend.has_collection():  # this session's writes: one count acknowledged
+                    self._ack_points()
+            finally:
+                self.backend.close()
 
     # ------------------------------------------------------------------ identity
     @property
@@ -291,12 +298,26 @@ class Memory:
         v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0, "token": ""}
         return f"{v['n']}-{v['token']}"
 
-    def _bump_write_version(self) -> None:
+    def _bump_write_version(self, low: int = 0, high: int = 0) -> None:
         # Bumped *before* the write: a crash in between costs a cache miss, never a stale hit. The random
-        # token keeps two writers that both read n from colliding on n + 1.
+        # token keeps two writers that both read n from colliding on n + 1. On Edge the same record (one ledger
+        # write per data write) says how many points the write may leave: the engine's count plus low..high.
         with self._write_lock:
             v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0}
-            self.backend.meta_set(WRITE_VERSION_KEY, {"n": int(v["n"]) + 1, "token": uuid.uuid4().hex[:12]})
+            rec = {"n": int(v["n"]) + 1, "token": uuid.uuid4().hex[:12]}
+            if self.cfg.kind == "edge":
+                n = self.backend.count()
+                rec["points"] = [max(0, n + low), n + high]
+                self._wrote = True
+            self.backend.meta_set(WRITE_VERSION_KEY, rec)
+
+    def _ack_points(self, n: int | None = None) -> None:
+        """Edge: the ledger acknowledges the engine's count `n` (default: now) as the one count it may hold."""
+        with self._write_lock:
+            v = self.backend.meta_get(WRITE_VERSION_KEY) or {"n": 0, "token": ""}
+            n = self.backend.count() if n is None else n
+            self.backend.meta_set(WRITE_VERSION_KEY, {**v, "points": [n, n]})
+            self._wrote = False
 
     @property
     def collection_uid(self) -> str:
@@ -394,58 +415,37 @@ class Memory:
                                extra={"load": encoder_spec} if encoder_spec else None)
             if not self.backend.has_collection():
                 self.migrate(img.shape[1])
-            self._bump_write_version()
-            self._expect_points(0, n)
+            self._bump_write_version(0, n)
             step = self.cfg.upsert_batch
             for s in range(0, n, step):
                 self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
                 self._unchecked_writes += min(step, n - s)
-            self._ack_points()
         return pids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove points by id."""
         if ids:
             with self._write_lock:
-                self._bump_write_version()
-                self._expect_points(-len(ids), 0)
+                self._bump_write_version(-len(ids), 0)
                 self.backend.delete(list(ids))
-                self._ack_points()
 
     # ------------------------------------------------------------------ damage found on opening
-    def _expect_points(self, low: int, high: int) -> None:
-        """Before a write (Edge): the ledger records the range of counts the write may leave if interrupted."""
-        if self.cfg.kind != "edge":
-            return
-        rec = self.backend.meta_get(POINTS_KEY)
-        n = int(rec["count"]) if rec else self.backend.count()
-        self.backend.meta_set(POINTS_KEY, {"count": n, "low": max(0, n + low), "high": n + high})
-
-    def _ack_points(self) -> None:
-        """After a write (Edge): the count the engine acknowledged."""
-        if self.cfg.kind != "edge":
-            return
-        n = self.backend.count()
-        self.backend.meta_set(POINTS_KEY, {"count": n, "low": n, "high": n})
-
     def _check_points(self, accept_count: bool = False, check_sample: bool = True) -> None:
         """On opening (Edge): the engine holds the count of points the ledger acknowledged (or one a write in
         progress may have left), and a fixed sample of points has whole vectors equal to their copy. Cheap: one
         count and one read of `OPEN_SAMPLE` points; `reco doctor` reads everything."""
         engine = self.backend.count()
-        rec = self.backend.meta_get(POINTS_KEY)
+        rec = (self.backend.meta_get(WRITE_VERSION_KEY) or {}).get("points")  # none: written by an older version
         root = self.cfg.location
-        if rec is not None and not accept_count and not int(rec["low"]) <= engine <= int(rec["high"]):
-            said = (f"{int(rec['count']):,}" if rec["low"] == rec["high"]
-                    else f"between {int(rec['low']):,} and {int(rec['high']):,}")
+        if rec is not None and not accept_count and not int(rec[0]) <= engine <= int(rec[1]):
+            said = f"{int(rec[0]):,}" if rec[0] == rec[1] else f"between {int(rec[0]):,} and {int(rec[1]):,}"
             raise MemoryDamagedError(
                 f"memory {root}: the engine holds {engine:,} points, but the ledger acknowledged {said} (segments "
                 "lost or restored from another copy?); restore the directory from a complete copy, or, after a "
                 f"deliberate change made outside reco-qdrant, adopt the engine's count with `reco doctor --memory "
                 f"{root} --accept-count`")
-        if rec is None or accept_count or int(rec["count"]) != engine or rec["low"] != rec["high"]:
-            with self._write_lock:
-                self.backend.meta_set(POINTS_KEY, {"count": engine, "low": engine, "high": engine})
+        if rec is None or accept_count or list(rec) != [engine, engine]:
+            self._ack_points(engine)
         problem = self._sample_problem() if check_sample else None
         if problem:
             raise MemoryDamagedError(f"memory {root}: {problem}; restore the directory from a copy, or check every "
@@ -772,6 +772,8 @@ class Memory:
         with self._write_lock:
             self.backend.flush()
             points = self.count()
+            if self.backend.has_collection():
+                self._ack_points(points)  # the copy's ledger says exactly which state it holds
             tmp.mkdir(parents=True)
             for part in (name, f"{name}__meta", f"{name}__vectors"):
                 if (root / part).exists():
