@@ -778,9 +778,7 @@ class Memory:
             for part in (name, f"{name}__meta", f"{name}__vectors"):
                 if (root / part).exists():
                     shutil.copytree(root / part, tmp / part)
-        durable.fsync_path(tmp)
-        os.replace(tmp, dest)
-        durable.fsync_dir(dest.parent)
+        durable.replace(tmp, dest)
         return points
 
     @classmethod

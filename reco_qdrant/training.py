@@ -473,19 +473,21 @@ def train_fusion(
     classes = np.unique(labels) if labels is not None else None
     # What validation scores against: the held-out classes, or without labels held-out clusters of the images
     # (see `_pseudo_labels`), each with its medoid caption as prompt
-    v_classes, v_emb, v_members, v_img_out = classes, class_embeddings, members, img_out
-    if pseudo:
-        v_classes, v_emb = np.unique(v_labels), txt[medoids(txt, v_labels)]
-        if class_out:
-            v_members = class_members(ids, v_labels)
-            v_img_out = neighbour_cache(memory, img, "image", cfg, ids, class_out=v_labels)
-    else:
+    if not pseudo:
         v_labels, is_val = labels, _split(len(img), labels, cfg.val_fraction, rng)
     tr = np.flatnonzero(~is_val)
     va = np.flatnonzero(is_val)
+    sub = lambda nb: tuple(a[va] for a in nb)  # noqa: E731
+    # the held-out images' neighbours as if their class were absent ([len(va), k, ...])
+    v_classes, v_emb, v_members = classes, class_embeddings, members
+    v_img_out = sub(img_out) if img_out is not None and not pseudo else None
+    if pseudo:
+        v_classes, v_emb = np.unique(v_labels), txt[medoids(txt, v_labels)]
+        if class_out:  # whole image clusters are held out, so their members are all among the held-out rows
+            v_members = class_members(ids, v_labels)
+            v_img_out = neighbour_cache(memory, img[va], "image", cfg, [ids[i] for i in va], class_out=v_labels[va])
     val = None
     if len(va):
-        sub = lambda nb: tuple(a[va] for a in nb)  # noqa: E731
         if labels is None:
             val = _Validation(img[va], sub(img_nb), np.arange(len(va)), txt[va], sub(txt_nb))
         else:
@@ -495,7 +497,7 @@ def train_fusion(
                 held = np.unique(v_labels[va])
                 out_classes = rng.choice(held, int(round(len(held) * cfg.uncovered_fraction)), replace=False)
                 absent = np.isin(v_classes, out_classes)
-                val_nb = _pick(np.isin(v_labels[va], out_classes), sub(v_img_out), val_nb)
+                val_nb = _pick(np.isin(v_labels[va], out_classes), v_img_out, val_nb)
             val = _Validation(img[va], val_nb, np.searchsorted(v_classes, v_labels[va]), prompts=prompts, absent=absent,
                               ids=None if ids is None else np.asarray(ids)[va], seed=cfg.seed,
                               covered_nb=sub(img_nb) if pseudo else None)
