@@ -167,10 +167,11 @@ def test_empty_memory_at_search(tmp_path):
     fails(["search", "--text", "a bird", "--memory", str(tmp_path / "empty"), *TINY], "no such directory", "ingest")
 
 
-def test_empty_memory_at_train(tmp_path):
+def test_missing_memory_at_train(tmp_path):
     make_shards(tmp_path / "pairs", n=50, d=16)
     fails(["train", str(tmp_path / "pairs"), "--out", str(tmp_path / "run"), "--memory", str(tmp_path / "empty"),
-           "--no-progress"], "fewer than k=10", "ingest data first")
+           "--no-progress"], "no such directory", "reco ingest")
+    assert not (tmp_path / "empty").exists()  # training never creates a memory
 
 
 def test_k_larger_than_memory(stored, tmp_path):
