@@ -2,7 +2,8 @@
 
 Workflow: `reco migrate` -> `reco ingest ...` -> `reco dedup` (evaluation images) -> `reco train` ->
 `reco predict` / `reco eval ...`. `reco info` and `reco search` inspect a memory, `reco copy` moves one
-between embedded and server; `reco demo` runs everything on a synthetic world.
+between embedded and server, `reco backup` / `reco restore` keep a copy; `reco demo` runs everything on a
+synthetic world.
 """
 
 from __future__ import annotations
@@ -456,6 +457,109 @@ def copy(src: Annotated[str, typer.Argument(help="memory to copy from (directory
         _emit(res, True)
     else:
         out.print(f"copied {n:,} points to {dst} (it now holds {res['dst_count']:,})")
+
+
+def _parts(root: Path, collection: str) -> dict[str, int]:
+    """The directories an embedded memory's collection consists of (collection, ledger, vector copy): bytes each."""
+    return {p: sum(f.stat().st_size for f in (root / p).rglob("*") if f.is_file())
+            for p in (collection, f"{collection}__meta", f"{collection}__vectors") if (root / p).is_dir()}
+
+
+def _said_parts(parts: dict[str, int]) -> str:
+    return ", ".join(f"{p}/ ({b / 2**20:,.1f} MiB)" for p, b in parts.items())
+
+
+@app.command()
+@cli_errors
+def backup(dest: Annotated[Path, typer.Argument(help="a new directory for the copy (a server memory: for the "
+                                                     "manifest of its snapshots, which stay on the server)")],
+           memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as_json: JsonOpt = False) -> None:
+    """Copy a memory consistently while it stays open for reading: an embedded one into DEST; a server one as
+    Qdrant snapshots (collection and ledger) taken on the server. `reco restore` brings it back and verifies it."""
+    from .config import MemoryConfig
+    from .memory import SNAPSHOT_MANIFEST
+
+    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
+    if cfg.kind == "local":
+        e = ValueError("memory :memory: lives in one process only, and qdrant-client's local mode has no snapshots: "
+                       "nothing to back up")
+        e.hint = "--memory takes a directory (copied) or a server URL (Qdrant snapshots)"
+        raise e
+    if dest.exists():
+        e = FileExistsError(f"backup destination {dest}: already exists; a backup is never written over one")
+        e.hint = f"name a new directory (or move {dest} away first)"
+        raise e
+    _must_exist(memory, collection)  # never create a memory just to back it up
+    with _open(memory, collection, migrate=False, auto_index=False) as mem:
+        n = mem.backup(dest)
+        location = mem.cfg.location
+    if cfg.kind == "edge":
+        parts = _parts(dest, collection)
+        res = {"points": n, "memory": location, "collection": collection, "dest": str(dest), "copied": parts}
+        said = (f"backed up memory {location} / {collection} into {dest}: {n:,} points (the count its ledger "
+                f"acknowledges, checked by `reco restore`)\ncopied: {_said_parts(parts)}\n"
+                f"restore: reco restore {dest} --memory NEW_DIR --collection {collection}")
+    else:
+        manifest = json.loads((dest / SNAPSHOT_MANIFEST).read_text())
+        res = {**manifest, "dest": str(dest)}
+        lines = [f"snapshot {name} of {c} (download: curl -H \"api-key: $RECO_API_KEY\" -o {name} "
+                 f"{manifest['urls'][c]})" for c, name in manifest["snapshots"].items()]
+        said = (f"backed up server memory {location} / {collection}: {n:,} points, as Qdrant snapshots kept on the "
+                f"server (its snapshots directory); their manifest: {dest / SNAPSHOT_MANIFEST}\n" + "\n".join(lines) +
+                f"\nrestore (the server recovers them with recover_snapshot, then the count is verified): reco restore "
+                f"{dest} --memory URL --collection NAME")
+    if as_json:
+        _emit(res, True)
+    else:
+        out.print(said, highlight=False)
+
+
+@app.command()
+@cli_errors
+def restore(backup: Annotated[str, typer.Argument(
+                help="a directory `reco backup` wrote; for a server memory also a snapshot location: an http(s):// "
+                     "URL or a file:// path on the server")],
+            memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
+            ledger_snapshot: Annotated[str | None, typer.Option(
+                help="server, with a snapshot location as BACKUP: the snapshot of COLLECTION__meta (encoder record "
+                     "and ledger; without it they start empty)")] = None,
+            as_json: JsonOpt = False) -> None:
+    """Bring a backup back into a memory that does not hold the collection yet, and verify the count."""
+    from .config import MemoryConfig
+    from .memory import Memory
+
+    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
+    if cfg.kind == "local":
+        e = ValueError("memory :memory: lives in one process only, and qdrant-client's local mode has no snapshots: "
+                       "nothing to restore into")
+        e.hint = "--memory takes a directory (an embedded backup) or a server URL (Qdrant snapshots)"
+        raise e
+    if cfg.kind == "edge":
+        src = Path(backup)
+        if not src.is_dir():
+            e = FileNotFoundError(f"backup {src}: no such directory")
+            e.hint = "name a directory `reco backup DEST` wrote (for a server memory, --memory takes its URL)"
+            raise e
+        if ledger_snapshot is not None:
+            raise ValueError("--ledger-snapshot is for a server memory (--memory http(s)://...); an embedded backup "
+                             "directory holds its ledger")
+        parts = _parts(src, collection)
+        with _hint_on(FileExistsError, f"restore into another directory (--memory NEW_DIR), or move the collection "
+                                       f"{collection!r} at {cfg.location} away first"), \
+                _hint_on(FileNotFoundError, "the backup holds other collections? `ls` it and pass --collection"):
+            n = Memory.restore(src, cfg.location, collection)
+    else:
+        parts = {}
+        with _hint_on(FileExistsError, "restore into another --collection, or delete that collection first"):
+            n = Memory.restore(backup, cfg.location, collection, ledger_snapshot=ledger_snapshot)
+    res = {"points": n, "verified": True, "backup": backup, "memory": cfg.location, "collection": collection,
+           "copied": parts}
+    if as_json:
+        _emit(res, True)
+    else:
+        what = f"copied: {_said_parts(parts)}\n" if parts else ""
+        out.print(f"restored {backup} into memory {cfg.location} / {collection}\n{what}verified: {n:,} points (the "
+                  "engine's count equals the count the backup acknowledged)", highlight=False)
 
 
 @app.command()

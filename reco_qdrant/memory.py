@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -47,6 +48,7 @@ UID_KEY = "memory_uid"
 # point counts the engine may hold (the range the last write may leave if interrupted; one count once acknowledged)
 WRITE_VERSION_KEY = "write_version"
 LAYOUT_KEY = "layout"  # collection settings fixed at creation (see migrations 0001 and 0003)
+SNAPSHOT_MANIFEST = "qdrant-snapshots.json"  # what a server memory's backup directory holds (the snapshots stay there)
 OPEN_SAMPLE = 256  # points whose vectors are checked on opening (the lowest ids: spread over the storage)
 COLLECTION_UID_KEY = "collection_uid"  # new each time the collection is (re)created: keys the ingest ledger
 UNSPECIFIED = "unspecified"  # encoder id recorded when vectors arrive without one
@@ -760,12 +762,11 @@ class Memory:
         """Copy this embedded memory (collection, ledger, vector copy) to the new directory `dest`, consistent:
         writes from this process wait while it copies (another process cannot hold the memory), so the copy is
         one acknowledged state. Searches go on meanwhile. Returns the number of points copied."""
-        if self.cfg.kind != "edge":
-            raise ValueError(f"memory {self.cfg.location} is not embedded: back a server up with Qdrant's "
-                             "snapshot API")
         dest = Path(dest)
         if dest.exists():
             raise FileExistsError(f"{dest}: already exists; back up into a new directory")
+        if self.cfg.kind != "edge":
+            return self._snapshot_into(dest)
         root, name = Path(self.cfg.location), self.cfg.collection
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -781,11 +782,58 @@ class Memory:
         durable.replace(tmp, dest)
         return points
 
+    def snapshot(self) -> dict[str, Any]:
+        """Server: Qdrant snapshots of the collection and of its ledger (`<collection>__meta`), taken and kept on
+        the server (its snapshots directory). Writes from this process wait meanwhile; other processes' writes do
+        not, so stop them for a consistent pair. Returns {"points", "snapshots": {collection: snapshot name},
+        "urls": {collection: the REST URL that downloads it}}; `Memory.restore` recovers them."""
+        if self.cfg.kind == "edge":
+            raise ValueError(f"memory {self.cfg.location} is embedded: `Memory.backup(DEST)` copies it")
+        if self.cfg.kind == "local":
+            raise ValueError("memory :memory: lives in this process only, and qdrant-client's local mode has no "
+                             "snapshots: copy it into a directory or a server with `reco copy` / `copy_memory`")
+        client, base = self.backend.client, self.cfg.location.rstrip("/")
+        with self._write_lock:
+            points = self.count()
+            names = {}
+            for c in (self.cfg.collection, f"{self.cfg.collection}__meta"):
+                if not self.backend._call(client.collection_exists, c):
+                    raise FileNotFoundError(f"memory {base} has no collection {c!r}: nothing to snapshot")
+                desc = client.create_snapshot(c, wait=True)  # not retried: a retry would take a second snapshot
+                names[c] = desc.name
+        return {"points": points, "snapshots": names,
+                "urls": {c: f"{base}/collections/{c}/snapshots/{n}" for c, n in names.items()}}
+
+    def _snapshot_into(self, dest: Path) -> int:
+        """Server backup: the snapshots stay on the server; `dest` (a new directory) gets their manifest."""
+        snap = self.snapshot()
+        manifest = {"kind": "qdrant-snapshots", "location": self.cfg.location, "collection": self.cfg.collection,
+                    **snap}
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / SNAPSHOT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        durable.fsync_path(tmp / SNAPSHOT_MANIFEST)
+        durable.replace(tmp, dest)
+        return int(snap["points"])
+
     @classmethod
-    def restore(cls, backup: str | Path, location: str | Path, collection: str = "reco_memory") -> int:
+    def restore(cls, backup: str | Path, location: str | Path, collection: str = "reco_memory", *,
+                ledger_snapshot: str | None = None, **settings: Any) -> int:
         """Bring a `backup` back into `location` (a directory without that collection) and verify it: opening
-        checks the engine's count against the count the backup's ledger acknowledged. Returns the count."""
+        checks the engine's count against the count the backup's ledger acknowledged. Returns the count.
+
+        `location` a server URL: `backup` is the directory `backup` wrote for a server (its manifest names the
+        snapshots and the count to verify), or one snapshot location of the collection (http(s):// URL, or
+        file:// path on the server), with `ledger_snapshot` for its `__meta` collection (else the encoder record
+        and ledger start empty). The server fetches the snapshots itself (`recover_snapshot`); `settings` are
+        `MemoryConfig` fields (api_key, TLS, ...)."""
+        if MemoryConfig(location=str(location)).kind != "edge":
+            return cls._recover(str(backup), str(location), collection, ledger_snapshot, settings)
         backup, root = Path(backup), Path(location)
+        if (backup / SNAPSHOT_MANIFEST).exists():
+            raise ValueError(f"{backup}: a backup of a server memory (Qdrant snapshots, see {SNAPSHOT_MANIFEST}); "
+                             "restore it into a server (--memory http://HOST:6333), or `reco copy` from there")
         if not (backup / f"{collection}__meta").exists():
             raise FileNotFoundError(f"{backup}: not a backup of collection {collection!r} (no {collection}__meta)")
         if any((root / p).exists() for p in (collection, f"{collection}__meta")):
@@ -802,6 +850,49 @@ class Memory:
         durable.fsync_dir(root)
         with cls.open(str(root), collection=collection, auto_index=False) as mem:  # the count check verifies it
             return mem.count()
+
+    @classmethod
+    def _recover(cls, backup: str, location: str, collection: str, ledger_snapshot: str | None,
+                 settings: dict[str, Any]) -> int:
+        """Server restore: recover the snapshots into collections that do not exist yet, then verify the count."""
+        from qdrant_client import QdrantClient
+
+        cfg = MemoryConfig(location=location, collection=collection, **settings).with_env()
+        if cfg.kind == "local":
+            raise ValueError("memory :memory: cannot be restored into: qdrant-client's local mode has no snapshots; "
+                             "restore into a directory or a server URL")
+        expected, meta = None, f"{collection}__meta"
+        if (Path(backup) / SNAPSHOT_MANIFEST).exists():
+            manifest = json.loads((Path(backup) / SNAPSHOT_MANIFEST).read_text())
+            urls = manifest["urls"]
+            was = manifest["collection"]
+            expected = int(manifest["points"])
+            sources = {collection: urls[was], meta: urls[f"{was}__meta"]}
+        elif backup.startswith(("http://", "https://", "file://")):
+            sources = {collection: backup, **({meta: ledger_snapshot} if ledger_snapshot else {})}
+        elif Path(backup).exists():
+            raise FileNotFoundError(f"{backup}: not a backup of a server memory (no {SNAPSHOT_MANIFEST}); an "
+                                    "embedded backup is restored into a directory (--memory DIR)")
+        else:
+            raise FileNotFoundError(f"{backup}: no such backup directory, and not a snapshot location "
+                                    "(http(s):// URL, or file:// path on the server)")
+        client = QdrantClient(**cfg.client_kwargs())
+        try:
+            held = [c for c in sources if client.collection_exists(c)] + (
+                [meta] if meta not in sources and client.collection_exists(meta) else [])
+            if held:
+                raise FileExistsError(f"{location} already holds collection {held[0]!r}; restore into another "
+                                      "--collection or delete it first")
+            for c, where in sources.items():
+                client.recover_snapshot(c, where, api_key=cfg.api_key, wait=True)
+        finally:
+            client.close()
+        with cls.open(location, collection=collection, **settings) as mem:
+            n = mem.count()
+        if expected is not None and n != expected:
+            raise MemoryDamagedError(f"memory {location} / {collection}: recovered {n:,} points, but the backup "
+                                     f"{backup} holds {expected:,}; recover it again, or from another snapshot")
+        return n
 
     # ------------------------------------------------------------------ ledger for resumable jobs
     def get_state(self, key: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import warnings
@@ -9,11 +10,14 @@ import warnings
 import numpy as np
 import pytest
 from conftest import random_pairs
+from typer.testing import CliRunner
 
 from reco_qdrant import Memory, MemoryDamagedError
+from reco_qdrant.cli import app
 from reco_qdrant.memory import point_id
 
 BATCH, BATCHES = 100, 30
+runner = CliRunner()
 
 
 def test_backup_during_ingest_restores_an_acknowledged_state(tmp_path):
@@ -64,3 +68,79 @@ def test_a_truncated_backup_is_refused_on_restore(tmp_path):
     shutil.copytree(tmp_path / "early" / "reco_memory", tmp_path / "late" / "reco_memory")
     with pytest.raises(MemoryDamagedError, match="holds 100 points, but the ledger acknowledged 300"):
         Memory.restore(tmp_path / "late", tmp_path / "r")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _flat(r) -> str:
+    return " ".join(r.output.split())
+
+
+def _filled(path, n=240):
+    img, txt, caps = random_pairs(n, seed=9)
+    with Memory.open(str(path)) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(n), source="cli")
+    return img
+
+
+def test_cli_backup_and_restore_verify_the_count(tmp_path):
+    img = _filled(tmp_path / "m")
+    r = runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    out = _flat(r)
+    assert f"into {tmp_path / 'bk'}: 240 points" in out and "reco_memory/ (" in out and "reco_memory__meta/ (" in out
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", str(tmp_path / "new"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["points"] == 240 and res["verified"] and "reco_memory" in res["copied"]
+    with Memory.open(str(tmp_path / "new")) as mem:
+        assert mem.count() == 240
+        assert mem.search(img[:3], "image", k=1).ids[:, 0].tolist() == [point_id("cli", str(i)) for i in range(3)]
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", str(tmp_path / "again")])
+    assert r.exit_code == 0 and "verified: 240 points" in _flat(r), r.output
+
+
+def test_cli_backup_refuses_an_existing_destination_naming_it(tmp_path):
+    _filled(tmp_path / "m", 50)
+    (tmp_path / "bk").mkdir()
+    (tmp_path / "bk" / "keep.txt").write_text("mine")
+    r = runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")])
+    assert r.exit_code == 1
+    assert f"error: backup destination {tmp_path / 'bk'}: already exists" in _flat(r), r.output
+    assert "hint: name a new directory" in _flat(r) and "Traceback" not in r.output
+    assert (tmp_path / "bk" / "keep.txt").read_text() == "mine" and len(list((tmp_path / "bk").iterdir())) == 1
+    r = runner.invoke(app, ["backup", str(tmp_path / "b2"), "--memory", str(tmp_path / "none")])  # nothing to copy
+    assert r.exit_code == 1 and f"memory {tmp_path / 'none'}: no such directory" in _flat(r), r.output
+    assert not (tmp_path / "none").exists() and not (tmp_path / "b2").exists()
+
+
+def test_cli_restore_refuses_an_existing_collection_naming_it(tmp_path):
+    _filled(tmp_path / "m", 60)
+    _filled(tmp_path / "other", 30)
+    assert runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")]).exit_code == 0
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", str(tmp_path / "other")])
+    assert r.exit_code == 1
+    out = _flat(r)
+    assert f"error: {tmp_path / 'other'}: already holds collection 'reco_memory'" in out, r.output
+    assert "hint: restore into another directory" in out and "Traceback" not in r.output
+    with Memory.open(str(tmp_path / "other")) as mem:
+        assert mem.count() == 30  # untouched
+    r = runner.invoke(app, ["restore", str(tmp_path / "missing"), "--memory", str(tmp_path / "r")])
+    assert r.exit_code == 1 and f"error: backup {tmp_path / 'missing'}: no such directory" in _flat(r), r.output
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", str(tmp_path / "r"), "--collection", "x"])
+    assert r.exit_code == 1 and f"{tmp_path / 'bk'}: not a backup of collection 'x'" in _flat(r), r.output
+
+
+def test_cli_backup_of_an_in_process_memory_is_a_clear_error(tmp_path):
+    """qdrant-client's local mode has no snapshots: one error line, no traceback, nothing written."""
+    for args in (["backup", str(tmp_path / "bk"), "--memory", ":memory:"],
+                 ["restore", "http://host:6333/collections/c/snapshots/s.snapshot", "--memory", ":memory:"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "error: memory :memory:" in _flat(r) and "local mode has no snapshots" in _flat(r), r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "bk").exists()
+    with Memory.open(":memory:") as mem:
+        with pytest.raises(ValueError, match="local mode has no snapshots"):
+            mem.backup(tmp_path / "bk2")

@@ -168,6 +168,134 @@ def test_workflow_against_compose_qdrant(docker_services, tmp_path):
             client.delete_collection(name)
 
 
+class SnapshotServerStandIn:
+    """Stands in for a Qdrant server with snapshots (qdrant-client's local mode has none): a local-mode client
+    whose create_snapshot keeps a copy of the collection under a name, and whose recover_snapshot recreates it
+    from the location's last path component, as the server fetching its own download URL would."""
+
+    def __init__(self) -> None:
+        self.inner, self.snapshots, self.recovered = QdrantClient(":memory:"), {}, []
+
+    def __call__(self, **client_kwargs):  # stands in for the QdrantClient class: every client is this server
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def close(self) -> None:
+        pass
+
+    def create_snapshot(self, collection_name, wait=True, **kw):
+        from qdrant_client import models
+
+        points, offset = [], None
+        while True:
+            recs, offset = self.inner.scroll(collection_name, limit=256, offset=offset, with_vectors=True,
+                                             with_payload=True)
+            points += [models.PointStruct(id=r.id, vector=r.vector, payload=r.payload) for r in recs]
+            if offset is None:
+                break
+        name = f"{collection_name}-{len(self.snapshots)}.snapshot"
+        self.snapshots[name] = (self.inner.get_collection(collection_name).config.params.vectors, points)
+        return models.SnapshotDescription(name=name, size=1, creation_time=None)
+
+    def recover_snapshot(self, collection_name, location, api_key=None, wait=True, **kw):
+        vectors, points = self.snapshots[location.rsplit("/", 1)[-1]]
+        self.recovered.append((collection_name, location, api_key))
+        self.inner.create_collection(collection_name, vectors_config=vectors)
+        if points:
+            self.inner.upsert(collection_name, points)
+        return True
+
+
+def test_backup_and_restore_of_a_server_memory_through_snapshots(tmp_path, monkeypatch):
+    """`reco backup` on a server takes snapshots of the collection and its ledger (named, with their download
+    URLs, in DEST's manifest); `reco restore` has the server recover them and verifies the count."""
+    import json
+
+    import qdrant_client
+    from typer.testing import CliRunner
+
+    from reco_qdrant.cli import app
+    from reco_qdrant.memory import SNAPSHOT_MANIFEST, point_id
+
+    server, url = SnapshotServerStandIn(), "http://stand-in:6333"
+    monkeypatch.setattr(qdrant_client, "QdrantClient", server)
+    monkeypatch.setenv("RECO_API_KEY", "k3y")
+    img, txt, caps = random_pairs(120, seed=4)
+    with Memory.open(url, collection="live") as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(120), source="s", encoder_id="enc")
+    runner = CliRunner()
+    r = runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", url, "--collection", "live"])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "120 points, as Qdrant snapshots kept on the server" in flat
+    assert f"snapshot live-0.snapshot of live (download: curl -H \"api-key: $RECO_API_KEY\" -o live-0.snapshot " \
+           f"{url}/collections/live/snapshots/live-0.snapshot)" in flat, flat
+    assert "snapshot live__meta-1.snapshot of live__meta" in flat and f"reco restore {tmp_path / 'bk'}" in flat
+    manifest = json.loads((tmp_path / "bk" / SNAPSHOT_MANIFEST).read_text())
+    assert manifest["points"] == 120 and manifest["collection"] == "live" and manifest["location"] == url
+
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", url, "--collection", "back"])
+    assert r.exit_code == 0, r.output
+    assert "verified: 120 points" in " ".join(r.output.split())
+    assert [(c, k) for c, _, k in server.recovered] == [("back", "k3y"), ("back__meta", "k3y")]
+    with Memory.open(url, collection="back", encoder="enc") as back:  # the encoder record came back with it
+        assert back.count() == 120
+        assert back.search(img[:2], "image", k=1).ids[:, 0].tolist() == [point_id("s", "0"), point_id("s", "1")]
+
+    r = runner.invoke(app, ["restore", str(tmp_path / "bk"), "--memory", url, "--collection", "back"])
+    assert r.exit_code == 1 and f"error: {url} already holds collection 'back'" in " ".join(r.output.split())
+    assert len(server.recovered) == 2  # nothing recovered over it
+
+    one = f"{url}/collections/live/snapshots/live-0.snapshot"  # a snapshot location, without its ledger
+    r = runner.invoke(app, ["restore", one, "--memory", url, "--collection", "bare", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["points"] == 120, r.output
+
+
+def test_a_server_snapshot_recovered_short_is_refused(tmp_path, monkeypatch):
+    import qdrant_client
+
+    from reco_qdrant.memory import MemoryDamagedError
+
+    server, url = SnapshotServerStandIn(), "http://stand-in:6333"
+    monkeypatch.setattr(qdrant_client, "QdrantClient", server)
+    img, txt, caps = random_pairs(50, seed=2)
+    with Memory.open(url) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(50))
+        assert mem.backup(tmp_path / "bk") == 50
+    name = next(n for n in server.snapshots if n.startswith("reco_memory-"))
+    server.snapshots[name] = (server.snapshots[name][0], server.snapshots[name][1][:40])  # a short snapshot file
+    with pytest.raises(MemoryDamagedError, match="recovered 40 points, but the backup .* holds 50"):
+        Memory.restore(tmp_path / "bk", url, "copy")
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine runs here: the compose Qdrant cannot start")
+def test_backup_and_restore_against_compose_qdrant(docker_services, tmp_path):
+    """The real snapshot API: the server snapshots the collection and its ledger, then recovers them from its
+    own download URLs into new collections, and the count is verified."""
+    from reco_qdrant.memory import point_id
+
+    url, coll = "http://127.0.0.1:6333", f"reco_bk_{int(time.time())}"
+    docker_services.wait_until_responsive(timeout=120, pause=1,
+                                          check=lambda: QdrantClient(url=url, timeout=2).get_collections() and True)
+    img, txt, caps = random_pairs(500, seed=8)
+    with Memory.open(url, collection=coll) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(500), source="s")
+        assert mem.backup(tmp_path / "bk") == 500
+    try:
+        assert Memory.restore(tmp_path / "bk", url, coll + "_back") == 500
+        with Memory.open(url, collection=coll + "_back") as back:
+            assert back.count() == 500
+            assert back.search(img[:3], "image", k=1).ids[:, 0].tolist() == [point_id("s", str(i)) for i in range(3)]
+    finally:
+        client = QdrantClient(url=url)
+        for c in (coll, coll + "__meta", coll + "_back", coll + "_back__meta"):
+            if client.collection_exists(c):
+                client.delete_collection(c)
+
+
 def _make_certs(d: Path) -> dict[str, Path]:
     """A throw-away CA and a localhost server certificate signed by it (openssl CLI)."""
     def ssl(*args: str) -> None:
