@@ -62,13 +62,17 @@ def _build(root: Path, n: int) -> tuple:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """100k pairs: an index build long enough to be killed mid-way."""
-    return _build(tmp_path_factory.mktemp("kills"), N)
+    root = tmp_path_factory.mktemp("kills")
+    yield _build(root, N)
+    shutil.rmtree(root, ignore_errors=True)  # 0.7 GB: module data outlives pytest's per-test retention
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """Below the size that needs an index, so copy and dedup runs are all copying and deleting."""
-    return _build(tmp_path_factory.mktemp("kills-small"), EXACT_SEARCH_BELOW)
+    root = tmp_path_factory.mktemp("kills-small")
+    yield _build(root, EXACT_SEARCH_BELOW)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _copy(root: Path, name: str) -> Path:

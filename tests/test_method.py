@@ -3,6 +3,7 @@ self-exclusion matters, checkpoints round-trip, the memory can be swapped at inf
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def setup(world, tmp_path_factory):
 
     yield mem, run, names, labels, tmp
     mem.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # module data outlives pytest's per-test retention
 
 
 @pytest.fixture(scope="module")
