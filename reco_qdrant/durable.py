@@ -7,10 +7,18 @@ from pathlib import Path
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file, or a directory and every file under it (so a rename of it publishes only whole files)."""
+    """fsync a file, or a directory and everything under it: every file, then every directory's entry list, the
+    deepest first and `path` last (so a rename of it publishes only whole files, each under its name)."""
     p = Path(path)
-    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
-    for f in [*files, *([p] if p.is_dir() else [])]:
+    if p.is_dir():
+        under = list(p.rglob("*"))
+        files = [f for f in under if f.is_file() and not f.is_symlink()]
+        dirs = sorted((d for d in under if d.is_dir() and not d.is_symlink()), key=lambda d: len(d.parts),
+                      reverse=True)
+        paths = [*files, *dirs, p]
+    else:
+        paths = [p]
+    for f in paths:
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)

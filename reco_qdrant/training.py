@@ -139,8 +139,15 @@ def cache_root(cfg: TrainConfig) -> Path:
 
 
 def _prune_cache(root: Path, keep: int) -> None:
-    """Remove all but the `keep` most recently used caches in `root`."""
-    entries = sorted(root.glob("*.vectors.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Remove all but the `keep` most recently used caches in `root`. Another process may prune (or write) the
+    same folder meanwhile: a cache that is gone by the time it is looked at is simply not counted."""
+    stamped = []
+    for p in root.glob("*.vectors.npy"):
+        try:
+            stamped.append((p.stat().st_mtime, p))
+        except FileNotFoundError:  # removed by a concurrent prune between the listing and the stat
+            continue
+    entries = [p for _, p in sorted(stamped, key=lambda e: e[0], reverse=True)]
     for old in entries[max(keep, 0):]:
         key = old.name.removesuffix(".vectors.npy")
         for p in (old, root / f"{key}.keys.npy", root / f"{key}.mask.npy"):
@@ -211,10 +218,12 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
         tmp_mask.unlink(missing_ok=True)
         raise
     durable.replace(tmp_mask, paths["mask"])
+    # opened before pruning: a concurrent prune may unlink the names, the maps stay valid (POSIX keeps the data)
+    vecs, keys = np.load(tmp["vectors"], mmap_mode="r"), np.load(tmp["keys"], mmap_mode="r")
     durable.replace(tmp["keys"], paths["keys"])
     durable.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
     _prune_cache(root, cfg.cache_keep)
-    return np.load(paths["vectors"], mmap_mode="r"), np.load(paths["keys"], mmap_mode="r"), mask
+    return vecs, keys, mask
 
 
 def class_members(ids: list[str], labels: np.ndarray) -> dict[int, frozenset[str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +82,68 @@ def test_train_cli_never_leaves_a_partial_best(tmp_path, monkeypatch):
     for k, v in best.state_dict().items():
         assert (v == trained[0][k]).all(), k
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["k"] == 5
+
+
+def test_fsync_path_syncs_every_directory_of_a_tree(tmp_path, monkeypatch):
+    """A directory published by rename is durable only if the entry lists of its subdirectories are too."""
+    from reco_qdrant import durable
+
+    tree = tmp_path / "t"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "c").mkdir()
+    (tree / "a" / "b" / "f.bin").write_bytes(b"x")
+    (tree / "top.bin").write_bytes(b"y")
+    opened, real_open = [], durable.os.open
+    monkeypatch.setattr(durable.os, "open", lambda p, *a, **kw: opened.append(Path(p)) or real_open(p, *a, **kw))
+    durable.fsync_path(tree)
+    assert set(opened) == {tree, tree / "a", tree / "a" / "b", tree / "c", tree / "a" / "b" / "f.bin",
+                           tree / "top.bin"}
+    assert opened[-1] == tree and opened.index(tree / "a" / "b") < opened.index(tree / "a")  # deepest first
+
+
+def test_prune_cache_tolerates_a_concurrent_prune(tmp_path, monkeypatch):
+    """Another process pruning the same folder between the listing and the stat is not an error."""
+    from reco_qdrant.training import _prune_cache
+
+    for i, key in enumerate(("a", "b", "gone", "c")):
+        for part in ("vectors", "keys", "mask"):
+            np.save(tmp_path / f"{key}.{part}.npy", np.zeros(1))
+        os.utime(tmp_path / f"{key}.vectors.npy", (1000 + i, 1000 + i))
+    real_stat = Path.stat
+
+    def stat(self, *a, **kw):
+        if self.name.startswith("gone."):  # listed, then unlinked by the other process before this stat
+            for p in tmp_path.glob("gone.*"):
+                p.unlink(missing_ok=True)
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    _prune_cache(tmp_path, 1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.keys.npy", "c.mask.npy", "c.vectors.npy"]
+
+
+def test_neighbour_cache_survives_a_concurrent_prune_of_what_it_wrote(tmp_path, monkeypatch):
+    """The cache just written may be pruned by another process before it is returned: the arrays returned are
+    the ones computed, not a reload of files that may be gone."""
+    import reco_qdrant.training as training
+
+    img, txt, caps = random_pairs(120)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps)
+        want = [np.array(a) for a in neighbour_cache(mem, img[:20], "image", TrainConfig(
+            k=4, cache_dir=str(tmp_path / "ref"), progress=False), None, columns=False)]
+        root = tmp_path / "cache" / "neighbours"
+        real = training._prune_cache
+
+        def other_process_prunes_all(r, keep):
+            real(r, keep)
+            for p in root.glob("*.npy"):
+                p.unlink()
+
+        monkeypatch.setattr(training, "_prune_cache", other_process_prunes_all)
+        got = neighbour_cache(mem, img[:20], "image", TrainConfig(k=4, cache_dir=str(tmp_path / "cache"),
+                                                                   progress=False), None, columns=False)
+        assert not list(root.glob("*.npy"))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), b)
