@@ -492,6 +492,7 @@ class Memory:
         try:
             return self.ensure_indexed()
         except MemoryFullError as e:
+            self._unchecked_writes = max(self._unchecked_writes, 1)  # still due: the next search tries again
             if not self._postponed_warned:
                 self._postponed_warned = True
                 warnings.warn(f"index build postponed: {e}; searches stay correct (exact over what is not "
@@ -512,13 +513,15 @@ class Memory:
         vectors than `threshold` are searched exactly, which is fast at that size.
         """
         with self._write_lock:
-            self._unchecked_writes = 0
             points, unindexed = self.index_backlog()
             if not index_due(points, unindexed, threshold):
+                self._unchecked_writes = 0
                 return False
             with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
                              progress):
-                return self.optimize()
+                built = self.optimize()  # a MemoryFullError leaves the writes unchecked: a later search retries
+            self._unchecked_writes = 0
+            return built
 
     def _check_space(self, need: int, what: str) -> None:
         """Refuse (before writing anything) what would leave an embedded memory's disk nearly full."""

@@ -145,3 +145,45 @@ def test_reading_a_memory_whose_index_is_due_needs_no_room_for_the_index(small_d
     assert len(out["warnings"]) == 1 and "index build postponed" in out["warnings"][0]  # once, not per search
     assert "building the index needs about" in out["optimize"] and "building the index" in out["ensure"]
     assert out["write"] == "ran"  # a write that fits is not refused for the index it cannot build
+
+
+def test_a_postponed_index_build_is_retried_by_a_later_search(tmp_path, monkeypatch):
+    """A build that did not fit (on opening or before a search) stays due: the next search tries it again once
+    there is room, as the warning says, instead of never again until the next write."""
+    import warnings
+
+    from conftest import random_pairs
+
+    import reco_qdrant.memory as M
+
+    img, txt, caps = random_pairs(300, 32, seed=3)
+    with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
+        m.add_embeddings(img, txt, caps, encoder_id="enc")
+    monkeypatch.setattr(M, "index_due", lambda *a, **kw: True)  # as for a large memory
+    full = [True]
+    real_check = M.Memory._check_space
+
+    def check_space(self, need, what):
+        if full[0] and what == "building the index":
+            raise M.MemoryFullError(f"memory {self.cfg.location}: 0 MiB free on its disk, {what} needs about 1 MiB")
+        return real_check(self, need, what)
+
+    monkeypatch.setattr(M.Memory, "_check_space", check_space)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for when in ("opening", "search"):
+            with Memory.open(str(tmp_path / "m")) as m:  # postponed on opening
+                built = []
+                monkeypatch.setattr(m.backend, "optimize", lambda built=built: built.append(1) or True)
+                if when == "search":  # a write, then the build before the search is postponed
+                    m.add_embeddings(img[:5], txt[:5], caps[:5], ids=list("abcde"), encoder_id="enc")
+                    m.search(img[:2], "image", k=3)
+                m.search(img[:2], "image", k=3)  # still no room: postponed again (warned once only)
+                assert built == []
+                full[0] = False
+                m.search(img[:2], "image", k=3)  # room now: built before this search
+                assert built == [1], when
+                m.search(img[:2], "image", k=3)
+                assert built == [1], when  # and not again
+            full[0] = True
+    assert sum(issubclass(x.category, M.IndexPostponedWarning) for x in w) == 2  # once per opened memory
