@@ -178,8 +178,19 @@ class EmbeddingShards:
         for i, (_, _, meta) in enumerate(self.shards):
             try:
                 df = pl.read_parquet(meta, columns=[self.key_column])
-            except Exception:  # polars raises several types; a missing column or an unreadable file is named
-                return 0  # by the batch reader when it reaches that shard, before anything of it is stored
+            except Exception as e:  # polars raises several types: refused here, before anything is stored (an
+                # unchecked shard would let a key it shares with another shard overwrite that one's point)
+                try:
+                    cols = list(pl.read_parquet_schema(meta))
+                except Exception:
+                    cols = None
+                if cols is not None and self.key_column not in cols:
+                    raise MissingColumnError(str(meta), self.key_column, cols, "key") from e
+                said = " ".join(str(e).split())[:300]
+                raise ValueError(f"{meta}: cannot read its key column {self.key_column!r} ({type(e).__name__}: "
+                                 f"{said}), so keys cannot be checked for duplicates across the {len(self.shards)} "
+                                 "shards; nothing was ingested: replace the file with a readable copy (re-export "
+                                 "it) or move the shard (its img_emb, text_emb and metadata files) away") from e
             frames.append(df.select(pl.col(self.key_column).cast(pl.Utf8).alias("key"))
                           .with_row_index("row").with_columns(pl.lit(i).alias("shard")))
         keys = pl.concat(frames)

@@ -36,6 +36,27 @@ def test_duplicate_keys_across_shards_are_refused_naming_both_files(tmp_path):
         assert mem.count() == 0  # refused before anything was stored
 
 
+def test_an_unreadable_shard_does_not_switch_off_the_duplicate_check(tmp_path):
+    """Shards 0 and 1 share keys; shard 2's metadata is damaged. The check must not give up for all shards (the
+    shared keys would overwrite silently): the damaged file is named and nothing is stored."""
+    keys = [f"k{i}" for i in range(6)]
+    shards_with_keys(tmp_path / "s", [keys, keys, [f"z{i}" for i in range(6)]])
+    bad = tmp_path / "s" / "metadata" / "metadata_2.parquet"
+    bad.write_bytes(b"PAR1 not a parquet file")
+    with Memory.open(str(tmp_path / "m")) as mem:
+        with pytest.raises(ValueError) as e:
+            ingest(mem, EmbeddingShards(tmp_path / "s", key_column="key", batch_size=4), progress=False)
+        assert mem.count() == 0  # not shards 0 and 1, the second overwriting the first
+        msg = str(e.value)
+        assert str(bad) in msg and "cannot read its key column 'key'" in msg and "duplicates" in msg, msg
+    (tmp_path / "s" / "metadata" / "metadata_2.parquet").unlink()
+    pl.DataFrame({"caption": [f"c{i}" for i in range(6)]}).write_parquet(bad)  # readable, no key column
+    with Memory.open(str(tmp_path / "m2")) as mem:
+        with pytest.raises(ValueError, match="metadata_2.parquet: no column 'key'"):
+            ingest(mem, EmbeddingShards(tmp_path / "s", key_column="key", batch_size=4), progress=False)
+        assert mem.count() == 0
+
+
 def test_duplicate_keys_across_shards_last_wins_when_asked_and_reported(tmp_path):
     keys = [f"k{i}" for i in range(10)]
     img, txt, _ = shards_with_keys(tmp_path / "s", [keys, keys[:4] + [f"new{i}" for i in range(6)]])
