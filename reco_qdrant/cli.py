@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -799,7 +800,10 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                 how = "" if in_memory_source else ", found by their keys"
                 err.print(f"{len(found):,} of the {n:,} training pairs are in the memory (source {source}{how}): "
                           "each is left out of its own neighbours", highlight=False)
-                ids = [point_id(source, kk) for kk in data.keys]
+                stored = set(found)  # key and image match: a key stored with another image is another pair,
+                # whose point is not to be left out; those pairs get an id no point has (train_fusion wants one each)
+                ids = [pid if pid in stored else _unstored_id(source, kk)
+                       for pid, kk in ((point_id(source, kk), kk) for kk in data.keys)]
                 img, txt, labels, ids = _first_found(img, txt, labels, ids, set(found))
             else:
                 err.print(f"0 of the {n:,} training pairs are in the memory: none to leave out of their own "
@@ -827,6 +831,15 @@ def train(pairs: Annotated[Path | None, typer.Argument(
                           f"{h['val_baseline']:.4f}", f"{h.get('seconds', 0):.1f}")
         out.print(table)
         out.print(f"saved {out_dir / 'best'}")
+
+
+_UNSTORED_NAMESPACE = uuid.UUID("0b6f5e0c-3d0e-4f61-9a53-5d2b7c0e9a11")
+
+
+def _unstored_id(source: str, key: str) -> str:
+    """The id of a training pair that is not in the memory: a uuid5 in a namespace of its own, so no point (whose
+    ids `point_id` derives in another namespace) has it, and leaving it out of the neighbours leaves nothing out."""
+    return str(uuid.uuid5(_UNSTORED_NAMESPACE, f"{source}\x1f{key}"))
 
 
 def _first_found(img: np.ndarray, txt: np.ndarray, labels: np.ndarray | None, ids: list[str],

@@ -633,3 +633,45 @@ def test_train_leaves_out_a_few_stored_pairs_among_many_new_ones(tmp_path):
     assert r.exit_code == 0, r.output
     assert "3 of the 1,500 training pairs are in the memory (source few, found by their keys)" in " ".join(
         r.output.split())
+
+
+def test_train_leaves_out_only_the_pairs_stored_with_their_own_image(tmp_path, monkeypatch):
+    """A key stored with another image is another pair (a folder of the same file names): its point must not be
+    left out of the training pair's neighbours; only pairs found by key *and* image are."""
+    from conftest import random_pairs
+
+    import reco_qdrant.training as training
+    from reco_qdrant import Memory
+    from reco_qdrant.memory import point_id
+    from reco_qdrant.sources import write_embedding_shards
+
+    img, txt, caps = random_pairs(300, 16, seed=2)
+    keys = [f"k{i}" for i in range(300)]
+    write_embedding_shards(tmp_path / "pairs", img, txt, caps, extra={"key": keys})
+    other_img, other_txt, other_caps = random_pairs(5, 16, seed=7)
+    with Memory.open(str(tmp_path / "m")) as m:
+        m.add_embeddings(img[:5], txt[:5], caps[:5], ids=keys[:5], source="few", encoder_id="enc")  # the same pairs
+        m.add_embeddings(other_img, other_txt, other_caps, ids=keys[5:10], source="few",
+                         encoder_id="enc")  # same keys, other images: other pairs
+
+    class Captured(Exception):
+        pass
+
+    got = {}
+
+    def train_fusion(*a, **kw):
+        got["ids"] = kw["ids"]
+        raise Captured
+
+    monkeypatch.setattr(training, "train_fusion", train_fusion)
+    r = runner.invoke(app, ["train", str(tmp_path / "pairs"), "--key-column", "key", "--memory", str(tmp_path / "m"),
+                            "--out", str(tmp_path / "run"), "--epochs", "1", "--k", "5", "--no-progress",
+                            "--in-memory-source", "few"])
+    assert isinstance(r.exception, Captured), r.output
+    assert "5 of the 300 training pairs are in the memory (source few)" in " ".join(r.output.split()), r.output
+    ids = got["ids"]
+    assert len(ids) == 300
+    assert ids[:5] == [point_id("few", k) for k in keys[:5]]
+    with Memory.open(str(tmp_path / "m")) as m:  # k5..k9 are stored, but with other images: not these pairs' points
+        assert not m.existing_ids(ids[5:]) and not set(ids[5:]) & {point_id("few", k) for k in keys}
+        assert len(m.existing_ids(ids[:5])) == 5
