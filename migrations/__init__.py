@@ -62,6 +62,14 @@ def apply_pending(backend: Any, cfg: MemoryConfig, dim: int | None) -> list[str]
     """Apply pending migrations in order; record each in the ledger right after it succeeds."""
     ledger = applied(backend)
     if ledger and not backend.has_collection():
+        acked = (backend.meta_get("write_version") or {}).get("points")  # memory.WRITE_VERSION_KEY (Edge)
+        if acked is not None and int(acked[0]) > 0:  # points acknowledged: re-creating it empty would hide the loss
+            from ..backends import MemoryDamagedError
+
+            raise MemoryDamagedError(
+                f"memory {cfg.location}: collection {cfg.collection!r} is gone (the engine holds 0 points), but its "
+                f"ledger acknowledged {int(acked[0]):,}; not re-created empty: restore the memory from a backup, or "
+                f"adopt the empty engine deliberately with `reco doctor --memory {cfg.location} --accept-count`")
         warnings.warn(f"memory {cfg.location}: collection {cfg.collection!r} is gone but its ledger survived "
                       "(deleted by hand?): re-creating it empty and applying every migration again", stacklevel=2)
         ledger = []

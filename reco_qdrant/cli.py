@@ -548,19 +548,22 @@ def restore(backup: Annotated[str, typer.Argument(
         with _hint_on(FileExistsError, f"restore into another directory (--memory NEW_DIR), or move the collection "
                                        f"{collection!r} at {cfg.location} away first"), \
                 _hint_on(FileNotFoundError, "the backup holds other collections? `ls` it and pass --collection"):
-            n = Memory.restore(src, cfg.location, collection)
+            done = Memory.restore(src, cfg.location, collection)
     else:
         parts = {}
         with _hint_on(FileExistsError, "restore into another --collection, or delete that collection first"):
-            n = Memory.restore(backup, cfg.location, collection, ledger_snapshot=ledger_snapshot)
-    res = {"points": n, "verified": True, "backup": backup, "memory": cfg.location, "collection": collection,
-           "copied": parts}
+            done = Memory.restore(backup, cfg.location, collection, ledger_snapshot=ledger_snapshot)
+    n = done.points
+    res = {"points": n, "verified": done.verified, "backup": backup, "memory": cfg.location,
+           "collection": collection, "copied": parts, **({"not_verified": done.why} if not done.verified else {})}
     if as_json:
         _emit(res, True)
     else:
         what = f"copied: {_said_parts(parts)}\n" if parts else ""
-        out.print(f"restored {backup} into memory {cfg.location} / {collection}\n{what}verified: {n:,} points (the "
-                  "engine's count equals the count the backup acknowledged)", highlight=False)
+        said = (f"verified: {n:,} points (the engine's count equals the count the backup acknowledged)"
+                if done.verified else
+                f"{n:,} points, not verified (the backup records no exact count): {done.why}")
+        out.print(f"restored {backup} into memory {cfg.location} / {collection}\n{what}{said}", highlight=False)
 
 
 @app.command()

@@ -60,7 +60,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
                 *unreadable_collections(cfg.location, held)]
     try:
         mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
-                          repair_ledger=repair_ledger, accept_count=accept_count,
+                          repair_ledger=repair_ledger, check_count=not accept_count,  # adopted below, if whole
                           check_sample=False)  # every point is read below (deep), not a sample
     except MemoryInUseError as e:
         return [Finding("problem", str(e), "stop the other process (its pid is in the directory's .lock file)")]
@@ -70,8 +70,6 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
         return [Finding("problem", f"memory {location}: {e}")]
     with mem:
         found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points")]
-        if accept_count:
-            found.append(Finding("ok", f"the ledger now acknowledges the engine's {mem.count():,} points"))
         found += _other_collections(mem, collection)
         if repair_ledger:
             if mem.encoder_record is None and mem.count():
@@ -79,10 +77,30 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
                 mem.check_encoder(None, len(first.vectors["image"]), record=True)  # "unspecified", its dimension
             found.append(Finding("ok", "ledger rebuilt from the collection"))
         found += _records(mem)
-        if deep and mem.count():
-            found += _points(mem, examples)
+        points = _points(mem, examples) if deep and mem.count() else []
+        found += points
+        if accept_count:
+            found.append(_adopt_count(mem, deep, points))
         found += _index(mem)
     return found
+
+
+def _adopt_count(mem: Memory, deep: bool, points: list[Finding]) -> Finding:
+    """`--accept-count`: the ledger acknowledges the engine's count, once every point was read and found whole."""
+    rec, now = mem._acknowledged(), mem.count()
+    said = "nothing" if rec is None else f"{rec[0]:,}" if rec[0] == rec[1] else f"between {rec[0]:,} and {rec[1]:,}"
+    if rec == [now, now]:
+        return Finding("ok", f"the ledger already acknowledges the engine's {now:,} points: nothing to adopt")
+    if not deep:
+        return Finding("problem", f"count not adopted (the ledger acknowledged {said}, the engine holds {now:,}): "
+                       "--accept-count reads every point first", "run it without --quick")
+    if any(f.level == "problem" for f in points):
+        return Finding("problem", f"count not adopted (the ledger acknowledged {said}, the engine holds {now:,}): "
+                       "the check above found damaged points", "restore the memory from a backup (`reco restore`), "
+                       "or re-ingest the damaged points' sources; adopt the count once `reco doctor` finds every "
+                       "point whole")
+    was, now = mem.accept_count()
+    return Finding("ok", f"count adopted: the ledger now acknowledges the engine's count: was {was}, now {now:,}")
 
 
 def _records(mem: Memory) -> list[Finding]:

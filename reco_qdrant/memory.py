@@ -36,7 +36,8 @@ from .config import MemoryConfig
 from .progress import progress_bar, status_line
 from .vector_copy import COPY_FIELD
 
-__all__ = ["Memory", "Neighbours", "EncoderMismatchError", "UnverifiedEncoderWarning", "IndexPostponedWarning",
+__all__ = ["Memory", "Neighbours", "Restored",
+           "EncoderMismatchError", "UnverifiedEncoderWarning", "IndexPostponedWarning",
            "MemoryInUseError",
            "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
            "validate_embeddings"]
@@ -61,6 +62,18 @@ def index_due(points: int, unindexed: int, threshold: int = EXACT_SEARCH_BELOW) 
     unindexed that are also more than a fifth of the indexed ones (see `Memory.ensure_indexed`)."""
     indexed = points * len(VECTOR_NAMES) - unindexed
     return points > threshold and unindexed > max(threshold, indexed // 5)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `Memory.restore` brought back: the memory's `points`, and whether that count was `verified`: compared
+    with, and equal to, one exact count the backup acknowledged. A backup that records none cannot be verified
+    (`why` says what it lacks): a server snapshot location given without the manifest `reco backup` writes, or a
+    memory directory copied by hand while open (its ledger holds a range) or written by an older version."""
+
+    points: int
+    verified: bool
+    why: str = ""  # when not verified: why the backup records no exact count
 
 
 class EncoderMismatchError(MemoryError_):
@@ -179,6 +192,10 @@ class Memory:
         self._unchecked_writes = 0  # points written since the index was last checked
         self._postponed_warned = False  # an index build a read found due did not fit on the disk (warned once)
         self._wrote = False  # Edge: written since the ledger last acknowledged one point count (see close)
+        # Edge, on opening: what the ledger acknowledged ("exact": one count, "range": a write was in progress,
+        # "none": nothing recorded), and (was, now) when `accept_count` adopted another count
+        self.count_check = "none"
+        self.adopted_count: tuple[str, int] | None = None
         # One writer at a time among the threads sharing this memory: collection creation, upserts and their
         # vector-copy rows, deletes, ledger and encoder records, migrations and index builds. (Reads take it only
         # to build an index that is due.) Reentrant: a write creates the collection, an index build checks space.
@@ -188,7 +205,7 @@ class Memory:
     @classmethod
     def open(cls, location: str | None = None, *, encoder: Any = None, migrate: bool = True,
              auto_index: bool = True, repair_ledger: bool = False, accept_count: bool = False,
-             check_sample: bool = True, **settings: Any) -> Memory:
+             check_sample: bool = True, check_count: bool = True, **settings: Any) -> Memory:
         """Open (creating if needed) the memory at `location`.
 
         Args:
@@ -197,7 +214,10 @@ class Memory:
             migrate: apply pending schema migrations (idempotent).
             repair_ledger: on Edge, rebuild a missing ledger from the collection (else that is an error).
             accept_count: on Edge, adopt the engine's point count when it differs from the count the ledger
-                acknowledged (else that is a `MemoryDamagedError`): after a deliberate change made outside.
+                acknowledged (else that is a `MemoryDamagedError`): after a deliberate change made outside. Also
+                adopts an empty engine whose collection directory is gone. `adopted_count` then says (was, now).
+            check_count: on Edge, compare the engine's count with the ledger's (False: neither compared nor adopted,
+                for `reco doctor`, which reads every point before `accept_count()`).
             check_sample: on Edge, check the vectors of a fixed sample of points (`OPEN_SAMPLE`) on opening.
             auto_index: on Edge, build the HNSW index when many points are unindexed: on opening, and
                 before the first search after writes that left many unindexed (see `ensure_indexed`).
@@ -212,8 +232,11 @@ class Memory:
             if mem.backend.meta_get(UID_KEY) is None:
                 mem.backend.meta_set(UID_KEY, str(uuid.uuid4()))
             mem._adopt_layout()
-            if cfg.kind == "edge" and mem.backend.has_collection():
-                mem._check_points(accept_count, check_sample)
+            if cfg.kind == "edge" and check_count:
+                if mem.backend.has_collection():
+                    mem._check_points(accept_count, check_sample)
+                else:
+                    mem._check_collection_gone(accept_count)
             if encoder is not None:
                 mem.check_encoder(getattr(encoder, "id", encoder), getattr(encoder, "dim", None))
             if migrate and (mem.dim is not None or mem.backend.has_collection()):
@@ -437,21 +460,61 @@ class Memory:
         progress may have left), and a fixed sample of points has whole vectors equal to their copy. Cheap: one
         count and one read of `OPEN_SAMPLE` points; `reco doctor` reads everything."""
         engine = self.backend.count()
-        rec = (self.backend.meta_get(WRITE_VERSION_KEY) or {}).get("points")  # none: written by an older version
+        rec = self._acknowledged()  # none: written by an older version
         root = self.cfg.location
-        if rec is not None and not accept_count and not int(rec[0]) <= engine <= int(rec[1]):
-            said = f"{int(rec[0]):,}" if rec[0] == rec[1] else f"between {int(rec[0]):,} and {int(rec[1]):,}"
-            raise MemoryDamagedError(
-                f"memory {root}: the engine holds {engine:,} points, but the ledger acknowledged {said} (segments "
-                "lost or restored from another copy?); restore the directory from a complete copy, or, after a "
-                f"deliberate change made outside reco-qdrant, adopt the engine's count with `reco doctor --memory "
-                f"{root} --accept-count`")
+        self.count_check = "none" if rec is None else "exact" if rec[0] == rec[1] else "range"
+        if rec is not None and not int(rec[0]) <= engine <= int(rec[1]):
+            said = _said_count(rec)
+            if accept_count:
+                self.adopted_count = (said, engine)
+                self.count_check = "none"  # adopted, not verified
+            else:
+                raise MemoryDamagedError(
+                    f"memory {root}: the engine holds {engine:,} points, but the ledger acknowledged {said} (segments "
+                    "lost or restored from another copy?); restore the directory from a complete copy, or, after a "
+                    f"deliberate change made outside reco-qdrant, adopt the engine's count with `reco doctor --memory "
+                    f"{root} --accept-count`")
         if rec is None or accept_count or list(rec) != [engine, engine]:
             self._ack_points(engine)
         problem = self._sample_problem() if check_sample else None
         if problem:
             raise MemoryDamagedError(f"memory {root}: {problem}; restore the directory from a copy, or check every "
                                      f"point with `reco doctor --memory {root}`")
+
+    def _acknowledged(self) -> list[int] | None:
+        """Edge: [low, high], the point counts the ledger acknowledged (one count when equal); None if unrecorded."""
+        rec = (self.backend.meta_get(WRITE_VERSION_KEY) or {}).get("points")
+        return None if rec is None else [int(rec[0]), int(rec[1])]
+
+    def _check_collection_gone(self, accept_count: bool = False) -> None:
+        """On opening (Edge) a memory without its collection directory: fine when the ledger acknowledged no point
+        (a new memory); else the points are lost, and re-creating the collection empty would hide it for good."""
+        rec = self._acknowledged()
+        self.count_check = "none" if rec is None else "exact" if rec == [0, 0] else "range" if rec[0] == 0 else ""
+        if rec is None or rec[0] == 0:
+            return
+        said, root = _said_count(rec), self.cfg.location
+        if accept_count:  # a deliberate start from empty: the collection is created again, empty
+            self._ack_points(0)
+            self.adopted_count, self.count_check = (said, 0), "none"
+            return
+        raise MemoryDamagedError(
+            f"memory {root}: the engine holds 0 points (its collection directory {self.backend.data_path} is "
+            f"missing), but the ledger acknowledged {said} (deleted by hand, or an incomplete copy or restore?); "
+            f"restore the directory from a backup (`reco restore BACKUP --memory DIR`), or, to start again from an "
+            f"empty collection deliberately, adopt the empty engine with `reco doctor --memory {root} --accept-count` "
+            "(`Memory.open(..., accept_count=True)`)")
+
+    def accept_count(self) -> tuple[str, int]:
+        """Edge: make the ledger acknowledge the engine's point count (after a deliberate change made outside
+        reco-qdrant, once `reco doctor` found every point whole). Returns (what the ledger acknowledged before,
+        said: "1,200", "between 100 and 200" or "nothing", the count now)."""
+        with self._write_lock:
+            rec = self._acknowledged()
+            now = self.backend.count()
+            self._ack_points(now)
+            self.adopted_count = ("nothing" if rec is None else _said_count(rec), now)
+            return self.adopted_count
 
     def _sample_problem(self) -> str | None:
         """What is wrong with the vectors of the first `OPEN_SAMPLE` points (by id), or None."""
@@ -822,15 +885,20 @@ class Memory:
 
     @classmethod
     def restore(cls, backup: str | Path, location: str | Path, collection: str = "reco_memory", *,
-                ledger_snapshot: str | None = None, **settings: Any) -> int:
+                ledger_snapshot: str | None = None, **settings: Any) -> Restored:
         """Bring a `backup` back into `location` (a directory without that collection) and verify it: opening
-        checks the engine's count against the count the backup's ledger acknowledged. Returns the count.
+        checks the engine's count against the count the backup's ledger acknowledged. Returns a `Restored`: the
+        count, and whether it was verified against one exact count the backup recorded (see `Restored`).
+
+        Into a directory, all or nothing: every part is copied into one staging directory inside `location` and
+        opened (verified) there, then renamed into place; a failure removes whatever this restore had put there.
 
         `location` a server URL: `backup` is the directory `backup` wrote for a server (its manifest names the
         snapshots and the count to verify), or one snapshot location of the collection (http(s):// URL, or
-        file:// path on the server), with `ledger_snapshot` for its `__meta` collection (else the encoder record
-        and ledger start empty). The server fetches the snapshots itself (`recover_snapshot`); `settings` are
-        `MemoryConfig` fields (api_key, TLS, ...)."""
+        file:// path on the server; nothing to verify the count against), with `ledger_snapshot` for its `__meta`
+        collection (else the encoder record and ledger start empty). The server fetches the snapshots itself
+        (`recover_snapshot`; the API key goes only to URLs on that server); `settings` are `MemoryConfig` fields
+        (api_key, TLS, ...)."""
         if MemoryConfig(location=str(location)).kind != "edge":
             return cls._recover(str(backup), str(location), collection, ledger_snapshot, settings)
         backup, root = Path(backup), Path(location)
@@ -839,25 +907,67 @@ class Memory:
                              "restore it into a server (--memory http://HOST:6333), or `reco copy` from there")
         if not (backup / f"{collection}__meta").exists():
             raise FileNotFoundError(f"{backup}: not a backup of collection {collection!r} (no {collection}__meta)")
-        if any((root / p).exists() for p in (collection, f"{collection}__meta")):
-            raise FileExistsError(f"{root}: already holds collection {collection!r}; restore into another directory "
-                                  "or move it away first")
+        parts = [collection, f"{collection}__meta", f"{collection}__vectors"]
+        held = [p for p in parts if (root / p).exists()]
+        if held:
+            raise FileExistsError(f"{root}: already holds collection {collection!r} ({', '.join(held)}); restore "
+                                  "into another directory or move it away first")
         root.mkdir(parents=True, exist_ok=True)
-        for part in (collection, f"{collection}__meta", f"{collection}__vectors"):
-            if (backup / part).exists():
-                tmp = root / f".{part}.restore.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(backup / part, tmp)
-                durable.fsync_path(tmp)
-                os.replace(tmp, root / part)
-        durable.fsync_dir(root)
-        with cls.open(str(root), collection=collection, auto_index=False) as mem:  # the count check verifies it
-            return mem.count()
+        stage = root / f".{collection}.restore.{os.getpid()}.tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        published: list[str] = []
+        try:
+            stage.mkdir()
+            for part in parts:
+                if (backup / part).exists():
+                    shutil.copytree(backup / part, stage / part)
+            durable.fsync_path(stage)
+            done = cls._verify_staged(stage, collection, backup)
+            for part in parts:
+                if not (stage / part).exists():
+                    continue
+                if (root / part).exists():
+                    raise FileExistsError(f"{root}: {part} appeared there while restoring (another process?); "
+                                          "nothing of the backup was left there")
+                try:
+                    os.rename(stage / part, root / part)
+                except OSError as e:
+                    raise OSError(e.errno, f"restore into {root}: could not move {part} into place ({e.strerror}); "
+                                  "nothing of the backup was left there: fix that and run the restore again") from e
+                published.append(part)
+            durable.fsync_dir(root)
+        except BaseException:
+            for part in published:  # only what this restore put there
+                shutil.rmtree(root / part, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return done
+
+    @classmethod
+    def _verify_staged(cls, stage: Path, collection: str, backup: Path) -> Restored:
+        """Open the restored copy where it was staged: the count and sample checks verify it before it is published."""
+        missing = not (stage / collection).exists()
+        try:
+            with cls.open(str(stage), collection=collection, auto_index=False) as mem:
+                n, check = mem.count(), mem.count_check
+        except MemoryDamagedError as e:
+            if missing:  # a ledger that acknowledged points, without the collection they are in
+                raise MemoryDamagedError(f"backup {backup}: no {collection}/ directory, but its ledger acknowledges "
+                                         f"points ({e}); an incomplete backup: restore from a complete one") from e
+            raise MemoryDamagedError(f"backup {backup}: {e}") from e
+        if check == "exact":
+            return Restored(n, True)
+        why = ("its ledger holds only a range of counts (a copy of a memory that was open, made without "
+               "`reco backup`)" if check == "range" else "its ledger records no count (written by an older version)")
+        return Restored(n, False, why)
 
     @classmethod
     def _recover(cls, backup: str, location: str, collection: str, ledger_snapshot: str | None,
-                 settings: dict[str, Any]) -> int:
+                 settings: dict[str, Any]) -> Restored:
         """Server restore: recover the snapshots into collections that do not exist yet, then verify the count."""
+        from urllib.parse import urlsplit
+
         from qdrant_client import QdrantClient
 
         cfg = MemoryConfig(location=location, collection=collection, **settings).with_env()
@@ -879,6 +989,14 @@ class Memory:
         else:
             raise FileNotFoundError(f"{backup}: no such backup directory, and not a snapshot location "
                                     "(http(s):// URL, or file:// path on the server)")
+
+        def host(url: str) -> tuple[str, int | None] | None:
+            u = urlsplit(url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                return None
+            return u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80)
+
+        server = host(cfg.location)
         client = QdrantClient(**cfg.client_kwargs())
         try:
             held = [c for c in sources if client.collection_exists(c)] + (
@@ -887,15 +1005,20 @@ class Memory:
                 raise FileExistsError(f"{location} already holds collection {held[0]!r}; restore into another "
                                       "--collection or delete it first")
             for c, where in sources.items():
-                client.recover_snapshot(c, where, api_key=cfg.api_key, wait=True)
+                # the server fetches `where` itself, sending this key: only to the server's own URLs
+                key = cfg.api_key if server is not None and host(where) == server else None
+                client.recover_snapshot(c, where, api_key=key, wait=True)
         finally:
             client.close()
         with cls.open(location, collection=collection, **settings) as mem:
             n = mem.count()
-        if expected is not None and n != expected:
+        if expected is None:
+            return Restored(n, False, f"a snapshot location, without the manifest ({SNAPSHOT_MANIFEST}) that `reco "
+                                      "backup` writes")
+        if n != expected:
             raise MemoryDamagedError(f"memory {location} / {collection}: recovered {n:,} points, but the backup "
                                      f"{backup} holds {expected:,}; recover it again, or from another snapshot")
-        return n
+        return Restored(n, True)
 
     # ------------------------------------------------------------------ ledger for resumable jobs
     def get_state(self, key: str) -> Any:
@@ -904,6 +1027,11 @@ class Memory:
     def set_state(self, key: str, value: Any) -> None:
         with self._write_lock:
             self.backend.meta_set(f"state:{key}", value)
+
+
+def _said_count(rec: Sequence[int]) -> str:
+    """[low, high] acknowledged point counts, said: "1,200" or "between 100 and 200"."""
+    return f"{int(rec[0]):,}" if rec[0] == rec[1] else f"between {int(rec[0]):,} and {int(rec[1]):,}"
 
 
 def _content_key(vec: np.ndarray, caption: str) -> str:

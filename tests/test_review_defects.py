@@ -15,7 +15,7 @@ from conftest import random_pairs
 from test_ingest import image_bytes, make_shards, write_tar
 from typer.testing import CliRunner
 
-from reco_qdrant import Memory, train_fusion
+from reco_qdrant import Memory, MemoryDamagedError, train_fusion
 from reco_qdrant.cli import app
 from reco_qdrant.evaluation import recall_at_k
 from reco_qdrant.ingest import ingest
@@ -290,8 +290,10 @@ def test_8_deleted_collection_with_surviving_metadata_is_recreated(tmp_path, kin
     if kind == "edge":
         mem.close()
         shutil.rmtree(tmp_path / "m" / "reco_memory")  # the data, not the ledger
-        with pytest.warns(UserWarning, match="is gone but its ledger survived"):
-            mem = Memory.open(loc)
+        with pytest.raises(MemoryDamagedError, match="acknowledged 60"):  # the loss is said, not hidden (issue 29)
+            Memory.open(loc)
+        with pytest.warns(UserWarning, match="is gone but its ledger survived"):  # re-created when asked to
+            mem = Memory.open(loc, accept_count=True)
     else:
         mem.backend.client.delete_collection("reco_memory")
         with pytest.warns(UserWarning, match="is gone but its ledger survived"):
