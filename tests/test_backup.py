@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from reco_qdrant import Memory, MemoryDamagedError
 from reco_qdrant.cli import app
-from reco_qdrant.memory import point_id
+from reco_qdrant.memory import Restored, point_id
 
 BATCH, BATCHES = 100, 30
 runner = CliRunner()
@@ -45,7 +45,7 @@ def test_backup_during_ingest_restores_an_acknowledged_state(tmp_path):
     assert points % BATCH == 0 and BATCH <= points <= during  # one acknowledged state, whole batches
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no copy out of step, nothing postponed
-        assert Memory.restore(tmp_path / "backup", tmp_path / "restored") == points
+        assert Memory.restore(tmp_path / "backup", tmp_path / "restored") == Restored(points, True)
         with Memory.open(str(tmp_path / "restored")) as r:
             got = {rec.id: rec for recs in r.scroll(500) for rec in recs}
             assert set(got) == {point_id("s", str(i)) for i in range(points)}  # exactly the first `points` pairs
@@ -144,3 +144,86 @@ def test_cli_backup_of_an_in_process_memory_is_a_clear_error(tmp_path):
     with Memory.open(":memory:") as mem:
         with pytest.raises(ValueError, match="local mode has no snapshots"):
             mem.backup(tmp_path / "bk2")
+
+
+# --------------------------------------------------------------------------- restore: verified, complete, atomic
+
+
+def test_restore_refuses_a_backup_without_its_collection_whose_ledger_acknowledges_points(tmp_path):
+    img, txt, caps = random_pairs(80)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(80))
+        mem.backup(tmp_path / "bk")
+    shutil.rmtree(tmp_path / "bk" / "reco_memory")  # an incomplete backup: the ledger says 80 points
+    with pytest.raises(MemoryDamagedError) as e:
+        Memory.restore(tmp_path / "bk", tmp_path / "r")
+    msg = str(e.value)
+    assert f"backup {tmp_path / 'bk'}: no reco_memory/ directory" in msg and "acknowledged 80" in msg, msg
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())  # nothing restored, no staging
+
+
+def _copied_while_open(tmp_path, n=60):
+    """A memory directory copied with cp while it was open after a write (its ledger holds a range, 0..n)."""
+    img, txt, caps = random_pairs(n)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(n))
+        mem.flush()
+        (tmp_path / "cp").mkdir()
+        for part in ("reco_memory", "reco_memory__meta", "reco_memory__vectors"):
+            shutil.copytree(tmp_path / "m" / part, tmp_path / "cp" / part)
+
+
+def test_restore_says_not_verified_when_the_backup_records_no_exact_count(tmp_path):
+    from reco_qdrant.memory import WRITE_VERSION_KEY
+
+    _copied_while_open(tmp_path)
+    done = Memory.restore(tmp_path / "cp", tmp_path / "r1")
+    assert done.points == 60 and not done.verified and "range" in done.why, done
+    r = runner.invoke(app, ["restore", str(tmp_path / "cp"), "--memory", str(tmp_path / "r2")])
+    flat = _flat(r)
+    assert r.exit_code == 0 and "60 points, not verified (the backup records no exact count)" in flat, flat
+    assert "verified: 60" not in flat
+    r = runner.invoke(app, ["restore", str(tmp_path / "cp"), "--memory", str(tmp_path / "r3"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["verified"] is False, r.output
+    with Memory.open(str(tmp_path / "cp"), check_count=False) as mem:  # a ledger of an older version: no count
+        v = mem.backend.meta_get(WRITE_VERSION_KEY)
+        mem.backend.meta_set(WRITE_VERSION_KEY, {"n": v["n"], "token": v["token"]})
+    done = Memory.restore(tmp_path / "cp", tmp_path / "r4")
+    assert done.points == 60 and not done.verified and "records no count" in done.why, done
+
+
+def test_restore_refuses_a_leftover_part_before_writing_anything(tmp_path):
+    _filled(tmp_path / "m", 40)
+    assert runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")]).exit_code == 0
+    (tmp_path / "r" / "reco_memory__vectors").mkdir(parents=True)  # left over from an earlier memory
+    with pytest.raises(FileExistsError, match=r"already holds collection 'reco_memory' \(reco_memory__vectors\)"):
+        Memory.restore(tmp_path / "bk", tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["reco_memory__vectors"]
+
+
+def test_restore_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    import reco_qdrant.memory as M
+
+    _filled(tmp_path / "m", 40)
+    assert runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")]).exit_code == 0
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine.txt").write_text("keep")
+    real, moved = M.os.rename, []
+
+    def rename(src, dst, *a, **kw):  # the second part cannot be moved into place
+        if moved:
+            raise OSError(errno.EIO, "Input/output error")
+        moved.append(dst)
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(M.os, "rename", rename)
+    with pytest.raises(OSError) as e:
+        Memory.restore(tmp_path / "bk", tmp_path / "r")
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert f"restore into {tmp_path / 'r'}: could not move reco_memory__meta into place" in msg, msg
+    assert "nothing of the backup was left there" in msg
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["mine.txt"]  # the published part was removed
+    assert Memory.restore(tmp_path / "bk", tmp_path / "r") == Restored(40, True)  # and the restore can run again

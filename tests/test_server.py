@@ -251,6 +251,35 @@ def test_backup_and_restore_of_a_server_memory_through_snapshots(tmp_path, monke
     one = f"{url}/collections/live/snapshots/live-0.snapshot"  # a snapshot location, without its ledger
     r = runner.invoke(app, ["restore", one, "--memory", url, "--collection", "bare", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["points"] == 120, r.output
+    assert json.loads(r.stdout)["verified"] is False  # nothing recorded the count: nothing was compared
+    r = runner.invoke(app, ["restore", one, "--memory", url, "--collection", "bare2"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0 and "120 points, not verified (the backup records no exact count)" in flat, flat
+    assert "verified: 120" not in flat
+
+
+def test_restore_sends_the_api_key_only_to_the_servers_own_snapshot_urls(tmp_path, monkeypatch):
+    """recover_snapshot makes the server fetch the URL with the key given: a snapshot on another host must not
+    receive the server's API key."""
+    import qdrant_client
+
+    from reco_qdrant.memory import Restored
+
+    server, url = SnapshotServerStandIn(), "http://stand-in:6333"
+    monkeypatch.setattr(qdrant_client, "QdrantClient", server)
+    monkeypatch.setenv("RECO_API_KEY", "k3y")
+    img, txt, caps = random_pairs(30, seed=5)
+    with Memory.open(url, collection="live") as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(30))
+        snap = mem.snapshot()
+    name = snap["snapshots"]["live"]
+    for where, key in ((f"https://elsewhere.example/{name}", None), (f"http://stand-in:6334/{name}", None),
+                       (f"http://STAND-IN:6333/collections/live/snapshots/{name}", "k3y"),
+                       (f"file:///qdrant/snapshots/live/{name}", None)):
+        coll = f"c{len(server.recovered)}"
+        done = Memory.restore(where, url, coll)
+        assert isinstance(done, Restored) and done.points == 30 and not done.verified and "manifest" in done.why
+        assert server.recovered[-1] == (coll, where, key), where
 
 
 def test_a_server_snapshot_recovered_short_is_refused(tmp_path, monkeypatch):
@@ -285,7 +314,7 @@ def test_backup_and_restore_against_compose_qdrant(docker_services, tmp_path):
         mem.add_embeddings(img, txt, caps, ids=range(500), source="s")
         assert mem.backup(tmp_path / "bk") == 500
     try:
-        assert Memory.restore(tmp_path / "bk", url, coll + "_back") == 500
+        assert Memory.restore(tmp_path / "bk", url, coll + "_back").points == 500
         with Memory.open(url, collection=coll + "_back") as back:
             assert back.count() == 500
             assert back.search(img[:3], "image", k=1).ids[:, 0].tolist() == [point_id("s", str(i)) for i in range(3)]
