@@ -467,14 +467,31 @@ class UnreadableCollection:
         return f"unreadable: {self.why}"
 
 
-def count_edge_collection(root: str | os.PathLike, name: str) -> int | UnreadableCollection | None:
+@dataclass(frozen=True)
+class UncountedCollection:
+    """A collection `count_edge_collection` did not count: the engine writes when it loads one (as on opening),
+    and the disk has less free space than the reserve opening needs (`DISK_RESERVE`)."""
+
+    why: str
+
+    def __str__(self) -> str:
+        return f"not counted: {self.why}"
+
+
+def count_edge_collection(root: str | os.PathLike,
+                          name: str) -> int | UnreadableCollection | UncountedCollection | None:
     """Points in collection `name` of an embedded memory directory (0 for a ledger without data), None when another
     process holds it, an `UnreadableCollection` when the engine cannot read it (a damaged collection is no reason
-    to fail a command about another one). Takes the collection's lock while it reads, as opening it would."""
+    to fail a command about another one), an `UncountedCollection` when the disk is too full to load it (loading
+    writes). Takes the collection's lock while it reads, as opening it would."""
     root = Path(root)
     data = root / name
     if not EdgeBackend._exists(data):
         return 0
+    free = shutil.disk_usage(root).free
+    if free < DISK_RESERVE:  # the same reserve as opening: a load that fills the disk could kill the process
+        return UncountedCollection(f"{free / 2**20:,.0f} MiB free on the disk, loading it needs "
+                                   f"{DISK_RESERVE / 2**20:.0f} MiB")
     lock_path = root / f".{name}.lock"
     with open(lock_path, "a+") as lock:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import UnreadableCollection, count_edge_collection, edge_collections
+from .backends import UncountedCollection, UnreadableCollection, count_edge_collection, edge_collections
 from .config import MemoryConfig
 from .memory import (
     EXACT_SEARCH_BELOW,
@@ -130,14 +130,17 @@ def random_weights(encoder_id: str) -> bool:
     return len(parts) == 3 and parts[0] == "open_clip" and parts[2].startswith("random-seed")
 
 
-Held = dict[str, int | UnreadableCollection | None]  # collection -> points (None: in use elsewhere)
+# collection -> points (None: in use elsewhere; Uncounted: the disk is too full to load it)
+Held = dict[str, int | UnreadableCollection | UncountedCollection | None]
 
 
 def collections_said(held: Held) -> str:
     """'reco_demo (4,000 points), other (in use by another process), old (unreadable by the engine)'."""
-    def said(c: int | UnreadableCollection | None) -> str:
+    def said(c: int | UnreadableCollection | UncountedCollection | None) -> str:
         if c is None:
             return "in use by another process"
+        if isinstance(c, UncountedCollection):
+            return f"points not counted: {c.why}"
         return "unreadable by the engine" if isinstance(c, UnreadableCollection) else f"{c:,} points"
 
     return ", ".join(f"{n} ({said(c)})" for n, c in held.items())
@@ -145,7 +148,8 @@ def collections_said(held: Held) -> str:
 
 def fullest_collection(held: Held) -> str:
     """The collection holding the most points (the one to suggest with --collection), a readable one first."""
-    return max(held, key=lambda n: (not isinstance(held[n], UnreadableCollection), held[n] or 0))
+    return max(held, key=lambda n: (not isinstance(held[n], UnreadableCollection),
+                                    held[n] if isinstance(held[n], int) else 0))
 
 
 def unreadable_collections(location: str, held: Held) -> list[Finding]:

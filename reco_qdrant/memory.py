@@ -620,7 +620,8 @@ class Memory:
         return dict(sorted(self.backend.sources().items(), key=lambda kv: (-kv[1], kv[0])))
 
     def collections(self) -> dict[str, int | None]:
-        """Points per collection at this memory's location, this one included (None: held by another process)."""
+        """Points per collection at this memory's location, this one included (None: held by another process; on
+        Edge an `UnreadableCollection`, or an `UncountedCollection` when the disk is too full to load it)."""
         if self.cfg.kind == "edge":
             root = Path(self.cfg.location)
             return {n: self.count() if n == self.cfg.collection else count_edge_collection(root, n)

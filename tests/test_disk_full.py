@@ -187,3 +187,40 @@ def test_a_postponed_index_build_is_retried_by_a_later_search(tmp_path, monkeypa
                 assert built == [1], when  # and not again
             full[0] = True
     assert sum(issubclass(x.category, M.IndexPostponedWarning) for x in w) == 2  # once per opened memory
+
+
+def test_counting_other_collections_on_a_nearly_full_disk_loads_nothing_and_says_so(tmp_path, monkeypatch):
+    """Loading a collection writes (as opening does): below the reserve opening needs, collections beside the
+    one asked about are not loaded to be counted, and the messages say they were not counted."""
+    from collections import namedtuple
+
+    from conftest import random_pairs
+    from typer.testing import CliRunner
+
+    import reco_qdrant.backends as B
+    from reco_qdrant.cli import app
+    from reco_qdrant.doctor import collections_said, fullest_collection
+
+    img, txt, caps = random_pairs(30, 16, seed=1)
+    for coll, n in (("big", 30), ("small", 10)):
+        with Memory.open(str(tmp_path / "m"), collection=coll) as m:
+            m.add_embeddings(img[:n], txt[:n], caps[:n], encoder_id="enc")
+    assert B.count_edge_collection(tmp_path / "m", "big") == 30
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    monkeypatch.setattr(B.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20)
+                        if str(p).startswith(str(tmp_path / "m")) else real(p))
+    loaded = []
+    import qdrant_edge as qe
+
+    real_load = qe.EdgeShard.load
+    monkeypatch.setattr(qe.EdgeShard, "load", lambda *a, **kw: loaded.append(a) or real_load(*a, **kw))
+    held = {n: B.count_edge_collection(tmp_path / "m", n) for n in ("big", "small")}
+    assert loaded == []  # nothing loaded: nothing written on the full disk
+    assert all(isinstance(c, B.UncountedCollection) for c in held.values()), held
+    said = collections_said(held)
+    assert "big (points not counted: 1 MiB free on the disk, loading it needs 256 MiB)" in said, said
+    assert fullest_collection(held) in held
+    r = CliRunner().invoke(app, ["info", "--memory", str(tmp_path / "m"), "--collection", "none"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 1 and "has no collection 'none'; it holds big (points not counted" in flat, flat
+    assert "Traceback" not in r.output
