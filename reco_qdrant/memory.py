@@ -837,16 +837,21 @@ class Memory:
         root, name = Path(self.cfg.location), self.cfg.collection
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        with self._write_lock:
-            self.backend.flush()
-            points = self.count()
-            if self.backend.has_collection():
-                self._ack_points(points)  # the copy's ledger says exactly which state it holds
-            tmp.mkdir(parents=True)
-            for part in (name, f"{name}__meta", f"{name}__vectors"):
-                if (root / part).exists():
-                    shutil.copytree(root / part, tmp / part)
-        durable.replace(tmp, dest)
+        try:
+            with self._write_lock:
+                self.backend.flush()
+                points = self.count()
+                if self.backend.has_collection():
+                    self._ack_points(points)  # the copy's ledger says exactly which state it holds
+                parts = [root / p for p in (name, f"{name}__meta", f"{name}__vectors") if (root / p).exists()]
+                _check_room(dest, _tree_bytes(parts), root)
+                tmp.mkdir(parents=True)
+                for part in parts:
+                    shutil.copytree(part, tmp / part.name)
+            durable.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no partial copy left beside DEST
+            raise
         return points
 
     def snapshot(self) -> dict[str, Any]:
@@ -876,12 +881,18 @@ class Memory:
         snap = self.snapshot()
         manifest = {"kind": "qdrant-snapshots", "location": self.cfg.location, "collection": self.cfg.collection,
                     **snap}
+        text = json.dumps(manifest, indent=2)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / SNAPSHOT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        durable.fsync_path(tmp / SNAPSHOT_MANIFEST)
-        durable.replace(tmp, dest)
+        try:
+            _check_room(dest, len(text.encode()) + 4096, None)
+            tmp.mkdir(parents=True)
+            (tmp / SNAPSHOT_MANIFEST).write_text(text)
+            durable.fsync_path(tmp / SNAPSHOT_MANIFEST)
+            durable.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return int(snap["points"])
 
     @classmethod
@@ -1028,6 +1039,36 @@ class Memory:
     def set_state(self, key: str, value: Any) -> None:
         with self._write_lock:
             self.backend.meta_set(f"state:{key}", value)
+
+
+def _tree_bytes(paths: Sequence[Path]) -> int:
+    """Bytes a copy of these directories writes (file sizes; files that vanish meanwhile count nothing)."""
+    total = 0
+    for top in paths:
+        for f in top.rglob("*"):
+            try:
+                total += f.stat().st_size if f.is_file() else 4096
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _check_room(dest: Path, need: int, memory_root: Path | None) -> None:
+    """Refuse (before copying anything) a backup that would not fit on DEST's disk; on the memory's own disk the
+    engine's reserve (`DISK_RESERVE`) must stay free too."""
+    probe = dest.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    same = memory_root is not None and os.stat(probe).st_dev == os.stat(memory_root).st_dev
+    reserve = DISK_RESERVE if same else 0
+    if free < need + reserve:
+        mib = 2**20
+        on = (f" plus the {reserve / mib:.0f} MiB the memory's engine keeps free for its write-ahead log (DEST is on "
+              "the memory's disk)") if same else ""
+        raise MemoryFullError(f"backup {dest}: {free / mib:,.1f} MiB free on its disk, the copy needs about "
+                              f"{need / mib:,.1f} MiB{on}; nothing was copied: free space there, or back up to "
+                              "another disk")
 
 
 def _said_count(rec: Sequence[int]) -> str:

@@ -227,3 +227,55 @@ def test_restore_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert "nothing of the backup was left there" in msg
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["mine.txt"]  # the published part was removed
     assert Memory.restore(tmp_path / "bk", tmp_path / "r") == Restored(40, True)  # and the restore can run again
+
+
+# --------------------------------------------------------------------------- backup: room checked, nothing partial
+
+
+def test_backup_checks_room_on_dest_before_copying(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import reco_qdrant.memory as M
+    from reco_qdrant import MemoryFullError
+    from reco_qdrant.backends import DISK_RESERVE
+
+    _filled(tmp_path / "m", 60)
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    with Memory.open(str(tmp_path / "m")) as mem:
+        monkeypatch.setattr(M.shutil, "disk_usage", lambda p: usage(2**40, 0, DISK_RESERVE)
+                            if str(p) == str(tmp_path / "out") else real(p))
+        (tmp_path / "out").mkdir()
+        with pytest.raises(MemoryFullError) as e:
+            mem.backup(tmp_path / "out" / "bk")
+        msg = str(e.value)
+        assert f"backup {tmp_path / 'out' / 'bk'}: 256.0 MiB free on its disk, the copy needs about" in msg, msg
+        assert "plus the 256 MiB the memory's engine keeps free" in msg and "nothing was copied" in msg, msg
+        assert list((tmp_path / "out").iterdir()) == []  # no DEST, no partial copy beside it
+        monkeypatch.undo()
+        assert mem.backup(tmp_path / "out" / "bk") == 60
+
+
+def test_a_backup_that_fails_midway_leaves_no_partial_copy(tmp_path, monkeypatch):
+    import errno
+
+    import reco_qdrant.memory as M
+
+    img = _filled(tmp_path / "m", 60)
+    real, calls = shutil.copytree, []
+
+    def copytree(src, dst, *a, **kw):  # the disk fills while the second part is copied
+        calls.append(src)
+        if len(calls) == 2:
+            real(src, dst, *a, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *a, **kw)
+
+    with Memory.open(str(tmp_path / "m")) as mem:
+        monkeypatch.setattr(M.shutil, "copytree", copytree)
+        with pytest.raises(OSError, match="No space"):
+            mem.backup(tmp_path / "bk")
+        monkeypatch.undo()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the temporary copy was removed
+        assert mem.search(img[:1], "image", k=1).ids[0, 0] == point_id("cli", "0")  # the memory goes on
+    r = runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
