@@ -21,28 +21,38 @@ runner = CliRunner()
 
 
 def test_backup_during_ingest_restores_an_acknowledged_state(tmp_path):
+    """The writer acknowledges 6 batches, then waits until the backup has begun (it holds the write lock: the
+    engine was flushed), and writes on meanwhile: its next batch waits for the copy. The backup is one state
+    between acknowledged batches, not the empty memory nor the whole ingest (a lock is not fair: without the
+    events the backup could run before the writer's first batch or after its last)."""
     img, txt, caps = random_pairs(BATCH * BATCHES, 32, seed=5)
-    acked = [0]
+    acked = [0]  # every count the writer saw acknowledged, in order
+    mid, started = threading.Event(), threading.Event()
     with Memory.open(str(tmp_path / "m")) as mem:
         mem.add_embeddings(img[:BATCH], txt[:BATCH], caps[:BATCH], ids=range(BATCH), source="s")
-        acked[0] = BATCH
+        acked.append(BATCH)
+        real_flush = mem.backend.flush
+        mem.backend.flush = lambda: (started.set(), real_flush())[1]  # called by backup under the write lock
 
         def write():
             for b in range(1, BATCHES):
                 s = b * BATCH
                 mem.add_embeddings(img[s : s + BATCH], txt[s : s + BATCH], caps[s : s + BATCH],
                                    ids=range(s, s + BATCH), source="s")
-                acked[0] = s + BATCH
+                acked.append(s + BATCH)
+                if b == 5:
+                    mid.set()
+                    assert started.wait(60)  # the backup has begun: write on while it copies
 
         writer = threading.Thread(target=write)
         writer.start()
-        while acked[0] < 5 * BATCH and writer.is_alive():  # mid-ingest
-            pass
+        assert mid.wait(60)
+        before = acked[-1]
         points = mem.backup(tmp_path / "backup")
-        during = acked[0]
         writer.join()
-        assert mem.count() == BATCH * BATCHES
-    assert points % BATCH == 0 and BATCH <= points <= during  # one acknowledged state, whole batches
+        assert mem.count() == BATCH * BATCHES and acked[-1] == BATCH * BATCHES
+    assert before == 6 * BATCH and points == before  # the state acknowledged when the backup began
+    assert 0 < points < BATCH * BATCHES and points in acked
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no copy out of step, nothing postponed
         assert Memory.restore(tmp_path / "backup", tmp_path / "restored") == Restored(points, True)
