@@ -11,6 +11,7 @@ from .memory import (
     MemoryInUseError,
     MemoryUnavailableError,
     Neighbours,
+    Restored,
 )
 from .training import TrainConfig, train_fusion
 
@@ -19,5 +20,5 @@ __all__ = [
     "Memory", "Neighbours", "Encoder", "OpenClipEncoder", "SentenceTransformersEncoder", "load_encoder",
     "FusionConfig", "FusionModel", "TrainConfig", "train_fusion", "RecoClassifier", "TEMPLATES",
     "EncoderMismatchError", "MemoryInUseError", "MemoryUnavailableError", "MemoryDamagedError",
-    "MemoryFullError",
+    "MemoryFullError", "Restored",
 ]
