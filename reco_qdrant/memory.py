@@ -191,6 +191,9 @@ class Memory:
         self._auto_index = False  # set by open(): build the index lazily, before a search needs it
         self._unchecked_writes = 0  # points written since the index was last checked
         self._postponed_warned = False  # an index build a read found due did not fit on the disk (warned once)
+        # after a postponed build: (free bytes it needs, `_unchecked_writes` then, bytes per point written since);
+        # searches retry it only once the disk has that much free (a cheap statvfs), not on every search
+        self._postponed: tuple[int, int, float] | None = None
         self._wrote = False  # Edge: written since the ledger last acknowledged one point count (see close)
         # Edge, on opening: what the ledger acknowledged ("exact": one count, "range": a write was in progress,
         # "none": nothing recorded), and (was, now) when `accept_count` adopted another count
@@ -545,23 +548,56 @@ class Memory:
 
         Raises `MemoryFullError` (before building anything) when the rebuilt segments would not fit on the disk."""
         with self._write_lock:
-            if self.cfg.kind == "edge" and self.backend.has_collection():
-                self._check_space(self.backend.stored_bytes(), "building the index")  # rebuilt beside the old
+            self._check_index_room()
             return self.backend.optimize()
 
+    def _check_index_room(self) -> None:
+        if self.cfg.kind == "edge" and self.backend.has_collection():
+            self._check_space(self.backend.stored_bytes(), "building the index")  # rebuilt beside the old
+
     def _index_if_room(self) -> bool:
-        """The index build a read finds due (on opening, before a search): one that does not fit on the disk is
-        postponed with one warning, and reads go on (segments not indexed are searched exactly: correct, slower)."""
+        """The index build a read finds due (on opening, before a search): one that fails (no room on the disk by
+        our estimate, or the engine's own error, e.g. a disk that filled meanwhile) is postponed with one warning,
+        and reads go on (segments not indexed are searched exactly: correct, slower). Reads are never refused
+        because an index could not be built; searches retry it once the disk has room (see `_index_retry_due`)."""
         try:
             return self.ensure_indexed()
-        except MemoryFullError as e:
-            self._unchecked_writes = max(self._unchecked_writes, 1)  # still due: the next search tries again
+        except (MemoryFullError, OSError, RuntimeError) as e:
+            self._unchecked_writes = max(self._unchecked_writes, 1)  # still due: a later search tries again
+            self._postpone(e)
             if not self._postponed_warned:
                 self._postponed_warned = True
-                warnings.warn(f"index build postponed: {e}; searches stay correct (exact over what is not "
-                              "indexed); the build runs on a later open or search once there is room, or by "
+                cause = str(e) if isinstance(e, MemoryFullError) else f"the engine failed: {type(e).__name__}: {e}"
+                warnings.warn(f"index build postponed: {cause}; searches stay correct (exact over what is not "
+                              "indexed); the build runs on a later open, or search once the disk has room, or by "
                               "`Memory.optimize()`",
                               IndexPostponedWarning, stacklevel=4)
+            return False
+
+    def _postpone(self, e: BaseException) -> None:
+        """Remember what a failed build needs before a search tries it again."""
+        try:
+            free = self.backend.free_bytes()
+            need = getattr(e, "need", None)
+            stored = self.backend.stored_bytes() if need is None else need - DISK_RESERVE
+            if need is None:  # the engine failed though our estimate said it fits: wait for clearly more room
+                need = max(stored + DISK_RESERVE, free + max(stored // 10, 64 * 2**20))
+            points = max(self.backend.status().get("points", 0), 1)
+        except (OSError, RuntimeError, MemoryError_):  # cannot tell: retry on the next open or write
+            free, need, stored, points = 0, 2**62, 0, 1
+        self._postponed = (int(need), self._unchecked_writes, stored / points)
+
+    def _index_retry_due(self) -> bool:
+        """Whether a search should try the due index build: not postponed, or the disk now has the room the
+        postponed build needed (plus what was written since). Cheap (statvfs): runs before the write lock."""
+        p = self._postponed
+        if p is None:
+            return True
+        need, writes, per_point = p
+        need += int(per_point * max(0, self._unchecked_writes - writes))
+        try:
+            return self.backend.free_bytes() >= need
+        except OSError:
             return False
 
     def ensure_indexed(self, threshold: int = EXACT_SEARCH_BELOW, progress: bool = True) -> bool:
@@ -574,16 +610,19 @@ class Memory:
         server's optimizer would do by itself. The build blocks the caller (Edge runs it in-process, holding
         the GIL): searches wait for it and are never served from a half-built index. Fewer unindexed
         vectors than `threshold` are searched exactly, which is fast at that size.
+
+        Raises `MemoryFullError` (before building or printing anything) when the build would not fit on the disk.
         """
         with self._write_lock:
             points, unindexed = self.index_backlog()
             if not index_due(points, unindexed, threshold):
-                self._unchecked_writes = 0
+                self._unchecked_writes, self._postponed = 0, None
                 return False
+            self._check_index_room()  # before the status line: it announces only a build that really starts
             with status_line(f"indexing {unindexed:,} vectors of {points:,} points (HNSW; searches wait for it)",
                              progress):
-                built = self.optimize()  # a MemoryFullError leaves the writes unchecked: a later search retries
-            self._unchecked_writes = 0
+                built = self.backend.optimize()  # a failure leaves the writes unchecked: a later search retries
+            self._unchecked_writes, self._postponed = 0, None
             return built
 
     def _check_space(self, need: int, what: str) -> None:
@@ -593,11 +632,13 @@ class Memory:
         free = self.backend.free_bytes()
         if free < need + DISK_RESERVE:
             mib = 2**20
-            raise MemoryFullError(
+            err = MemoryFullError(
                 f"memory {self.cfg.location}: {free / mib:,.0f} MiB free on its disk, {what} needs about "
                 f"{(need + DISK_RESERVE) / mib:,.0f} MiB ({need / mib:,.0f} MiB of data plus {DISK_RESERVE / mib:.0f} "
                 "MiB the engine keeps for its write-ahead log); free space (or move the memory to a larger disk with "
                 "`reco copy`) and run it again: what was stored is intact and an ingest resumes")
+            err.need = need + DISK_RESERVE  # type: ignore[attr-defined]  # free bytes it needs (see _postpone)
+            raise err
 
     def index_backlog(self) -> tuple[int, int]:
         """(points, vectors not yet indexed); (points, 0) on a server, which indexes by itself."""
@@ -658,9 +699,9 @@ class Memory:
                 raise ValueError(f"modality must be one of {VECTOR_NAMES}, got {m!r}")
         q = np.asarray(queries)
         q = validate_embeddings(q[None] if q.ndim == 1 else q, "queries", self.dim, "search")
-        if self._auto_index and self._unchecked_writes:
+        if self._auto_index and self._unchecked_writes and self._index_retry_due():  # cheap: before the lock
             with self._write_lock:
-                if self._unchecked_writes:  # another thread may have just built it
+                if self._unchecked_writes and self._index_retry_due():  # another thread may have just built it
                     self._index_if_room()
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")

@@ -147,28 +147,33 @@ def test_reading_a_memory_whose_index_is_due_needs_no_room_for_the_index(small_d
     assert out["write"] == "ran"  # a write that fits is not refused for the index it cannot build
 
 
+def _due_memory(tmp_path, monkeypatch, n=300):
+    """A small memory whose index build is always due (as for a large one), on a disk whose free space the test
+    sets (`free[0]`); the collection's stored bytes are a fixed 10 MiB."""
+    from conftest import random_pairs
+
+    import reco_qdrant.backends as B
+    import reco_qdrant.memory as M
+
+    img, txt, caps = random_pairs(n, 32, seed=3)
+    with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
+        m.add_embeddings(img, txt, caps, encoder_id="enc")
+    monkeypatch.setattr(M, "index_due", lambda *a, **kw: True)
+    free = [B.DISK_RESERVE + 2**20]  # room to open and write a little, not to build (10 MiB + the reserve)
+    walks = []
+    monkeypatch.setattr(B.EdgeBackend, "free_bytes", lambda self: free[0])
+    monkeypatch.setattr(B.EdgeBackend, "stored_bytes", lambda self: walks.append(1) or 10 * 2**20)
+    return img, txt, caps, free, walks
+
+
 def test_a_postponed_index_build_is_retried_by_a_later_search(tmp_path, monkeypatch):
-    """A build that did not fit (on opening or before a search) stays due: the next search tries it again once
+    """A build that did not fit (on opening or before a search) stays due: a later search tries it again once
     there is room, as the warning says, instead of never again until the next write."""
     import warnings
 
-    from conftest import random_pairs
-
     import reco_qdrant.memory as M
 
-    img, txt, caps = random_pairs(300, 32, seed=3)
-    with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
-        m.add_embeddings(img, txt, caps, encoder_id="enc")
-    monkeypatch.setattr(M, "index_due", lambda *a, **kw: True)  # as for a large memory
-    full = [True]
-    real_check = M.Memory._check_space
-
-    def check_space(self, need, what):
-        if full[0] and what == "building the index":
-            raise M.MemoryFullError(f"memory {self.cfg.location}: 0 MiB free on its disk, {what} needs about 1 MiB")
-        return real_check(self, need, what)
-
-    monkeypatch.setattr(M.Memory, "_check_space", check_space)
+    img, txt, caps, free, _ = _due_memory(tmp_path, monkeypatch)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for when in ("opening", "search"):
@@ -180,13 +185,74 @@ def test_a_postponed_index_build_is_retried_by_a_later_search(tmp_path, monkeypa
                     m.search(img[:2], "image", k=3)
                 m.search(img[:2], "image", k=3)  # still no room: postponed again (warned once only)
                 assert built == []
-                full[0] = False
+                free[0] = 2**40
                 m.search(img[:2], "image", k=3)  # room now: built before this search
                 assert built == [1], when
                 m.search(img[:2], "image", k=3)
                 assert built == [1], when  # and not again
-            full[0] = True
+            free[0] = M.DISK_RESERVE + 2**20
     assert sum(issubclass(x.category, M.IndexPostponedWarning) for x in w) == 2  # once per opened memory
+
+
+def test_a_postponed_build_is_not_retried_by_every_search(tmp_path, monkeypatch, capsys):
+    """After a postponement, searches neither print the "indexing" line nor walk the collection's files again
+    while the disk stays short (a cheap free-space check says so, before the write lock); once the disk has
+    room, the next search builds the index (and only then says it is indexing)."""
+    import warnings
+
+    img, txt, caps, free, walks = _due_memory(tmp_path, monkeypatch)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with Memory.open(str(tmp_path / "m")) as m:  # postponed on opening
+            built = []
+            monkeypatch.setattr(m.backend, "optimize", lambda: built.append(1) or True)
+            walks.clear()
+            capsys.readouterr()
+            for _ in range(50):
+                m.search(img[:2], "image", k=3)
+            assert built == [] and len(walks) <= 1, (built, len(walks))
+            assert "indexing" not in capsys.readouterr().err
+            free[0] = 2**40
+            m.search(img[:2], "image", k=3)
+            assert built == [1]
+            assert "indexing" in capsys.readouterr().err  # said when the build really starts
+
+
+def test_an_index_build_the_engine_fails_does_not_refuse_reads(tmp_path, monkeypatch, capsys):
+    """The engine failing a build our estimate allowed (its own "No space left on device" error, the disk filled
+    meanwhile) postpones it with one warning naming the cause: every search answers, exactly, and the build is
+    not re-run by each search; once clearly more room is free, a search builds it."""
+    import warnings
+
+    import reco_qdrant.memory as M
+
+    img, txt, caps, free, _ = _due_memory(tmp_path, monkeypatch)
+    free[0] = 2**30  # our estimate (10 MiB + the reserve) fits
+    calls = []
+
+    def engine_optimize(real):
+        calls.append(1)
+        if free[0] < 2**31:
+            raise RuntimeError("Service internal error: No space left on device (os error 28)")
+        return real()
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
+            real = m.backend.optimize
+            monkeypatch.setattr(m.backend, "optimize", lambda: engine_optimize(real))
+            m._auto_index = True
+            m.add_embeddings(img[:5], txt[:5], caps[:5], ids=list("abcde"), encoder_id="enc")
+            exact = m.search(img[:20], "image", k=5, exact=True)
+            for _ in range(20):
+                got = m.search(img[:20], "image", k=5)
+                assert (got.ids == exact.ids).all()
+            assert len(calls) == 1, len(calls)  # tried once, not by every search
+            free[0] = 2**32
+            m.search(img[:20], "image", k=5)
+            assert len(calls) == 2 and m._postponed is None
+    said = [str(x.message) for x in w if issubclass(x.category, M.IndexPostponedWarning)]
+    assert len(said) == 1 and "No space left on device" in said[0], said
 
 
 def test_counting_other_collections_on_a_nearly_full_disk_loads_nothing_and_says_so(tmp_path, monkeypatch):
