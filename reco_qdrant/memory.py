@@ -472,17 +472,21 @@ class Memory:
                 self.adopted_count = (said, engine)
                 self.count_check = "none"  # adopted, not verified
             else:
-                raise MemoryDamagedError(
+                err = MemoryDamagedError(
                     f"memory {root}: the engine holds {engine:,} points, but the ledger acknowledged {said} (segments "
                     "lost or restored from another copy?); restore the directory from a complete copy, or, after a "
                     f"deliberate change made outside reco-qdrant, adopt the engine's count with `reco doctor --memory "
                     f"{root} --accept-count`")
+                err.counts = (engine, said)  # type: ignore[attr-defined]  # for messages about a backup
+                raise err
         if rec is None or accept_count or list(rec) != [engine, engine]:
             self._ack_points(engine)
         problem = self._sample_problem() if check_sample else None
         if problem:
-            raise MemoryDamagedError(f"memory {root}: {problem}; restore the directory from a copy, or check every "
+            err = MemoryDamagedError(f"memory {root}: {problem}; restore the directory from a copy, or check every "
                                      f"point with `reco doctor --memory {root}`")
+            err.problem = problem  # type: ignore[attr-defined]
+            raise err
 
     def _acknowledged(self) -> list[int] | None:
         """Edge: [low, high], the point counts the ledger acknowledged (one count when equal); None if unrecorded."""
@@ -501,12 +505,14 @@ class Memory:
             self._ack_points(0)
             self.adopted_count, self.count_check = (said, 0), "none"
             return
-        raise MemoryDamagedError(
+        err = MemoryDamagedError(
             f"memory {root}: the engine holds 0 points (its collection directory {self.backend.data_path} is "
             f"missing), but the ledger acknowledged {said} (deleted by hand, or an incomplete copy or restore?); "
             f"restore the directory from a backup (`reco restore BACKUP --memory DIR`), or, to start again from an "
             f"empty collection deliberately, adopt the empty engine with `reco doctor --memory {root} --accept-count` "
             "(`Memory.open(..., accept_count=True)`)")
+        err.counts = (0, said)  # type: ignore[attr-defined]
+        raise err
 
     def accept_count(self) -> tuple[str, int]:
         """Edge: make the ledger acknowledge the engine's point count (after a deliberate change made outside
@@ -999,16 +1005,42 @@ class Memory:
 
     @classmethod
     def _verify_staged(cls, stage: Path, collection: str, backup: Path) -> Restored:
-        """Open the restored copy where it was staged: the count and sample checks verify it before it is published."""
-        missing = not (stage / collection).exists()
+        """Open the restored copy where it was staged: the count and sample checks verify it before it is published.
+        A refusal names BACKUP (the staging directory is removed): the stage is only its copy."""
+        missing, root = not (stage / collection).exists(), stage.parent
+        nothing = f"nothing was restored into {root}"
         try:
             with cls.open(str(stage), collection=collection, auto_index=False) as mem:
                 n, check = mem.count(), mem.count_check
         except MemoryDamagedError as e:
-            if missing:  # a ledger that acknowledged points, without the collection they are in
-                raise MemoryDamagedError(f"backup {backup}: no {collection}/ directory, but its ledger acknowledges "
-                                         f"points ({e}); an incomplete backup: restore from a complete one") from e
-            raise MemoryDamagedError(f"backup {backup}: {e}") from e
+            counts, problem = getattr(e, "counts", None), getattr(e, "problem", None)
+            opt = "" if collection == "reco_memory" else f" --collection {collection}"
+            adopt = (f"or, to restore it as it is deliberately, adopt the count on a copy of the backup "
+                     f"(`cp -r {backup} COPY_OF_BACKUP && reco doctor --memory COPY_OF_BACKUP{opt} --accept-count`) "
+                     f"and restore that copy (`reco restore COPY_OF_BACKUP --memory {root}{opt}`)")
+            if missing and counts is not None:  # a ledger that acknowledged points, without the collection
+                raise MemoryDamagedError(
+                    f"backup {backup}: no {collection}/ directory, but its ledger acknowledged {counts[1]} points; an "
+                    f"incomplete backup, {nothing}: restore from a complete backup, {adopt} (an empty memory)") from e
+            if counts is not None:
+                raise MemoryDamagedError(
+                    f"backup {backup}: its collection holds {counts[0]:,} points, but its ledger acknowledged "
+                    f"{counts[1]} (an incomplete backup, or parts of different backups); {nothing}: restore another "
+                    f"backup, {adopt}") from e
+            if problem is not None:
+                raise MemoryDamagedError(
+                    f"backup {backup}: {problem}; {nothing}: restore another backup, or check every point of a copy "
+                    f"of it (`cp -r {backup} COPY_OF_BACKUP && reco doctor --memory COPY_OF_BACKUP`)") from e
+            raise MemoryDamagedError(f"backup {backup}: {_named(e, stage, backup)}; {nothing}") from e
+        except MemoryFullError as e:  # the disk is ROOT's: the stage is inside it
+            raise MemoryFullError(f"restore of backup {backup}: {_named(e, stage, root)}; {nothing}") from e
+        except MemoryError_ as e:
+            raise type(e)(f"restore of backup {backup}: {_named(e, stage, backup)}; {nothing}") from e
+        except OSError as e:
+            said = f"restore of backup {backup}: {_named(e, stage, backup)}; {nothing}"
+            raise (OSError(e.errno, said) if e.errno is not None else OSError(said)) from e
+        except ValueError as e:
+            raise ValueError(f"restore of backup {backup}: {_named(e, stage, backup)}; {nothing}") from e
         if check == "exact":
             return Restored(n, True)
         why = ("its ledger holds only a range of counts (a copy of a memory that was open, made without "
@@ -1110,6 +1142,11 @@ def _check_room(dest: Path, need: int, memory_root: Path | None) -> None:
         raise MemoryFullError(f"backup {dest}: {free / mib:,.1f} MiB free on its disk, the copy needs about "
                               f"{need / mib:,.1f} MiB{on}; nothing was copied: free space there, or back up to "
                               "another disk")
+
+
+def _named(e: BaseException, stage: Path, name: Path) -> str:
+    """An error's message with the (removed) staging directory replaced by what it is a copy of."""
+    return str(e).replace(str(stage), str(name))
 
 
 def _said_count(rec: Sequence[int]) -> str:

@@ -76,8 +76,18 @@ def test_a_truncated_backup_is_refused_on_restore(tmp_path):
         mem.backup(tmp_path / "late")
     shutil.rmtree(tmp_path / "late" / "reco_memory")  # the collection of an earlier backup beside a later ledger
     shutil.copytree(tmp_path / "early" / "reco_memory", tmp_path / "late" / "reco_memory")
-    with pytest.raises(MemoryDamagedError, match="holds 100 points, but the ledger acknowledged 300"):
+    with pytest.raises(MemoryDamagedError) as e:
         Memory.restore(tmp_path / "late", tmp_path / "r")
+    msg = str(e.value)
+    assert f"backup {tmp_path / 'late'}: its collection holds 100 points, but its ledger acknowledged 300" in msg, msg
+    assert ".restore." not in msg and ".tmp" not in msg, msg  # never the staging directory it removed
+    assert f"nothing was restored into {tmp_path / 'r'}" in msg, msg
+    # the fix it names works: adopt the count on a copy of the backup, and restore that copy
+    assert "reco doctor --memory COPY_OF_BACKUP --accept-count" in msg, msg
+    shutil.copytree(tmp_path / "late", tmp_path / "copy")
+    r = runner.invoke(app, ["doctor", "--memory", str(tmp_path / "copy"), "--accept-count"])
+    assert r.exit_code == 0, r.output
+    assert Memory.restore(tmp_path / "copy", tmp_path / "r") == Restored(100, True)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -169,6 +179,7 @@ def test_restore_refuses_a_backup_without_its_collection_whose_ledger_acknowledg
         Memory.restore(tmp_path / "bk", tmp_path / "r")
     msg = str(e.value)
     assert f"backup {tmp_path / 'bk'}: no reco_memory/ directory" in msg and "acknowledged 80" in msg, msg
+    assert ".restore." not in msg and ".tmp" not in msg, msg  # never the staging directory it removed
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())  # nothing restored, no staging
 
 
