@@ -59,7 +59,9 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
                         f"{collections_said(held)}", f"select it with --collection {fullest_collection(held)}"),
                 *unreadable_collections(cfg.location, held)]
     try:
-        mem = Memory.open(location, collection=collection, auto_index=False, migrate=repair_ledger,
+        # with --accept-count the count is adopted before migrating (a gone collection is re-created only then)
+        mem = Memory.open(location, collection=collection, auto_index=False,
+                          migrate=repair_ledger and not accept_count,
                           repair_ledger=repair_ledger, check_count=not accept_count,  # adopted below, if whole
                           check_sample=False)  # every point is read below (deep), not a sample
     except MemoryInUseError as e:
@@ -69,7 +71,16 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
     except (MemoryError_, ValueError, OSError) as e:
         return [Finding("problem", f"memory {location}: {e}")]
     with mem:
-        found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points")]
+        adopted: list[Finding] = []
+        if repair_ledger and accept_count:
+            try:
+                if not mem.backend.has_collection():  # gone: adopt the empty engine, then the migrations re-create it
+                    adopted.append(_adopt_count(mem, True, []))
+                if mem.dim is not None or mem.backend.has_collection():
+                    mem.migrate()
+            except (MemoryError_, ValueError, OSError) as e:
+                return [Finding("problem", f"memory {location}: {e}")]
+        found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points"), *adopted]
         found += _other_collections(mem, collection)
         if repair_ledger:
             if mem.encoder_record is None and mem.count():
@@ -79,7 +90,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
         found += _records(mem)
         points = _points(mem, examples) if deep and mem.count() else []
         found += points
-        if accept_count:
+        if accept_count and not adopted:
             found.append(_adopt_count(mem, deep, points))
         found += _index(mem)
     return found

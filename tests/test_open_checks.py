@@ -107,6 +107,26 @@ def test_a_memory_whose_collection_directory_is_gone_is_refused_not_recreated_em
         assert mem.count() == 10
 
 
+def test_doctor_repair_ledger_with_accept_count_adopts_a_gone_collection(tmp_path):
+    """`reco doctor --repair-ledger --accept-count` on a memory whose collection is gone: the count is adopted
+    (the user passed --accept-count) before the migrations re-create the collection, not refused asking for it."""
+    path = tmp_path / "m"
+    img, txt, caps = _filled(path, 50)
+    shutil.rmtree(path / "reco_memory")
+    r = runner.invoke(app, ["doctor", "--memory", str(path), "--repair-ledger", "--accept-count"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0 and "was 50, now 0" in flat and "pass --accept-count" not in flat, flat
+    assert "adopt the empty engine deliberately" not in flat, flat
+    with Memory.open(str(path)) as mem:  # re-created, migrated, and verified
+        assert mem.count() == 0 and mem.pending_migrations() == [] and mem.count_check == "exact"
+        mem.add_embeddings(img[:10], txt[:10], caps[:10], ids=range(10))
+    with Memory.open(str(path)) as mem:
+        assert mem.count() == 10
+    path2 = _bad_restore(tmp_path / "b")  # the collection there: the count is adopted after reading every point
+    r = runner.invoke(app, ["doctor", "--memory", str(path2), "--repair-ledger", "--accept-count"])
+    assert r.exit_code == 0 and "was 299, now 100" in " ".join(r.output.split()), r.output
+
+
 def test_open_with_accept_count_adopts_the_empty_engine_and_says_so(tmp_path):
     path = tmp_path / "m"
     _filled(path, 50)
