@@ -187,41 +187,42 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
     root.mkdir(parents=True, exist_ok=True)
     n, d = queries.shape
     tmp = {p: root / f"{key}.{os.getpid()}.{p}.tmp.npy" for p in ("vectors", "keys")}
-    vecs, keys = (np.lib.format.open_memmap(tmp[p], mode="w+", dtype=np.float16, shape=(n, cfg.k, d))
-                  for p in ("vectors", "keys"))
-    mask = np.zeros((n, cfg.k), bool)
-    if columns is None:
-        columns = n * cfg.k > memory.count()
-    columns = memory.vector_columns(root / "columns", cfg.progress) if columns else None
-    step = 1024
-    with progress_bar(f"neighbours ({query_modality} queries)", n, cfg.progress) as advance:
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            nb = retrieve(memory, queries[s:e], query_modality, cfg.k, cfg.search, cfg.fusion,
-                          exclude_ids=exclude[s:e] if exclude is not None else None,
-                          dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None,
-                          with_payload=False, with_keys=columns is None, with_vectors=columns is None,
-                          hnsw_ef=cfg.hnsw_ef)
-            if columns is None:
-                vecs[s:e], keys[s:e] = nb.vectors, nb.keys
-            else:
-                vecs[s:e], keys[s:e] = columns.gather(nb.ids, returned), columns.gather(nb.ids, searched)
-            mask[s:e] = nb.mask
-            advance(e - s)
-    for a in (vecs, keys):
-        a.flush()
-    del vecs, keys
     tmp_mask = root / f"{key}.{os.getpid()}.mask.tmp.npy"
-    try:
+    try:  # a failure or Ctrl-C leaves none of this run's temporary files behind
+        vecs, keys = (np.lib.format.open_memmap(tmp[p], mode="w+", dtype=np.float16, shape=(n, cfg.k, d))
+                      for p in ("vectors", "keys"))
+        mask = np.zeros((n, cfg.k), bool)
+        if columns is None:
+            columns = n * cfg.k > memory.count()
+        columns = memory.vector_columns(root / "columns", cfg.progress) if columns else None
+        step = 1024
+        with progress_bar(f"neighbours ({query_modality} queries)", n, cfg.progress) as advance:
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                nb = retrieve(memory, queries[s:e], query_modality, cfg.k, cfg.search, cfg.fusion,
+                              exclude_ids=exclude[s:e] if exclude is not None else None,
+                              dedup_threshold=cfg.dedup_threshold if cfg.self_exclusion else None,
+                              with_payload=False, with_keys=columns is None, with_vectors=columns is None,
+                              hnsw_ef=cfg.hnsw_ef)
+                if columns is None:
+                    vecs[s:e], keys[s:e] = nb.vectors, nb.keys
+                else:
+                    vecs[s:e], keys[s:e] = columns.gather(nb.ids, returned), columns.gather(nb.ids, searched)
+                mask[s:e] = nb.mask
+                advance(e - s)
+        for a in (vecs, keys):
+            a.flush()
+        del vecs, keys
         np.save(tmp_mask, mask)  # beside, then renamed: a reader never sees part of a mask under its name
+        durable.replace(tmp_mask, paths["mask"])
+        # opened before pruning: a concurrent prune may unlink the names, the maps stay valid (POSIX keeps the data)
+        vecs, keys = np.load(tmp["vectors"], mmap_mode="r"), np.load(tmp["keys"], mmap_mode="r")
+        durable.replace(tmp["keys"], paths["keys"])
+        durable.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
     except BaseException:
-        tmp_mask.unlink(missing_ok=True)
+        for p in (*tmp.values(), tmp_mask):
+            p.unlink(missing_ok=True)
         raise
-    durable.replace(tmp_mask, paths["mask"])
-    # opened before pruning: a concurrent prune may unlink the names, the maps stay valid (POSIX keeps the data)
-    vecs, keys = np.load(tmp["vectors"], mmap_mode="r"), np.load(tmp["keys"], mmap_mode="r")
-    durable.replace(tmp["keys"], paths["keys"])
-    durable.replace(tmp["vectors"], paths["vectors"])  # last: the cache counts as present once this exists
     _prune_cache(root, cfg.cache_keep)
     return vecs, keys, mask
 

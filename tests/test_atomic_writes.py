@@ -53,6 +53,27 @@ def test_neighbour_cache_mask_is_never_seen_partial(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.load(path), want)
 
 
+def test_neighbour_cache_removes_its_temporary_files_when_interrupted(tmp_path, monkeypatch):
+    """A failure or Ctrl-C while the neighbours are searched leaves none of the run's temporary files behind."""
+    import reco_qdrant.training as T
+
+    img, txt, caps = random_pairs(200)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps)
+        cfg = TrainConfig(k=5, cache_dir=str(tmp_path / "cache"), progress=False)
+        for exc in (KeyboardInterrupt, OSError):
+            def interrupted(*a, exc=exc, **kw):
+                raise exc("interrupted")
+            monkeypatch.setattr(T, "retrieve", interrupted)
+            with pytest.raises(exc):
+                neighbour_cache(mem, img[:50], "image", cfg, None, columns=False)
+            root = tmp_path / "cache" / "neighbours"
+            assert not list(root.glob("*.tmp.npy")), list(root.iterdir())
+        monkeypatch.undo()
+        _, _, mask = neighbour_cache(mem, img[:50], "image", cfg, None, columns=False)
+        assert mask.all()
+
+
 def test_train_cli_never_leaves_a_partial_best(tmp_path, monkeypatch):
     """`reco train` writes OUT/best after training did: a failure there leaves training's OUT/best whole."""
     import safetensors.torch
