@@ -884,6 +884,7 @@ class Memory:
         root, name = Path(self.cfg.location), self.cfg.collection
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale_stages(dest.parent, f".{dest.name}.")  # left by a backup that was killed
         try:
             with self._write_lock:
                 self.backend.flush()
@@ -974,6 +975,10 @@ class Memory:
         root.mkdir(parents=True, exist_ok=True)
         stage = root / f".{collection}.restore.{os.getpid()}.tmp"
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_stale_stages(root, f".{collection}.restore.")  # left by a restore that was killed
+        copied = [backup / p for p in parts if (backup / p).exists()]
+        _check_room(stage, _tree_bytes(copied), root, f"restore of backup {backup} into {root}",
+                    "restore into a directory on another disk")
         published: list[str] = []
         try:
             stage.mkdir()
@@ -1126,9 +1131,31 @@ def _tree_bytes(paths: Sequence[Path]) -> int:
     return total
 
 
-def _check_room(dest: Path, need: int, memory_root: Path | None) -> None:
-    """Refuse (before copying anything) a backup that would not fit on DEST's disk; on the memory's own disk the
-    engine's reserve (`DISK_RESERVE`) must stay free too."""
+def _remove_stale_stages(parent: Path, prefix: str) -> None:
+    """Remove the staging directories `{prefix}{pid}.tmp` in `parent` left by a backup or restore whose process is
+    gone (killed): they would pile up, hidden. One of a live process (its copy may be going on) is left alone."""
+    try:
+        found = list(parent.glob(f"{prefix}*.tmp"))
+    except OSError:
+        return
+    for tmp in found:
+        pid = tmp.name[len(prefix):-len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid() or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: its copy may still be going on
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, OverflowError):
+            continue  # not ours to judge (another user's process, a platform without signal 0)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_room(dest: Path, need: int, memory_root: Path | None, what: str = "",
+                elsewhere: str = "back up to another disk") -> None:
+    """Refuse (before copying anything) a backup (or restore: `what`) that would not fit on DEST's disk; on the
+    memory's own disk the engine's reserve (`DISK_RESERVE`) must stay free too."""
     probe = dest.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -1137,11 +1164,10 @@ def _check_room(dest: Path, need: int, memory_root: Path | None) -> None:
     reserve = DISK_RESERVE if same else 0
     if free < need + reserve:
         mib = 2**20
-        on = (f" plus the {reserve / mib:.0f} MiB the memory's engine keeps free for its write-ahead log (DEST is on "
-              "the memory's disk)") if same else ""
-        raise MemoryFullError(f"backup {dest}: {free / mib:,.1f} MiB free on its disk, the copy needs about "
-                              f"{need / mib:,.1f} MiB{on}; nothing was copied: free space there, or back up to "
-                              "another disk")
+        on = (f" plus the {reserve / mib:.0f} MiB the memory's engine keeps free for its write-ahead log"
+              + ("" if what else " (DEST is on the memory's disk)")) if same else ""
+        raise MemoryFullError(f"{what or f'backup {dest}'}: {free / mib:,.1f} MiB free on its disk, the copy needs "
+                              f"about {need / mib:,.1f} MiB{on}; nothing was copied: free space there, or {elsewhere}")
 
 
 def _named(e: BaseException, stage: Path, name: Path) -> str:

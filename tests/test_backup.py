@@ -276,6 +276,50 @@ def test_backup_checks_room_on_dest_before_copying(tmp_path, monkeypatch):
         assert mem.backup(tmp_path / "out" / "bk") == 60
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_restore_checks_room_before_copying_and_removes_stale_stages(tmp_path, monkeypatch):
+    """Restore refuses (before copying) a backup that would not fit beside the engine's reserve on the target's
+    disk; staging directories of a restore or backup that was killed (their process gone) are removed, those of
+    a live process kept."""
+    import os
+    from collections import namedtuple
+
+    import reco_qdrant.memory as M
+    from reco_qdrant import MemoryFullError
+    from reco_qdrant.backends import DISK_RESERVE
+
+    _filled(tmp_path / "m", 60)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.backup(tmp_path / "bk")
+    (tmp_path / "r").mkdir()
+    dead, live = _dead_pid(), os.getppid()
+    for pid in (dead, live):
+        (tmp_path / "r" / f".reco_memory.restore.{pid}.tmp" / "reco_memory").mkdir(parents=True)
+        (tmp_path / f".bk2.{pid}.tmp" / "reco_memory").mkdir(parents=True)
+    usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
+    monkeypatch.setattr(M.shutil, "disk_usage", lambda p: usage(2**40, 0, DISK_RESERVE + 1024)
+                        if str(p) == str(tmp_path / "r") else real(p))
+    with pytest.raises(MemoryFullError) as e:
+        Memory.restore(tmp_path / "bk", tmp_path / "r")
+    msg = str(e.value)
+    assert f"restore of backup {tmp_path / 'bk'} into {tmp_path / 'r'}: 256.0 MiB free on its disk" in msg, msg
+    assert "plus the 256 MiB" in msg and "nothing was copied" in msg and "another disk" in msg, msg
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [f".reco_memory.restore.{live}.tmp"]
+    monkeypatch.undo()
+    assert Memory.restore(tmp_path / "bk", tmp_path / "r") == Restored(60, True)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.backup(tmp_path / "bk2")
+    assert not (tmp_path / f".bk2.{dead}.tmp").exists() and (tmp_path / f".bk2.{live}.tmp").exists()
+
+
 def test_a_backup_that_fails_midway_leaves_no_partial_copy(tmp_path, monkeypatch):
     import errno
 
