@@ -1087,6 +1087,7 @@ class Memory:
             return u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80)
 
         server = host(cfg.location)
+        withheld: list[str] = []  # hosts of snapshot URLs the API key was not sent to (not the server's)
         client = QdrantClient(**cfg.client_kwargs())
         try:
             held = [c for c in sources if client.collection_exists(c)] + (
@@ -1094,21 +1095,56 @@ class Memory:
             if held:
                 raise FileExistsError(f"{location} already holds collection {held[0]!r}; restore into another "
                                       "--collection or delete it first")
-            for c, where in sources.items():
-                # the server fetches `where` itself, sending this key: only to the server's own URLs
-                key = cfg.api_key if server is not None and host(where) == server else None
-                client.recover_snapshot(c, where, api_key=key, wait=True)
+            try:  # all or nothing: none of these collections existed (checked above)
+                for c, where in sources.items():
+                    # the server fetches `where` itself, sending this key: only to the server's own URLs
+                    key = cfg.api_key if server is not None and host(where) == server else None
+                    if cfg.api_key and key is None and host(where) is not None:
+                        withheld.append(f"{host(where)[0]}:{host(where)[1]}")
+                    client.recover_snapshot(c, where, api_key=key, wait=True)
+                with cls.open(location, collection=collection, **settings) as mem:
+                    n = mem.count()
+                if expected is not None and n != expected:
+                    raise MemoryDamagedError(f"memory {location} / {collection}: recovered {n:,} points, but the "
+                                             f"backup {backup} holds {expected:,} (a snapshot short or damaged)")
+            except BaseException as e:
+                said = cls._drop_recovered(client, [*sources, meta], location)
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                if withheld and server is not None:
+                    said += (f"; the API key was not sent to {', '.join(sorted(set(withheld)))} (not the server's "
+                             f"own host, {server[0]}:{server[1]}): if the snapshot needs it, give its URL with the "
+                             "server's own host name and port, or its file:// path on the server")
+                if isinstance(e, MemoryError_):
+                    raise type(e)(f"{e}; {said}") from e
+                raise MemoryError_(f"restore of {backup} into {location} / {collection} failed ({type(e).__name__}: "
+                                   f"{e}); {said}") from e
         finally:
             client.close()
-        with cls.open(location, collection=collection, **settings) as mem:
-            n = mem.count()
         if expected is None:
             return Restored(n, False, f"a snapshot location, without the manifest ({SNAPSHOT_MANIFEST}) that `reco "
                                       "backup` writes")
-        if n != expected:
-            raise MemoryDamagedError(f"memory {location} / {collection}: recovered {n:,} points, but the backup "
-                                     f"{backup} holds {expected:,}; recover it again, or from another snapshot")
         return Restored(n, True)
+
+    @staticmethod
+    def _drop_recovered(client: Any, names: Sequence[str], location: str) -> str:
+        """Delete the collections a failed server restore created (none existed before it); says what happened."""
+        dropped, left = [], []
+        for c in dict.fromkeys(names):
+            try:
+                if client.collection_exists(c):
+                    client.delete_collection(c)
+                    dropped.append(c)
+            except Exception as x:  # noqa: BLE001 - said, with what to do
+                left.append(f"{c} ({type(x).__name__}: {x})")
+        if left:
+            return (f"could not delete what this restore recovered: {', '.join(left)}; delete those collections on "
+                    f"{location} before restoring again (a restore into existing collections is refused), or restore "
+                    "into another --collection")
+        done = f"deleted the collections this restore had recovered ({', '.join(dropped)})" if dropped else \
+            "nothing had been recovered"
+        return (f"{done}: nothing of it was left on {location}; restore again from another backup or snapshot, "
+                "or from this one once the cause above is fixed")
 
     # ------------------------------------------------------------------ ledger for resumable jobs
     def get_state(self, key: str) -> Any:

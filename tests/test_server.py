@@ -295,8 +295,64 @@ def test_a_server_snapshot_recovered_short_is_refused(tmp_path, monkeypatch):
         assert mem.backup(tmp_path / "bk") == 50
     name = next(n for n in server.snapshots if n.startswith("reco_memory-"))
     server.snapshots[name] = (server.snapshots[name][0], server.snapshots[name][1][:40])  # a short snapshot file
-    with pytest.raises(MemoryDamagedError, match="recovered 40 points, but the backup .* holds 50"):
+    with pytest.raises(MemoryDamagedError, match="recovered 40 points, but the backup .* holds 50") as e:
         Memory.restore(tmp_path / "bk", url, "copy")
+    msg = str(e.value)
+    assert "deleted the collections this restore had recovered (copy, copy__meta)" in msg, msg
+    assert "recover it again" not in msg, msg
+    assert not server.inner.collection_exists("copy") and not server.inner.collection_exists("copy__meta")
+    assert server.inner.count("reco_memory").count == 50  # the memory backed up is untouched
+
+
+def test_a_server_restore_whose_ledger_fails_leaves_nothing(tmp_path, monkeypatch):
+    """All or nothing: the ledger's snapshot failing after the collection was recovered deletes the collection
+    this restore recovered (it did not exist before), says so, and the same restore then runs again."""
+    import qdrant_client
+
+    from reco_qdrant.memory import MemoryError_, Restored
+
+    server, url = SnapshotServerStandIn(), "http://stand-in:6333"
+    monkeypatch.setattr(qdrant_client, "QdrantClient", server)
+    img, txt, caps = random_pairs(20, seed=2)
+    with Memory.open(url) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(20))
+        mem.backup(tmp_path / "bk")
+    real = server.recover_snapshot
+
+    def failing(collection_name, location, **kw):
+        if collection_name.endswith("__meta"):
+            raise RuntimeError("snapshot download failed: 404")
+        return real(collection_name, location, **kw)
+
+    server.recover_snapshot = failing
+    with pytest.raises(MemoryError_) as e:
+        Memory.restore(tmp_path / "bk", url, "copy")
+    msg = str(e.value)
+    assert "snapshot download failed: 404" in msg and "deleted the collections this restore had recovered (copy)" \
+        in msg, msg
+    assert not server.inner.collection_exists("copy")
+    del server.recover_snapshot
+    assert Memory.restore(tmp_path / "bk", url, "copy") == Restored(20, True)
+
+
+def test_a_failed_restore_names_the_hosts_when_the_api_key_was_withheld(tmp_path, monkeypatch):
+    import qdrant_client
+
+    from reco_qdrant.memory import MemoryError_
+
+    server, url = SnapshotServerStandIn(), "http://stand-in:6333"
+    monkeypatch.setattr(qdrant_client, "QdrantClient", server)
+    monkeypatch.setenv("RECO_API_KEY", "k3y")
+
+    def unauthorized(collection_name, location, api_key=None, **kw):
+        raise RuntimeError("403 Forbidden")
+
+    server.recover_snapshot = unauthorized
+    with pytest.raises(MemoryError_) as e:
+        Memory.restore("http://10.0.0.5:6333/collections/live/snapshots/x.snapshot", url, "c")
+    msg = " ".join(str(e.value).split())
+    assert "403 Forbidden" in msg and "the API key was not sent to 10.0.0.5:6333" in msg, msg
+    assert "stand-in:6333" in msg and "file:// path on the server" in msg, msg
 
 
 @pytest.mark.docker
