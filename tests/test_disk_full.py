@@ -285,7 +285,8 @@ def test_counting_other_collections_on_a_nearly_full_disk_loads_nothing_and_says
     assert all(isinstance(c, B.UncountedCollection) for c in held.values()), held
     said = collections_said(held)
     assert "big (points not counted: 1 MiB free on the disk, loading it needs 256 MiB)" in said, said
-    assert fullest_collection(held) in held
+    assert fullest_collection(held) == "big"  # neither counted: the first readable one is suggested
+    assert fullest_collection({"a": B.UnreadableCollection("x"), "b": 3, "c": 7, "d": held["small"]}) == "c"
     r = CliRunner().invoke(app, ["info", "--memory", str(tmp_path / "m"), "--collection", "none"])
     flat = " ".join(r.output.split())
     assert r.exit_code == 1 and "has no collection 'none'; it holds big (points not counted" in flat, flat
