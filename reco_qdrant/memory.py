@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -895,7 +896,7 @@ class Memory:
                 _check_room(dest, _tree_bytes(parts), root)
                 tmp.mkdir(parents=True)
                 for part in parts:
-                    shutil.copytree(part, tmp / part.name)
+                    shutil.copytree(part, tmp / part.name, copy_function=_sparse_copy)
             durable.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # no partial copy left beside DEST
@@ -984,7 +985,7 @@ class Memory:
             stage.mkdir()
             for part in parts:
                 if (backup / part).exists():
-                    shutil.copytree(backup / part, stage / part)
+                    shutil.copytree(backup / part, stage / part, copy_function=_sparse_copy)
             durable.fsync_path(stage)
             done = cls._verify_staged(stage, collection, backup)
             for part in parts:
@@ -1156,15 +1157,46 @@ class Memory:
 
 
 def _tree_bytes(paths: Sequence[Path]) -> int:
-    """Bytes a copy of these directories writes (file sizes; files that vanish meanwhile count nothing)."""
+    """Bytes a copy of these directories takes on disk: allocated blocks, as `stored_bytes` counts them (the
+    engine's preallocated files are sparse, and `_sparse_copy` keeps them so); files that vanish count nothing."""
     total = 0
     for top in paths:
         for f in top.rglob("*"):
             try:
-                total += f.stat().st_size if f.is_file() else 4096
+                total += f.stat().st_blocks * 512 if f.is_file() else 4096
             except FileNotFoundError:
                 pass
     return total
+
+
+def _sparse_copy(src: str, dst: str, *, follow_symlinks: bool = True) -> str:
+    """`shutil.copy2` that keeps holes (as `cp --sparse=always` does for them): only the data ranges of `src`
+    (SEEK_DATA/SEEK_HOLE) are written, so the engine's preallocated 32 MiB write-ahead-log segments cost what they
+    hold, not their size. Falls back to a full copy where the filesystem cannot say where the holes are."""
+    if not follow_symlinks and os.path.islink(src):
+        return shutil.copy2(src, dst, follow_symlinks=False)
+    chunk = 2**20
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+                end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    break
+                start, end = pos, size  # SEEK_DATA unsupported here: copy the rest whole
+            while start < end:
+                buf = os.pread(fi.fileno(), min(chunk, end - start), start)
+                if not buf:
+                    break
+                os.pwrite(fo.fileno(), buf, start)
+                start += len(buf)
+            pos = end
+        os.ftruncate(fo.fileno(), size)  # the holes at the end keep the file's length
+    shutil.copystat(src, dst)
+    return dst
 
 
 def _remove_stale_stages(parent: Path, prefix: str) -> None:
