@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -570,6 +571,8 @@ class Memory:
         try:
             return self.ensure_indexed()
         except (MemoryFullError, OSError, RuntimeError) as e:
+            if isinstance(e, MemoryError_) and not isinstance(e, MemoryFullError):
+                raise  # damage, a memory in use, ...: not an index build that did not fit
             self._unchecked_writes = max(self._unchecked_writes, 1)  # still due: a later search tries again
             self._postpone(e)
             if not self._postponed_warned:
@@ -582,16 +585,21 @@ class Memory:
             return False
 
     def _postpone(self, e: BaseException) -> None:
-        """Remember what a failed build needs before a search tries it again."""
+        """Remember what a failed build needs before a search tries it again: room on the disk after a space
+        failure; after any other failure, new writes (need 0: the retry waits for a write, not for space)."""
+        space = isinstance(e, MemoryFullError) or getattr(e, "errno", None) == errno.ENOSPC or any(
+            s in str(e) for s in ("No space left", "os error 28"))
         try:
+            if not space:
+                raise LookupError
             free = self.backend.free_bytes()
             need = getattr(e, "need", None)
             stored = self.backend.stored_bytes() if need is None else need - DISK_RESERVE
-            if need is None:  # the engine failed though our estimate said it fits: wait for clearly more room
+            if need is None:  # the engine ran out of room though our estimate said it fits: wait for clearly more
                 need = max(stored + DISK_RESERVE, free + max(stored // 10, 64 * 2**20))
             points = max(self.backend.status().get("points", 0), 1)
-        except (OSError, RuntimeError, MemoryError_):  # cannot tell: retry on the next open or write
-            free, need, stored, points = 0, 2**62, 0, 1
+        except (LookupError, OSError, RuntimeError):  # not about space, or cannot tell: retry after the next write
+            need, stored, points = -1, 0, 1
         self._postponed = (int(need), self._unchecked_writes, stored / points)
 
     def _index_retry_due(self) -> bool:
@@ -601,6 +609,8 @@ class Memory:
         if p is None:
             return True
         need, writes, per_point = p
+        if need < 0:  # a failure that was not about space: try again once something was written
+            return self._unchecked_writes > writes
         need += int(per_point * max(0, self._unchecked_writes - writes))
         try:
             return self.backend.free_bytes() >= need
@@ -883,9 +893,9 @@ class Memory:
         if self.cfg.kind != "edge":
             return self._snapshot_into(dest)
         root, name = Path(self.cfg.location), self.cfg.collection
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp = dest.with_name(f".{dest.name}.{_stage_tag()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_stale_stages(dest.parent, f".{dest.name}.")  # left by a backup that was killed
+        _warn_stale_stages(dest.parent, f".{dest.name}.")  # left by a backup that was killed
         try:
             with self._write_lock:
                 self.backend.flush()
@@ -931,7 +941,7 @@ class Memory:
         manifest = {"kind": "qdrant-snapshots", "location": self.cfg.location, "collection": self.cfg.collection,
                     **snap}
         text = json.dumps(manifest, indent=2)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp = dest.with_name(f".{dest.name}.{_stage_tag()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _check_room(dest, len(text.encode()) + 4096, None)
@@ -974,9 +984,9 @@ class Memory:
             raise FileExistsError(f"{root}: already holds collection {collection!r} ({', '.join(held)}); restore "
                                   "into another directory or move it away first")
         root.mkdir(parents=True, exist_ok=True)
-        stage = root / f".{collection}.restore.{os.getpid()}.tmp"
+        stage = root / f".{collection}.restore.{_stage_tag()}.tmp"
         shutil.rmtree(stage, ignore_errors=True)
-        _remove_stale_stages(root, f".{collection}.restore.")  # left by a restore that was killed
+        _warn_stale_stages(root, f".{collection}.restore.")  # left by a restore that was killed
         copied = [backup / p for p in parts if (backup / p).exists()]
         _check_room(stage, _tree_bytes(copied), root, f"restore of backup {backup} into {root}",
                     "restore into a directory on another disk")
@@ -1096,20 +1106,27 @@ class Memory:
             if held:
                 raise FileExistsError(f"{location} already holds collection {held[0]!r}; restore into another "
                                       "--collection or delete it first")
+            started: list[str] = []  # collections this restore began to recover (only these are rolled back)
             try:  # all or nothing: none of these collections existed (checked above)
                 for c, where in sources.items():
                     # the server fetches `where` itself, sending this key: only to the server's own URLs
                     key = cfg.api_key if server is not None and host(where) == server else None
                     if cfg.api_key and key is None and host(where) is not None:
                         withheld.append(f"{host(where)[0]}:{host(where)[1]}")
+                    started.append(c)
                     client.recover_snapshot(c, where, api_key=key, wait=True)
+                if meta not in sources:
+                    started.append(meta)  # opening creates the ledger collection when no snapshot brought one
                 with cls.open(location, collection=collection, **settings) as mem:
                     n = mem.count()
                 if expected is not None and n != expected:
                     raise MemoryDamagedError(f"memory {location} / {collection}: recovered {n:,} points, but the "
                                              f"backup {backup} holds {expected:,} (a snapshot short or damaged)")
             except BaseException as e:
-                said = cls._drop_recovered(client, [*sources, meta], location)
+                said = cls._drop_recovered(client, started, location)
+                if isinstance(e, (KeyboardInterrupt, SystemExit)) or "timed out" in str(e).lower():
+                    said += ("; if the server was still recovering a snapshot when this stopped, it may finish "
+                             f"later: check with `reco info --memory {location} --collection {collection}`")
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
                 if withheld and server is not None:
@@ -1173,11 +1190,13 @@ def _sparse_copy(src: str, dst: str, *, follow_symlinks: bool = True) -> str:
     """`shutil.copy2` that keeps holes (as `cp --sparse=always` does for them): only the data ranges of `src`
     (SEEK_DATA/SEEK_HOLE) are written, so the engine's preallocated 32 MiB write-ahead-log segments cost what they
     hold, not their size. Falls back to a full copy where the filesystem cannot say where the holes are."""
-    if not follow_symlinks and os.path.islink(src):
-        return shutil.copy2(src, dst, follow_symlinks=False)
+    if (not follow_symlinks and os.path.islink(src)) or not hasattr(os, "SEEK_DATA") or not os.path.isfile(src):
+        return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
     chunk = 2**20
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
+        os.fsync(fi.fileno())  # some filesystems report data not yet synced as holes
+        before = os.fstat(fi.fileno())
+        size = before.st_size
         pos = 0
         while pos < size:
             try:
@@ -1195,29 +1214,44 @@ def _sparse_copy(src: str, dst: str, *, follow_symlinks: bool = True) -> str:
                 start += len(buf)
             pos = end
         os.ftruncate(fo.fileno(), size)  # the holes at the end keep the file's length
+        after = os.fstat(fi.fileno())
+        if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+            raise OSError(errno.EAGAIN, f"{src} changed while it was copied ({size:,} -> {after.st_size:,} bytes); "
+                                        "the copy is not consistent: try again")
     shutil.copystat(src, dst)
     return dst
 
 
-def _remove_stale_stages(parent: Path, prefix: str) -> None:
-    """Remove the staging directories `{prefix}{pid}.tmp` in `parent` left by a backup or restore whose process is
-    gone (killed): they would pile up, hidden. One of a live process (its copy may be going on) is left alone."""
+def _stage_tag() -> str:
+    """`pid-random`: a staging name no other backup or restore (another thread, or a process elsewhere sharing the
+    disk) uses at the same time."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _warn_stale_stages(parent: Path, prefix: str) -> None:
+    """Say which staging directories `{prefix}{pid}-{random}.tmp` in `parent` were left by a backup or restore
+    whose process is gone (killed): hidden, they would pile up. They are not removed: a process in another pid
+    namespace or on another host sharing the disk may look gone while its copy goes on."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(?:-[0-9a-f]{8})?\.tmp")
     try:
-        found = list(parent.glob(f"{prefix}*.tmp"))
+        names = [e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return
-    for tmp in found:
-        pid = tmp.name[len(prefix):-len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid() or not tmp.is_dir() or tmp.is_symlink():
+    stale = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m or int(m.group(1)) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(m.group(1)), 0)
             continue  # alive: its copy may still be going on
         except ProcessLookupError:
-            pass
+            stale.append(str(parent / name))
         except (OSError, ValueError, OverflowError):
             continue  # not ours to judge (another user's process, a platform without signal 0)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        warnings.warn(f"{', '.join(stale)}: left by a backup or restore that was interrupted (its process is gone "
+                      "here); delete once no backup or restore is running there", stacklevel=3)
 
 
 def _check_room(dest: Path, need: int, memory_root: Path | None, what: str = "",

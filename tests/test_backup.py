@@ -322,10 +322,11 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_restore_checks_room_before_copying_and_removes_stale_stages(tmp_path, monkeypatch):
+def test_restore_checks_room_before_copying_and_names_stale_stages(tmp_path, monkeypatch):
     """Restore refuses (before copying) a backup that would not fit beside the engine's reserve on the target's
-    disk; staging directories of a restore or backup that was killed (their process gone) are removed, those of
-    a live process kept."""
+    disk; staging directories of a restore or backup that was killed (their process gone) are named in a warning
+    and left alone (a process in another pid namespace may only look gone), those of a live process not named;
+    names are matched exactly (a DEST named `bk[1]` is not a pattern)."""
     import os
     from collections import namedtuple
 
@@ -338,23 +339,33 @@ def test_restore_checks_room_before_copying_and_removes_stale_stages(tmp_path, m
         mem.backup(tmp_path / "bk")
     (tmp_path / "r").mkdir()
     dead, live = _dead_pid(), os.getppid()
-    for pid in (dead, live):
-        (tmp_path / "r" / f".reco_memory.restore.{pid}.tmp" / "reco_memory").mkdir(parents=True)
-        (tmp_path / f".bk2.{pid}.tmp" / "reco_memory").mkdir(parents=True)
+    stages = [tmp_path / "r" / f".reco_memory.restore.{dead}-0123abcd.tmp",
+              tmp_path / "r" / f".reco_memory.restore.{live}-0123abcd.tmp",
+              tmp_path / f".bk2.{dead}.tmp", tmp_path / f".bk2.{live}.tmp", tmp_path / f".bk1.{dead}.tmp"]
+    for st in stages:
+        (st / "reco_memory").mkdir(parents=True)
     usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
     monkeypatch.setattr(M.shutil, "disk_usage", lambda p: usage(2**40, 0, DISK_RESERVE + 1024)
                         if str(p) == str(tmp_path / "r") else real(p))
-    with pytest.raises(MemoryFullError) as e:
+    with pytest.warns(UserWarning, match="interrupted") as w, pytest.raises(MemoryFullError) as e:
         Memory.restore(tmp_path / "bk", tmp_path / "r")
     msg = str(e.value)
     assert f"restore of backup {tmp_path / 'bk'} into {tmp_path / 'r'}: 256.0 MiB free on its disk" in msg, msg
     assert "plus the 256 MiB" in msg and "nothing was copied" in msg and "another disk" in msg, msg
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [f".reco_memory.restore.{live}.tmp"]
+    said = " ".join(str(x.message) for x in w)
+    assert str(stages[0]) in said and str(stages[1]) not in said, said
     monkeypatch.undo()
     assert Memory.restore(tmp_path / "bk", tmp_path / "r") == Restored(60, True)
     with Memory.open(str(tmp_path / "m")) as mem:
-        mem.backup(tmp_path / "bk2")
-    assert not (tmp_path / f".bk2.{dead}.tmp").exists() and (tmp_path / f".bk2.{live}.tmp").exists()
+        with pytest.warns(UserWarning, match="interrupted") as w:
+            mem.backup(tmp_path / "bk2")
+        said = " ".join(str(x.message) for x in w)
+        assert str(stages[2]) in said and str(stages[3]) not in said and str(stages[4]) not in said, said
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("error")  # `bk[1]` matches `.bk1.*` as a glob; as a name it matches nothing
+            mem.backup(tmp_path / "bk[1]")
+    assert all(st.exists() for st in stages)  # named, never removed
 
 
 def test_a_backup_that_fails_midway_leaves_no_partial_copy(tmp_path, monkeypatch):

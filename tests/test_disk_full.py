@@ -291,3 +291,41 @@ def test_counting_other_collections_on_a_nearly_full_disk_loads_nothing_and_says
     flat = " ".join(r.output.split())
     assert r.exit_code == 1 and "has no collection 'none'; it holds big (points not counted" in flat, flat
     assert "Traceback" not in r.output
+
+
+def test_a_build_failing_for_another_reason_is_retried_after_a_write_and_damage_is_not_swallowed(tmp_path,
+                                                                                              monkeypatch):
+    """An engine failure that is not about space (e.g. too many open files) does not wait for free space that
+    may never come: it is retried once something was written, not by every search. Our own errors (damage, a
+    memory in use) are never turned into a postponement."""
+    import warnings
+
+    from reco_qdrant import MemoryDamagedError
+
+    img, txt, caps, free, _ = _due_memory(tmp_path, monkeypatch)
+    free[0] = 2**30  # our estimate fits
+    calls, fail = [], [OSError(24, "Too many open files")]
+
+    def optimize():
+        calls.append(1)
+        if fail:
+            raise fail[0]
+        return True
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
+            monkeypatch.setattr(m.backend, "optimize", optimize)
+            m._auto_index = True
+            m.add_embeddings(img[:5], txt[:5], caps[:5], ids=list("abcde"), encoder_id="enc")
+            for _ in range(10):
+                m.search(img[:2], "image", k=3)
+            assert len(calls) == 1  # not by every search
+            fail.clear()
+            m.add_embeddings(img[5:8], txt[5:8], caps[5:8], ids=list("fgh"), encoder_id="enc")
+            m.search(img[:2], "image", k=3)
+            assert len(calls) == 2 and m._postponed is None  # retried after the write, and built
+            fail.append(MemoryDamagedError("segment 3 is damaged"))
+            m.add_embeddings(img[8:10], txt[8:10], caps[8:10], ids=list("ij"), encoder_id="enc")
+            with pytest.raises(MemoryDamagedError, match="segment 3"):
+                m.search(img[:2], "image", k=3)
