@@ -470,6 +470,19 @@ def _said_parts(parts: dict[str, int]) -> str:
     return ", ".join(f"{p}/ ({b / 2**20:,.1f} MiB)" for p, b in parts.items())
 
 
+def _snapshot_config(memory: str | None, refusal: str, directory: str) -> Any:
+    """The memory's config for `reco backup` / `reco restore`; :memory: has nothing to copy and no snapshots."""
+    from .config import MemoryConfig
+
+    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
+    if cfg.kind == "local":
+        e = ValueError(f"memory :memory: lives in one process only, and qdrant-client's local mode has no snapshots: "
+                       f"{refusal}")
+        e.hint = f"--memory takes {directory} or a server URL (Qdrant snapshots)"
+        raise e
+    return cfg
+
+
 @app.command()
 @cli_errors
 def backup(dest: Annotated[Path, typer.Argument(help="a new directory for the copy (a server memory: for the "
@@ -477,15 +490,9 @@ def backup(dest: Annotated[Path, typer.Argument(help="a new directory for the co
            memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", as_json: JsonOpt = False) -> None:
     """Copy a memory consistently while it stays open for reading: an embedded one into DEST; a server one as
     Qdrant snapshots (collection and ledger) taken on the server. `reco restore` brings it back and verifies it."""
-    from .config import MemoryConfig
     from .memory import SNAPSHOT_MANIFEST
 
-    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
-    if cfg.kind == "local":
-        e = ValueError("memory :memory: lives in one process only, and qdrant-client's local mode has no snapshots: "
-                       "nothing to back up")
-        e.hint = "--memory takes a directory (copied) or a server URL (Qdrant snapshots)"
-        raise e
+    cfg = _snapshot_config(memory, "nothing to back up", "a directory (copied)")
     if dest.exists():
         e = FileExistsError(f"backup destination {dest}: already exists; a backup is never written over one")
         e.hint = f"name a new directory (or move {dest} away first)"
@@ -526,15 +533,9 @@ def restore(backup: Annotated[str, typer.Argument(
                      "and ledger; without it they start empty)")] = None,
             as_json: JsonOpt = False) -> None:
     """Bring a backup back into a memory that does not hold the collection yet, and verify the count."""
-    from .config import MemoryConfig
     from .memory import Memory
 
-    cfg = MemoryConfig(location=memory) if memory else MemoryConfig()
-    if cfg.kind == "local":
-        e = ValueError("memory :memory: lives in one process only, and qdrant-client's local mode has no snapshots: "
-                       "nothing to restore into")
-        e.hint = "--memory takes a directory (an embedded backup) or a server URL (Qdrant snapshots)"
-        raise e
+    cfg = _snapshot_config(memory, "nothing to restore into", "a directory (an embedded backup)")
     if cfg.kind == "edge":
         src = Path(backup)
         if not src.is_dir():

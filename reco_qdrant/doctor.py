@@ -24,6 +24,7 @@ from .memory import (
     MemoryDamagedError,
     MemoryError_,
     MemoryInUseError,
+    _said_count,
     index_due,
     point_id,
 )
@@ -99,7 +100,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
 def _adopt_count(mem: Memory, deep: bool, points: list[Finding]) -> Finding:
     """`--accept-count`: the ledger acknowledges the engine's count, once every point was read and found whole."""
     rec, now = mem._acknowledged(), mem.count()
-    said = "nothing" if rec is None else f"{rec[0]:,}" if rec[0] == rec[1] else f"between {rec[0]:,} and {rec[1]:,}"
+    said = "nothing" if rec is None else _said_count(rec)
     if rec == [now, now]:
         return Finding("ok", f"the ledger already acknowledges the engine's {now:,} points: nothing to adopt")
     if not deep:

@@ -894,7 +894,6 @@ class Memory:
             return self._snapshot_into(dest)
         root, name = Path(self.cfg.location), self.cfg.collection
         tmp = dest.with_name(f".{dest.name}.{_stage_tag()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         _warn_stale_stages(dest.parent, f".{dest.name}.")  # left by a backup that was killed
         try:
             with self._write_lock:
@@ -942,7 +941,6 @@ class Memory:
                     **snap}
         text = json.dumps(manifest, indent=2)
         tmp = dest.with_name(f".{dest.name}.{_stage_tag()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             _check_room(dest, len(text.encode()) + 4096, None)
             tmp.mkdir(parents=True)
@@ -985,7 +983,6 @@ class Memory:
                                   "into another directory or move it away first")
         root.mkdir(parents=True, exist_ok=True)
         stage = root / f".{collection}.restore.{_stage_tag()}.tmp"
-        shutil.rmtree(stage, ignore_errors=True)
         _warn_stale_stages(root, f".{collection}.restore.")  # left by a restore that was killed
         copied = [backup / p for p in parts if (backup / p).exists()]
         _check_room(stage, _tree_bytes(copied), root, f"restore of backup {backup} into {root}",
