@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from . import durable
 from .clusters import medoids, pseudo_classes
 from .encoders import default_device
 from .fusion import FusionConfig, FusionModel, cross_alignment
+from .ingest import cache_root as package_cache_root
 from .loss import reco_loss
 from .memory import Memory, validate_embeddings
 from .neighbors import mode_modalities, retrieve
@@ -79,7 +81,7 @@ class TrainConfig:
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
     on_mismatch: str = "error"  # out_dir holds a run on other inputs or settings: "error" | "restart" (train afresh)
-    cache_dir: str | None = None  # neighbour cache; default out_dir/cache, else $RECO_CACHE or ~/.cache/reco_qdrant
+    cache_dir: str | None = None  # neighbour cache; default out_dir/cache, else $RECO_CACHE_DIR (`cache_root`)
     cache_keep: int = 8  # neighbour caches kept in the cache directory (the least recently used are pruned)
     progress: bool = True
 
@@ -129,13 +131,17 @@ def _digest(*parts: Any) -> str:
 
 
 def cache_root(cfg: TrainConfig) -> Path:
-    """Where neighbour caches live: `cache_dir`, else beside the run (`out_dir/cache`), else $RECO_CACHE
-    or ~/.cache/reco_qdrant."""
+    """Where neighbour caches live: `cache_dir`, else beside the run (`out_dir/cache`), else the package's one
+    cache directory (`ingest.cache_root`: $RECO_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /reco_qdrant)."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir) / "neighbours"
     if cfg.out_dir:
         return Path(cfg.out_dir) / "cache" / "neighbours"
-    return Path(os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco_qdrant")) / "neighbours"
+    if os.environ.get("RECO_CACHE") and not os.environ.get("RECO_CACHE_DIR"):
+        warnings.warn("$RECO_CACHE is deprecated and will be ignored in the next release: set $RECO_CACHE_DIR, the "
+                      "one cache directory for embeddings and neighbours", DeprecationWarning, stacklevel=3)
+        return Path(os.environ["RECO_CACHE"]) / "neighbours"
+    return package_cache_root() / "neighbours"
 
 
 def _prune_cache(root: Path, keep: int) -> None:
