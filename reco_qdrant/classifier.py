@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .coverage import CoverageReference
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
@@ -21,6 +22,8 @@ from .neighbors import retrieve
 # docs/experiments.md, "The guard").
 ALIGNMENT_WARNING = 0.5
 WEIGHTS = ("zero-shot", "adapted")
+GATES = ("none", "coverage")
+BASELINE_SCALE = 100.0  # CLIP's logit scale: the plain encoder's probabilities
 
 # CLIP's prompt templates (a few of each set); always report the baseline with the same prompts.
 TEMPLATES: dict[str, list[str]] = {
@@ -46,6 +49,13 @@ def check_template(t: str) -> None:
                          f"found {['{' + f + '}' for f in fields] or 'none'}")
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of [B, C] logits."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
 @dataclass
 class Explanation:
     """What retrieval and fusion did for a batch of queries."""
@@ -53,6 +63,7 @@ class Explanation:
     refined: np.ndarray  # [B, d]
     neighbours: Neighbours  # ids/scores/captions [B, k], vectors [B, k, d]
     attention: np.ndarray | None  # [B, 1 + k]: the weight of the query and of each neighbour in the result
+    trust: np.ndarray | None = None  # [B] image queries under the coverage gate: the weight of RECO's logits
 
 
 class RecoClassifier:
@@ -70,20 +81,36 @@ class RecoClassifier:
             (`FusionModel.seen`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
             so `set_class_embeddings` warns about any class given that is not one of them. The choice is the
             user's and holds for every call: nothing switches models by the classes given.
+        gate: "none" (default): RECO's logits alone. "coverage" mixes, per image, RECO's logits with the plain
+            encoder's by how well the memory covers that image (`coverage.py`: its top image-search score, ranked
+            among the memory's own images'): trust 1 keeps RECO's answer, 0 the encoder's (the encoder's logits,
+            on CLIP's scale of 100, outweigh the fusion's well before 0.5). It reads the image only, never the
+            classes given. Use it where the memory may lack classes you ask about *and* the
+            encoder knows their names: the fallback is only as good as the encoder's zero-shot answer (README,
+            "The coverage gate").
+        coverage: a `CoverageReference` already read from this memory (default: read at the first gated
+            prediction, from 1,500 of its images, in one pass over the memory's vectors; kept in `coverage_` and
+            read again after the memory changes).
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
-                 batch_size: int = 256, device: str | None = None, weights: str = "zero-shot") -> None:
+                 batch_size: int = 256, device: str | None = None, weights: str = "zero-shot",
+                 gate: str = "none", coverage: CoverageReference | None = None) -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if gate != "none" and not use_retrieval:
+            raise ValueError(f"gate={gate!r} mixes RECO's scores with the encoder's: it needs retrieval")
         if weights == "adapted" and (fusion is None or fusion.seen is None):
             raise ValueError("weights='adapted' needs a fusion model adapted to its classes (trained with labels and "
                              "class_embeddings: `reco train --adapt`); this one has only zero-shot weights")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
-        self.use_retrieval, self.batch_size, self.weights = use_retrieval, batch_size, weights
+        self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
+        self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
         self.fusion_used_ = fusion.seen if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.learned_share_ = 0.0  # share of the classes given that the fusion model was adapted to
@@ -105,14 +132,21 @@ class RecoClassifier:
         self.classes_: list[str] = []
         self.raw_class_embeddings_: np.ndarray | None = None  # [C, d] prompt embeddings as given
         self.class_embeddings_: np.ndarray | None = None  # [C, d] refined (or plain) class embeddings
+        if coverage is not None and memory is not None and coverage.memory_uid != memory.uid:
+            raise ValueError("the coverage reference was read from another memory "
+                             f"(uid {coverage.memory_uid}, this one is {memory.uid})")
 
     # ------------------------------------------------------------------ refinement
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
-        """Refine [B, d] embeddings and return the neighbours and attention behind each one."""
+        """Refine [B, d] embeddings and return the neighbours and attention behind each one, and, for image queries
+        under `gate="coverage"`, the trust [B] that `predict` gives RECO's logits."""
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         nb = self._neighbours(x, modality, with_payload=True)
         refined, attention = self._fuse(modality, x, nb, need_weights=True)
-        return Explanation(refined, nb, attention)
+        gated = modality == "image" and self.gate == "coverage"
+        if gated:
+            self._read_coverage()
+        return Explanation(refined, nb, attention, self._trust(x, nb) if gated else None)
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
         """[B, d] -> refined [B, d] (unchanged, normalised, when retrieval is off)."""
@@ -131,6 +165,24 @@ class RecoClassifier:
         cfg = self.fusion.cfg
         return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
                         with_payload=with_payload, with_keys=self.fusion_used_.needs_keys)
+
+    def _read_coverage(self) -> CoverageReference:
+        """The coverage reference of the memory as it is now: read once, and again (drawn alike) after a write;
+        checked once per call, so that a memory being written to is not read again for every batch."""
+        ref = self.coverage_
+        if ref is None:
+            self.coverage_ = CoverageReference.from_memory(self.memory)
+        elif not ref.fits(self.memory):
+            self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile)
+        return self.coverage_
+
+    def _trust(self, q: np.ndarray, nb: Neighbours) -> np.ndarray:
+        """Coverage trust [B] of unit image queries [B, d] whose neighbours under the fusion's mode are `nb`, by the
+        reference `_read_coverage` last read."""
+        if self.fusion.cfg.search != "uni":  # the reading is an image-to-image search score
+            nb = retrieve(self.memory, q, "image", 1, "uni", "cross", batch_size=self.batch_size,
+                          with_payload=False, with_vectors=False)
+        return self.coverage_.trust(nb.scores[:, 0])
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -193,12 +245,23 @@ class RecoClassifier:
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
         cls = self._check_ready()
-        # the temperature the refining model learned with these very scores; CLIP's 100 without retrieval
-        scale = float(self.fusion_used_.logit_scale.exp().clamp(max=100).item()) if self.use_retrieval else 100.0
-        logits = scale * self.refine(image_embeddings, "image") @ cls.T
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(1, keepdims=True)
+        x = validate_embeddings(image_embeddings, "image embeddings", None, "query")
+        if not self.use_retrieval:
+            return _softmax(BASELINE_SCALE * x @ cls.T)
+        # the temperature the refining model learned with these very scores
+        scale = float(self.fusion_used_.logit_scale.exp().clamp(max=100).item())
+        if self.gate == "coverage":
+            self._read_coverage()
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            q = x[s : s + self.batch_size]
+            nb = self._neighbours(q, "image")
+            logits = scale * self._fuse("image", q, nb)[0] @ cls.T
+            if self.gate == "coverage":  # mixed per image in logit space: the ranking of two classes does not
+                w = self._trust(q, nb)[:, None]  # depend on which other classes are given
+                logits = w * logits + (1 - w) * BASELINE_SCALE * q @ self.raw_class_embeddings_.T
+            out.append(_softmax(logits))
+        return np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32)
 
     def predict_embeddings(self, image_embeddings: np.ndarray) -> list[str]:
         """Image embeddings [B, d] -> class names."""

@@ -13,6 +13,7 @@ import functools
 import json
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False)
@@ -44,6 +46,9 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
 WeightsOpt = Annotated[str, typer.Option(help="zero-shot: the fusion's weights for classes it never saw; adapted: "
                                                "the weights a `reco train --adapt` run fitted to its own classes")]
+GateOpt = Annotated[str, typer.Option(help="none: RECO's scores alone; coverage: fall back, per image, to the plain "
+                                            "encoder where the memory seems to lack the image's concept (useful "
+                                            "when the memory may miss classes whose names the encoder knows)")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
 
@@ -140,9 +145,17 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning as one wrapped line, like an error (where it came from only with --debug)."""
+    where = f" ({category.__name__}, {filename}:{lineno})" if _state["debug"] else ""
+    err.print(f"[yellow]warning:[/] {escape(str(message))}{where}", highlight=False)
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
 
 
 def _open(memory: str | None, collection: str, **kw: Any) -> Any:
@@ -866,12 +879,16 @@ def _classes(classes: str) -> list[str]:
 
 
 def _classifier(memory: str | None, collection: str, fusion_path: Path | None, model: str, pretrained: str | None,
-                kind: str, retrieval: bool = True, weights: str = "zero-shot") -> tuple[Any, Any]:
-    from .classifier import RecoClassifier
+                kind: str, retrieval: bool = True, weights: str = "zero-shot", gate: str = "none") -> tuple[Any, Any]:
+    from .classifier import GATES, RecoClassifier
     from .fusion import FusionModel
 
     if weights != "zero-shot" and (fusion_path is None or not retrieval):
         raise ValueError(f"--weights {weights} selects a fusion model's weights: give --fusion")
+    if gate not in GATES:
+        raise ValueError(f"--gate must be one of {', '.join(GATES)}, got {gate!r}")
+    if gate != "none" and (fusion_path is None or not retrieval):
+        raise ValueError(f"--gate {gate} mixes RECO's scores with the encoder's: give --fusion")
     if retrieval and fusion_path is not None:
         _must_exist(memory, collection)  # RECO retrieves from it: before any encoder is loaded, creating nothing
     enc = _encoder(model, pretrained, kind, memory, collection)
@@ -879,7 +896,8 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
         return RecoClassifier(encoder=enc, use_retrieval=False), None
     mem = _open(memory, collection, encoder=enc)
     try:
-        return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights), mem
+        return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights,
+                              gate=gate), mem
     except Exception:
         mem.close()
         raise
@@ -894,9 +912,9 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
                 help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
             memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = None,
             pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
-            as_json: JsonOpt = False) -> None:
+            gate: GateOpt = "none", as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
     try:
         clf.set_classes(_classes(classes), templates)
         proba = clf.predict_proba(images)
@@ -928,23 +946,24 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
                        "generic"),
                    memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                    model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                   encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
+                   encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot", gate: GateOpt = "none",
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
                    as_json: JsonOpt = False) -> None:
     """Zero-shot top-1/top-5, baseline and RECO side by side, same prompts."""
     from .evaluation import image_folder_dataset, zero_shot_report
 
     paths, labels, names = image_folder_dataset(folder)
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
     try:
         clf.set_classes(names, templates)
-        res = zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels)
+        res = {**zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels), "gate": gate}
     finally:
         mem.close()
     if output:
         output.write_text(json.dumps(res, indent=2))
+    reco = "RECO" if gate == "none" else f"RECO, {gate} gate"
     _emit(res, as_json, _report_table(f"zero-shot on {folder} ({res['n_images']} images, {res['n_classes']} classes)",
-                                      [("baseline", res["baseline"]), ("RECO", res["reco"])]))
+                                      [("baseline", res["baseline"]), (reco, res["reco"])]))
 
 
 @eval_app.command("retrieval")

@@ -283,6 +283,12 @@ def test_train_adapt_fits_weights_to_the_labelled_classes_prompts(tmp_path, tiny
     r = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--weights", "adapted",
                             "--memory", mem])
     assert r.exit_code == 1 and "give --fusion" in r.output
+    r = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--gate", "coverage",
+                            "--memory", mem])
+    assert r.exit_code == 1 and "--gate coverage mixes RECO's scores with the encoder's: give --fusion" in " ".join(
+        r.output.split()), r.output
+    r = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--gate", "auto", "--memory", mem])
+    assert r.exit_code == 1 and "--gate must be one of none, coverage, got 'auto'" in " ".join(r.output.split())
 
 
 def test_read_only_commands_never_create_a_memory(tmp_path):

@@ -113,22 +113,29 @@ def test_a_half_covered_memory_does_not_read_as_unknown_names(world, setup, reco
 
 def test_the_classifier_does_not_change_with_the_number_of_classes_given(world, setup, reco):
     """Nothing switches models or scores by the class list: 10 trained + 10 new classes, or one more new class,
-    refine the same images and the same classes identically, so the ranking among the same 20 is unchanged."""
+    refine the same images and the same classes identically, so the ranking among the same 20 is unchanged, with
+    the coverage gate too (it reads the image alone)."""
     mem = setup[0]
     model = reco[0]
     trained = np.unique(world.train_labels)[:10]
-    for weights in ("zero-shot", "adapted"):
+    for weights, gate in (("zero-shot", "none"), ("adapted", "none"), ("zero-shot", "coverage"),
+                          ("adapted", "coverage")):
         outs = []
         for n_new in (10, 11):
             cls = np.concatenate([trained, world.eval_classes[:n_new]])
-            clf = RecoClassifier(mem, model, weights=weights)
+            clf = RecoClassifier(mem, model, weights=weights, gate=gate)
             with pytest.warns(UserWarning, match="not among") if weights == "adapted" else _no_warning():
                 clf.set_class_embeddings(world.class_text[cls], [world.class_names[c] for c in cls])
-            outs.append((clf.refine(world.eval_image[:30]), clf.class_embeddings_[:20],
-                         clf.predict_proba_embeddings(world.eval_image[:30])[:, :20].argsort(1)))
+            p = clf.predict_proba_embeddings(world.eval_image[:30])
+            outs.append((clf.refine(world.eval_image[:30]), clf.class_embeddings_[:20], p[:, :20].argsort(1),
+                         clf.explain(world.eval_image[:30]).trust))
         np.testing.assert_array_equal(outs[0][0], outs[1][0])
         np.testing.assert_array_equal(outs[0][1], outs[1][1])
         np.testing.assert_array_equal(outs[0][2], outs[1][2])
+        if gate == "none":
+            assert outs[0][3] is None and outs[1][3] is None
+        else:
+            np.testing.assert_array_equal(outs[0][3], outs[1][3])
 
 
 def _no_warning():
@@ -443,3 +450,17 @@ def test_pseudo_class_validation_never_meets_a_training_prompt(world):
     assert labels.max() + 1 == len(np.unique(labels))  # contiguous: medoids index by label
     train_prompts = medoids(world.train_text, labels)[np.unique(labels[~is_val])]
     assert not is_val[train_prompts].any()
+
+
+def test_neighbour_caches_live_in_the_one_cache_directory(monkeypatch, tmp_path):
+    """$RECO_CACHE_DIR holds the embeddings' and the neighbours' caches; the old $RECO_CACHE still works, warned."""
+    from reco_qdrant.training import TrainConfig, cache_root
+
+    monkeypatch.delenv("RECO_CACHE", raising=False)
+    monkeypatch.setenv("RECO_CACHE_DIR", str(tmp_path / "one"))
+    assert cache_root(TrainConfig()) == tmp_path / "one" / "neighbours"
+    assert cache_root(TrainConfig(out_dir=str(tmp_path / "run"))) == tmp_path / "run" / "cache" / "neighbours"
+    monkeypatch.delenv("RECO_CACHE_DIR")
+    monkeypatch.setenv("RECO_CACHE", str(tmp_path / "old"))
+    with pytest.warns(DeprecationWarning, match=r"\$RECO_CACHE is deprecated"):
+        assert cache_root(TrainConfig()) == tmp_path / "old" / "neighbours"
