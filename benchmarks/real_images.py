@@ -209,6 +209,7 @@ ZERO_SHOT_VARIANTS = {  # column -> train_fusion overrides; every model trains w
     "mean": dict(aggregator="mean"),
     "uni-mean": dict(aggregator="mean", fusion="uni"),
 }
+GATED = ("RECO", "RECO untrained")  # also scored through the coverage gate, as "<column> + gate"
 SPLIT = (50, 25, 25)  # species: fusion-training, dev, test
 
 
@@ -277,6 +278,7 @@ def run_zero_shot(memory_kind: str, seed: int, towers: Towers, work: Path, varia
             row[f"{g}/baseline"] = float((base == labels).mean())
             names = [cub.names[c] for c in cls]
             row[f"{g}/kNN vote"] = float((knn_vote(mem, test, names, base) == labels).mean())
+        coverage = None
         for col, over in variants.items():
             t0 = time.perf_counter()
             kw = {"epochs": epochs} if epochs is not None and "epochs" not in over else {}
@@ -285,12 +287,16 @@ def run_zero_shot(memory_kind: str, seed: int, towers: Towers, work: Path, varia
             row[f"{col} train_s"] = round(time.perf_counter() - t0, 1)
             row[f"{col} best_epoch"] = model.best_epoch
             for g, (test, labels, cls) in evals.items():
-                clf = RecoClassifier(mem, model).set_class_embeddings(prompts[cls], [cub.names[c] for c in cls])
-                row[f"{g}/{col}"] = zero_shot_report(clf, test, labels)["reco"]["top1"]
+                for gate in ("none", "coverage") if col in GATED else ("none",):
+                    clf = RecoClassifier(mem, model, gate=gate, coverage=coverage).set_class_embeddings(
+                        prompts[cls], [cub.names[c] for c in cls])
+                    top1 = zero_shot_report(clf, test, labels)["reco"]["top1"]
+                    row[f"{g}/{col}" + (" + gate" if gate == "coverage" else "")] = top1
+                    coverage = clf.coverage_ or coverage  # read once per memory
     return row
 
 
-ZERO_SHOT_COLUMNS = ["baseline", *ZERO_SHOT_VARIANTS, "kNN vote"]
+ZERO_SHOT_COLUMNS = ["baseline", *ZERO_SHOT_VARIANTS, *(f"{c} + gate" for c in GATED), "kNN vote"]
 
 
 def summarise_zero_shot(rows: list[dict], group: str) -> list[dict]:

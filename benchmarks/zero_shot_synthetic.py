@@ -45,11 +45,12 @@ VARIANTS = {
     "mean": dict(aggregator="mean"),
     "uni-mean": dict(aggregator="mean", fusion="uni"),
 }
-COLUMNS = ["baseline", *VARIANTS]
+GATED = ("RECO", "RECO untrained")  # also scored through the coverage gate, as "<column> + gate"
+COLUMNS = ["baseline", *VARIANTS, *(f"{c} + gate" for c in GATED)]
 
 
 def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Path | None = None,
-        **world_over: object) -> dict:
+        gated: tuple[str, ...] = GATED, **world_over: object) -> dict:
     """One world, seed and memory: top-1 on the evaluation (new) classes for each column."""
     w = make_world(WorldConfig(seed=seed, **{**WORLDS[world][1], **MEMORIES[memory], **world_over}))
     keep = np.ones(len(w.memory_ids), bool)
@@ -67,15 +68,19 @@ def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Pat
             ids = [point_id("synthetic", k) for k in w.train_ids]  # pairs not stored are simply not found
             names = [w.class_names[c] for c in w.eval_classes]
             labels = np.searchsorted(w.eval_classes, w.eval_labels)
+            coverage = None
             for col, over in variants.items():
                 t0 = time.perf_counter()
                 model = train_fusion(mem, w.train_image, w.train_text, ids=ids, seed=seed, progress=False,
                                      cache_dir=str(Path(tmp) / "cache"), **over)
-                clf = RecoClassifier(mem, model).set_class_embeddings(w.class_text[w.eval_classes], names)
-                res = zero_shot_report(clf, w.eval_image, labels)
-                row["baseline"] = res["baseline"]["top1"]
-                row[col] = res["reco"]["top1"]
-                row[f"{col} s"] = round(time.perf_counter() - t0, 1)
+                row[f"{col} s"] = round(time.perf_counter() - t0, 1)  # training only
+                for gate in ("none", "coverage") if col in gated else ("none",):
+                    clf = RecoClassifier(mem, model, gate=gate, coverage=coverage).set_class_embeddings(
+                        w.class_text[w.eval_classes], names)
+                    res = zero_shot_report(clf, w.eval_image, labels)
+                    row["baseline"] = res["baseline"]["top1"]
+                    row[col + (" + gate" if gate == "coverage" else "")] = res["reco"]["top1"]
+                    coverage = clf.coverage_ or coverage  # read once per memory
                 row[f"{col} best_epoch"] = model.best_epoch
     return row
 
@@ -98,7 +103,7 @@ def sweep(sizes: list[int], seed: int = 100, memory: str = "web") -> list[dict]:
     rows = []
     for n in sizes:
         per_class = max(1, n // 100)
-        r = run("dev", seed, memory, {k: VARIANTS[k] for k in ("RECO", "mean")}, train_per_class=per_class)
+        r = run("dev", seed, memory, {k: VARIANTS[k] for k in ("RECO", "mean")}, gated=(), train_per_class=per_class)
         r["gain over mean"] = r["RECO"] - r["mean"]
         rows.append(r)
         print({k: v for k, v in r.items()}, flush=True)
