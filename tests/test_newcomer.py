@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,16 @@ def test_newcomer_first_hour_on_generated_images(tmp_path):
     gated = json.loads(r.stdout)
     assert [p["image"] for p in gated] == [p["image"] for p in pred]
     assert all(p["class"] in COLORS and 0 <= p["probability"] <= 1 for p in gated)
+    # evaluate on a class-per-folder copy of a few images, RECO through the gate beside the baseline
+    for name in COLORS:
+        (tmp_path / "byclass" / name).mkdir(parents=True)
+        for i in range(2):
+            shutil.copy(images / f"{name}_{i}.png", tmp_path / "byclass" / name)
+    r = me.run("eval", "zero-shot", "byclass", "--fusion", "run/best", "--memory", mem, "--gate", "coverage",
+               "--output", "eval.json")
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["gate"] == "coverage" and res["n_images"] == 2 * len(COLORS) and res["n_classes"] == len(COLORS)
+    assert 0 <= res["reco"]["top1"] <= 1 and "RECO, coverage gate" in r.flat_out
 
     # info lists the sources with their counts
     r = me.run("info", "--memory", mem, "--json")
