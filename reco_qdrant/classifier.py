@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,11 +153,14 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", None, "query")
         if not self.use_retrieval:
             return x
-        out = []
+        return np.concatenate([refined for _, _, refined in self._refined_batches(x, modality)])
+
+    def _refined_batches(self, x: np.ndarray, modality: str) -> Iterator[tuple[np.ndarray, Neighbours, np.ndarray]]:
+        """(queries [b, d], their neighbours, refined [b, d]) for each batch of unit queries x [B, d]."""
         for s in range(0, len(x), self.batch_size):
             q = x[s : s + self.batch_size]
-            out.append(self._fuse(modality, q, self._neighbours(q, modality))[0])
-        return np.concatenate(out)
+            nb = self._neighbours(q, modality)
+            yield q, nb, self._fuse(modality, q, nb)[0]
 
     def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
         """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
@@ -253,10 +256,8 @@ class RecoClassifier:
         if self.gate == "coverage":
             self._read_coverage()
         out = []
-        for s in range(0, len(x), self.batch_size):
-            q = x[s : s + self.batch_size]
-            nb = self._neighbours(q, "image")
-            logits = scale * self._fuse("image", q, nb)[0] @ cls.T
+        for q, nb, refined in self._refined_batches(x, "image"):
+            logits = scale * refined @ cls.T
             if self.gate == "coverage":  # mixed per image in logit space: the ranking of two classes does not
                 w = self._trust(q, nb)[:, None]  # depend on which other classes are given
                 logits = w * logits + (1 - w) * BASELINE_SCALE * q @ self.raw_class_embeddings_.T
