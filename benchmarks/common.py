@@ -13,6 +13,12 @@ import numpy as np
 from reco_qdrant import Memory
 
 RESULTS = Path(__file__).parent / "results"
+GATED = ("RECO", "RECO untrained")  # zero-shot columns also scored through the coverage gate, as "<column> + gate"
+
+
+def gate_columns(col: str, gated: tuple[str, ...] = GATED) -> list[tuple[str, str]]:
+    """(gate, column name) pairs to score a zero-shot column with: a gated column also through the coverage gate."""
+    return [("none", col)] + ([("coverage", f"{col} + gate")] if col in gated else [])
 
 
 def clip_like(n: int, d: int = 512, seed: int = 0, per_cluster: int = 50) -> tuple[np.ndarray, np.ndarray]:

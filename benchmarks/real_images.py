@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from common import print_table, write_results
+from common import GATED, gate_columns, print_table, write_results
 from real_world import (
     DATA,
     PROMPT,
@@ -209,7 +209,6 @@ ZERO_SHOT_VARIANTS = {  # column -> train_fusion overrides; every model trains w
     "mean": dict(aggregator="mean"),
     "uni-mean": dict(aggregator="mean", fusion="uni"),
 }
-GATED = ("RECO", "RECO untrained")  # also scored through the coverage gate, as "<column> + gate"
 SPLIT = (50, 25, 25)  # species: fusion-training, dev, test
 
 
@@ -287,11 +286,10 @@ def run_zero_shot(memory_kind: str, seed: int, towers: Towers, work: Path, varia
             row[f"{col} train_s"] = round(time.perf_counter() - t0, 1)
             row[f"{col} best_epoch"] = model.best_epoch
             for g, (test, labels, cls) in evals.items():
-                for gate in ("none", "coverage") if col in GATED else ("none",):
+                for gate, name in gate_columns(col):
                     clf = RecoClassifier(mem, model, gate=gate, coverage=coverage).set_class_embeddings(
                         prompts[cls], [cub.names[c] for c in cls])
-                    top1 = zero_shot_report(clf, test, labels)["reco"]["top1"]
-                    row[f"{g}/{col}" + (" + gate" if gate == "coverage" else "")] = top1
+                    row[f"{g}/{name}"] = zero_shot_report(clf, test, labels)["reco"]["top1"]
                     coverage = clf.coverage_ or coverage  # read once per memory
     return row
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import print_table, write_results
+from common import GATED, gate_columns, print_table, write_results
 
 from reco_qdrant import Memory, RecoClassifier, train_fusion
 from reco_qdrant.evaluation import zero_shot_report
@@ -45,7 +45,6 @@ VARIANTS = {
     "mean": dict(aggregator="mean"),
     "uni-mean": dict(aggregator="mean", fusion="uni"),
 }
-GATED = ("RECO", "RECO untrained")  # also scored through the coverage gate, as "<column> + gate"
 COLUMNS = ["baseline", *VARIANTS, *(f"{c} + gate" for c in GATED)]
 
 
@@ -74,12 +73,12 @@ def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Pat
                 model = train_fusion(mem, w.train_image, w.train_text, ids=ids, seed=seed, progress=False,
                                      cache_dir=str(Path(tmp) / "cache"), **over)
                 row[f"{col} s"] = round(time.perf_counter() - t0, 1)  # training only
-                for gate in ("none", "coverage") if col in gated else ("none",):
+                for gate, name in gate_columns(col, gated):
                     clf = RecoClassifier(mem, model, gate=gate, coverage=coverage).set_class_embeddings(
                         w.class_text[w.eval_classes], names)
                     res = zero_shot_report(clf, w.eval_image, labels)
                     row["baseline"] = res["baseline"]["top1"]
-                    row[col + (" + gate" if gate == "coverage" else "")] = res["reco"]["top1"]
+                    row[name] = res["reco"]["top1"]
                     coverage = clf.coverage_ or coverage  # read once per memory
                 row[f"{col} best_epoch"] = model.best_epoch
     return row
