@@ -16,6 +16,7 @@ import numpy as np
 
 from .backends import UncountedCollection, UnreadableCollection, count_edge_collection, edge_collections
 from .config import MemoryConfig
+from .ledger import _said_count
 from .memory import (
     EXACT_SEARCH_BELOW,
     UNSPECIFIED,
@@ -24,7 +25,6 @@ from .memory import (
     MemoryDamagedError,
     MemoryError_,
     MemoryInUseError,
-    _said_count,
     index_due,
     point_id,
 )
@@ -191,18 +191,17 @@ def _other_collections(mem: Memory, collection: str) -> list[Finding]:
 def _points(mem: Memory, examples: int) -> list[Finding]:
     bad: dict[str, list[str]] = {}
     seen, stale = 0, []  # stale: points whose row in the vector copy does not hold their vectors
-    copy = getattr(mem.backend, "copy", None)
+    rows = mem.backend.vector_copy_rows()  # None: the memory keeps no vector copy
     for recs in mem.scroll(1024, with_vectors=True):
         for r in recs:
             seen += 1
             for why in _point_problems(r, mem.dim):
                 bad.setdefault(why, []).append(r.id)
-        if copy is not None:
-            stale += _out_of_copy(recs, copy)
+        stale += mem.backend.stale_copy_rows(recs) or []
     out = [Finding("ok" if not bad else "problem", f"{seen:,} points read")]
-    if copy is not None:
-        out.append(Finding("ok", f"vector copy: every point's row holds its vectors ({copy.rows:,} rows)") if not stale
-                       else Finding("warning", f"vector copy {mem.backend.copy_path}: {len(stale):,} points have no "
+    if rows is not None:
+        out.append(Finding("ok", f"vector copy: every point's row holds its vectors ({rows:,} rows)") if not stale
+                       else Finding("warning", f"vector copy of {mem.cfg.location}: {len(stale):,} points have no "
                                     f"row or another point's vectors there (e.g. {', '.join(stale[:examples])}); "
                                     "searches notice and read vectors from the engine (slower)",
                                     "`reco copy` this memory into a new one: the new one has a fresh copy"))
@@ -213,23 +212,6 @@ def _points(mem: Memory, examples: int) -> list[Finding]:
         out.append(Finding("problem", f"{len(ids):,} points {why} (e.g. {', '.join(ids[:examples])})",
                            "re-ingest their sources (same --source) to rewrite them, or delete them by id"))
     return out
-
-
-def _out_of_copy(recs: list[Any], copy: Any) -> list[str]:
-    """Ids of the records whose row in the vector copy is missing, damaged or holds other vectors (one read
-    for the batch; record by record only when that read fails)."""
-    def wrong(batch: list[Any]) -> np.ndarray | None:  # [N] bool, or None when some row fails its checksum
-        got = copy.read(np.array([r.copy_entry for r in batch], np.int64).reshape(-1, 2))
-        if got is None:
-            return None
-        return np.any([np.abs(got[m] - np.array([r.vectors[m] for r in batch], np.float32)).max(1) > 1e-6
-                       for m in VECTOR_NAMES], axis=0)
-
-    have = [r for r in recs if r.copy_entry is not None]
-    bad = wrong(have)
-    if bad is None:
-        bad = np.array([w is None or bool(w[0]) for w in map(wrong, ([r] for r in have))], bool)
-    return [r.id for r in recs if r.copy_entry is None] + [r.id for r, b in zip(have, bad) if b]
 
 
 def _point_problems(r: Any, dim: int | None) -> list[str]:

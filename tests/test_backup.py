@@ -225,7 +225,7 @@ def test_restore_refuses_a_leftover_part_before_writing_anything(tmp_path):
 def test_restore_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     import errno
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.backup as M  # the module that copies and renames
 
     _filled(tmp_path / "m", 40)
     assert runner.invoke(app, ["backup", str(tmp_path / "bk"), "--memory", str(tmp_path / "m")]).exit_code == 0
@@ -256,7 +256,7 @@ def test_restore_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_backup_checks_room_on_dest_before_copying(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.backup as M  # the module that copies and renames
     from reco_qdrant import MemoryFullError
     from reco_qdrant.backends import DISK_RESERVE
 
@@ -300,7 +300,7 @@ def test_a_backup_keeps_the_engines_sparse_files_sparse(tmp_path):
 
 
 def test_sparse_copy_keeps_data_holes_and_length(tmp_path):
-    from reco_qdrant.memory import _sparse_copy
+    from reco_qdrant.backup import _sparse_copy
 
     src = tmp_path / "src"
     with open(src, "wb") as f:
@@ -330,7 +330,7 @@ def test_restore_checks_room_before_copying_and_names_stale_stages(tmp_path, mon
     import os
     from collections import namedtuple
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.backup as M  # the module that copies and renames
     from reco_qdrant import MemoryFullError
     from reco_qdrant.backends import DISK_RESERVE
 
@@ -371,7 +371,7 @@ def test_restore_checks_room_before_copying_and_names_stale_stages(tmp_path, mon
 def test_a_backup_that_fails_midway_leaves_no_partial_copy(tmp_path, monkeypatch):
     import errno
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.backup as M  # the module that copies and renames
 
     img = _filled(tmp_path / "m", 60)
     real, calls = shutil.copytree, []

@@ -153,7 +153,7 @@ def _due_memory(tmp_path, monkeypatch, n=300):
     from conftest import random_pairs
 
     import reco_qdrant.backends as B
-    import reco_qdrant.memory as M
+    import reco_qdrant.indexing as M  # where `Memory.ensure_indexed` asks whether a build is due
 
     img, txt, caps = random_pairs(n, 32, seed=3)
     with Memory.open(str(tmp_path / "m"), auto_index=False) as m:
@@ -171,7 +171,7 @@ def test_a_postponed_index_build_is_retried_by_a_later_search(tmp_path, monkeypa
     there is room, as the warning says, instead of never again until the next write."""
     import warnings
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.indexing as M  # where `Memory.ensure_indexed` asks whether a build is due
 
     img, txt, caps, free, _ = _due_memory(tmp_path, monkeypatch)
     with warnings.catch_warnings(record=True) as w:
@@ -224,7 +224,7 @@ def test_an_index_build_the_engine_fails_does_not_refuse_reads(tmp_path, monkeyp
     not re-run by each search; once clearly more room is free, a search builds it."""
     import warnings
 
-    import reco_qdrant.memory as M
+    import reco_qdrant.indexing as M  # where `Memory.ensure_indexed` asks whether a build is due
 
     img, txt, caps, free, _ = _due_memory(tmp_path, monkeypatch)
     free[0] = 2**30  # our estimate (10 MiB + the reserve) fits
@@ -273,7 +273,7 @@ def test_counting_other_collections_on_a_nearly_full_disk_loads_nothing_and_says
             m.add_embeddings(img[:n], txt[:n], caps[:n], encoder_id="enc")
     assert B.count_edge_collection(tmp_path / "m", "big") == 30
     usage, real = namedtuple("usage", "total used free"), shutil.disk_usage
-    monkeypatch.setattr(B.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20)
                         if str(p).startswith(str(tmp_path / "m")) else real(p))
     loaded = []
     import qdrant_edge as qe

@@ -1,167 +1,49 @@
-"""The two ways we talk to Qdrant, behind one narrow protocol.
-
-`EdgeBackend` runs Qdrant's engine in-process (Qdrant Edge), persistent in a directory: the
-embedded default. `ServerBackend` talks to a Qdrant server over gRPC with qdrant-client; over
-`QdrantClient(":memory:")` it is also the in-process stand-in for the server in tests.
-Both store one point per image-text pair with two named vectors, `image` and `text`.
-"""
+"""Qdrant Edge: the engine run in-process, persistent in a directory (the embedded default)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
 import shutil
-import threading
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 
-from .config import MemoryConfig
-from .vector_copy import COPY_FIELD, SCORE_TOLERANCE, VectorCopy
-
-VECTOR_NAMES = ("image", "text")
-_META_VECTOR = "_"
-T = TypeVar("T")
-
-
-class MemoryError_(RuntimeError):
-    """Base class of the memory's errors (named so it does not shadow the builtin MemoryError)."""
-
-
-class MemoryInUseError(MemoryError_):
-    """Another process holds the embedded memory directory."""
-
-
-class MemoryUnavailableError(MemoryError_):
-    """The Qdrant server cannot be reached (after bounded retries)."""
-
-
-class MemoryFullError(MemoryError_):
-    """The disk of an embedded memory has too little free space for a write or an index build."""
-
-
-# Free disk space an embedded memory keeps in reserve: the engine writes through memory maps into files it
-# preallocates (32 MiB write-ahead-log segments), and a full disk there kills the process with SIGBUS
-# instead of raising an error, so writes and index builds are refused while less than this would remain.
-DISK_RESERVE = 256 * 2**20
-
-
-class MemoryDamagedError(MemoryError_):
-    """Files of an embedded memory cannot be read (truncated, garbled, missing, or from another version)."""
-
-
-_RECOVER = ("check it with `reco doctor --memory {root}`; to recover, restore the directory from a copy, or move it "
-            "away and re-ingest the same sources (point ids derive from source and key, so the same points come back)")
-
-
-def _engine_failure(e: BaseException) -> bool:
-    """An error the engine raised (including a Rust panic, which pyo3 raises as a BaseException)."""
-    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
-
-
-@dataclass
-class Hits:
-    """Hits of B queries, row by row (a row holds fewer than k hits when the memory does): ids, scores and
-    payloads as the binding's lists, vectors as one array for all hits (one conversion per batch, not per hit)."""
-
-    ids: list[list[str]]  # [B][<=k] point ids
-    scores: list[list[float]]  # [B][<=k] similarity in the searched modality
-    payloads: list[list[dict[str, Any]]]  # [B][<=k]
-    vectors: np.ndarray | None  # [hits, d] float32, rows concatenated: the requested return modality
-    keys: np.ndarray | None = None  # [hits, d] the same for the vector that was searched (with_key=True)
-
-    @classmethod
-    def of(cls, rows: list[Any], return_vector: str | None, using: str, with_key: bool) -> Hits:
-        """From the engine's (or qdrant-client's) rows of scored points."""
-        flat = [p for row in rows for p in row]
-
-        def column(name: str | None) -> np.ndarray | None:
-            return np.array([_named(p.vector, name) for p in flat], np.float32) if name else None
-
-        return cls([[str(p.id) for p in row] for row in rows], [[p.score for p in row] for row in rows],
-                   [[p.payload or {} for p in row] for row in rows], column(return_vector),
-                   column(using if with_key else None))
-
-    @classmethod
-    def concat(cls, parts: list[Hits]) -> Hits:
-        """The hits of several batches of queries, in order."""
-        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-            if not arrays or arrays[0] is None:
-                return None
-            full = [a for a in arrays if a.size]  # a batch without hits has no row width
-            return np.concatenate(full) if full else arrays[0]
-
-        return cls([r for h in parts for r in h.ids], [r for h in parts for r in h.scores],
-                   [r for h in parts for r in h.payloads], cat([h.vectors for h in parts]),
-                   cat([h.keys for h in parts]))
-
-
-@dataclass
-class Record:
-    id: str
-    vectors: dict[str, list[float]]
-    payload: dict[str, Any]
-    copy_entry: list[int] | None = None  # Edge: [row, crc] of the point in the vector copy (None: written without)
-
-
-class Backend(Protocol):
-    """What `Memory` needs from a Qdrant deployment. Vectors are float32 [N, d]."""
-
-    def has_collection(self) -> bool: ...
-    def create_collection(self, dim: int, cfg: MemoryConfig) -> None: ...
-    def create_payload_index(self, field: str) -> None: ...
-    def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
-    def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False,
-               hnsw_ef: int | None = None) -> Hits: ...
-    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
-    def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
-    def delete(self, ids: list[str]) -> None: ...
-    def count(self, source: str | None = None) -> int: ...
-    def sources(self, limit: int = 10_000) -> dict[str, int]: ...
-    def stored_quantization(self) -> str | None: ...
-    def optimize(self) -> bool: ...
-    def status(self) -> dict[str, Any]: ...
-    def meta_get(self, key: str) -> Any: ...
-    def meta_set(self, key: str, value: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _record(r: Any) -> Record:
-    payload = dict(r.payload or {})
-    return Record(str(r.id), dict(r.vector or {}), payload, payload.pop(COPY_FIELD, None))
-
-
-def _meta_id(key: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"reco-meta:{key}"))
-
-
-def _named(vec: Any, name: str) -> list[float] | None:
-    if vec is None:
-        return None
-    return vec.get(name) if isinstance(vec, dict) else vec
-
-
-def _vector_names(return_vector: str | None, using: str, with_key: bool) -> list[str] | bool:
-    names = list(dict.fromkeys(n for n in (return_vector, using if with_key else None) if n))
-    return names or False
-
-
-# --------------------------------------------------------------------------- Qdrant Edge
+from ..config import MemoryConfig
+from ..vector_copy import COPY_FIELD, SCORE_TOLERANCE, VectorCopy
+from .base import (
+    _META_VECTOR,
+    _RECOVER,
+    DISK_RESERVE,
+    VECTOR_NAMES,
+    Hits,
+    MemoryDamagedError,
+    MemoryError_,
+    MemoryFullError,
+    MemoryInUseError,
+    Record,
+    T,
+    _engine_failure,
+    _meta_id,
+    _record,
+    _vector_names,
+    check_quantization,
+)
 
 
 class EdgeBackend:
     """Qdrant Edge shards in a directory: `<dir>/<collection>/` (data), `<dir>/<collection>__meta/` (ledger),
     and `<dir>/<collection>__vectors/` (a float32 copy of the vectors for fast hits; see `vector_copy.py`)."""
+
+    exclusive = True  # the directory's lock: one process at a time
+    indexes_itself = False  # the engine builds an index only when asked (`optimize`), in the caller's thread
 
     def __init__(self, path: str | os.PathLike, cfg: MemoryConfig, repair_ledger: bool = False) -> None:
         import qdrant_edge as qe
@@ -266,10 +148,8 @@ class EdgeBackend:
     def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
         qe = self.qe
         quant = None
-        if cfg.quantization == "int8":
+        if check_quantization(cfg) == "int8":
             quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
-        elif cfg.quantization is not None:
-            raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None or 'int8'")
         vp = {n: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, on_disk=cfg.on_disk)
               for n in VECTOR_NAMES}
         hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
@@ -385,13 +265,59 @@ class EdgeBackend:
         res = self._read(self.shard.facet, self.qe.FacetRequest(key="source", limit=limit, exact=True))
         return {str(h.value): int(h.count) for h in res.hits}
 
+    def collections(self) -> dict[str, Any]:
+        """Points per other collection in this directory, counted as `count_edge_collection` does."""
+        own = self.cfg.collection
+        return {n: count_edge_collection(self.root, n) for n in edge_collections(self.root) if n != own}
+
     def free_bytes(self) -> int:
         """Free space on the memory's disk."""
         return shutil.disk_usage(self.root).free
 
     def stored_bytes(self) -> int:
         """Bytes the collection takes on disk (allocated blocks: sparse files count what they hold)."""
-        return sum(f.stat().st_blocks * 512 for f in self.data_path.rglob("*") if f.is_file())
+        return tree_bytes([self.data_path])
+
+    def storage_paths(self) -> list[Path]:
+        """The collection, its ledger and its vector copy: those that exist."""
+        parts = (self.data_path, self.root / f"{self.cfg.collection}__meta", self.copy_path)
+        return [p for p in parts if p.exists()]
+
+    def snapshot(self) -> dict[str, str]:
+        raise ValueError(f"memory {self.root} is embedded: `Memory.backup(DEST)` copies it")
+
+    def check_vector_copy(self, records: list[Record]) -> None:
+        entries = [r.copy_entry for r in records]
+        if self.copy is None or self.copy_doubt is not None or not records or any(e is None for e in entries):
+            return
+        got = self.copy.read(np.array(entries, np.int64).reshape(-1, 2))
+        same = got is not None and all(
+            np.abs(got[m][i] - np.asarray(r.vectors[m], np.float32)).max() <= 1e-5
+            for i, r in enumerate(records) for m in VECTOR_NAMES)
+        if not same:
+            self._distrust_copy("found on opening: sampled points' rows do not hold their vectors: lost in a crash, "
+                                "damaged, or from another memory")
+
+    def stale_copy_rows(self, records: list[Record]) -> list[str] | None:
+        if self.copy is None:
+            return None
+        copy = self.copy
+
+        def wrong(batch: list[Record]) -> np.ndarray | None:  # [N] bool, or None when some row fails its checksum
+            got = copy.read(np.array([r.copy_entry for r in batch], np.int64).reshape(-1, 2))
+            if got is None:
+                return None
+            return np.any([np.abs(got[m] - np.array([r.vectors[m] for r in batch], np.float32)).max(1) > 1e-6
+                           for m in VECTOR_NAMES], axis=0)
+
+        have = [r for r in records if r.copy_entry is not None]
+        bad = wrong(have)  # one read for the batch; record by record only when that read fails
+        if bad is None:
+            bad = np.array([w is None or bool(w[0]) for w in map(wrong, ([r] for r in have))], bool)
+        return [r.id for r in records if r.copy_entry is None] + [r.id for r, b in zip(have, bad) if b]
+
+    def vector_copy_rows(self) -> int | None:
+        return None if self.copy is None else self.copy.rows
 
     def stored_quantization(self) -> str | None:
         """The quantization the engine actually stores (read from the shard's own config file)."""
@@ -400,6 +326,10 @@ class EdgeBackend:
 
     def optimize(self) -> bool:
         return bool(self._require().optimize())
+
+    def index_backlog(self) -> tuple[int, int]:
+        st = self.status()
+        return st["points"], st["points"] * len(VECTOR_NAMES) - st.get("indexed_vectors", 0)
 
     def status(self) -> dict[str, Any]:
         if self.shard is None:
@@ -518,190 +448,14 @@ def count_edge_collection(root: str | os.PathLike,
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-# --------------------------------------------------------------------------- qdrant-client
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying for an idempotent call: the server is briefly away or slow."""
-    try:
-        import grpc
-
-        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-            return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
-    except ImportError:  # pragma: no cover
-        pass
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-    if isinstance(exc, UnexpectedResponse):
-        return exc.status_code in (429, 502, 503, 504)
-    if isinstance(exc, ResponseHandlingException):
-        return True
-    import httpx
-
-    return isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError))
-
-
-class ServerBackend:
-    """A collection on a Qdrant server (gRPC preferred), or in qdrant-client's local mode."""
-
-    def __init__(self, cfg: MemoryConfig, client: Any = None) -> None:
-        from qdrant_client import QdrantClient, models
-
-        self.m = models
-        self.cfg = cfg
-        self.name = cfg.collection
-        self.meta_name = f"{cfg.collection}__meta"
-        self.local = client is None and cfg.location == ":memory:"  # exact search, no payload indexes
-        # qdrant-client's local mode is plain Python state, not thread-safe: serialise calls there only
-        self._lock = threading.RLock() if self.local else contextlib.nullcontext()
-        if client is not None:
-            self.client = client
-        elif cfg.location == ":memory:":
-            self.client = QdrantClient(":memory:")
-        else:
-            self.client = QdrantClient(**cfg.client_kwargs())
-        if not self._call(self.client.collection_exists, self.meta_name):
-            self._call(self.client.create_collection, self.meta_name,
-                       vectors_config={_META_VECTOR: models.VectorParams(size=1, distance=models.Distance.COSINE)})
-
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run an idempotent call with bounded exponential backoff on transient errors."""
-        from tenacity import (
-            RetryError,
-            Retrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_exponential,
-            wait_random,
-        )
-
-        retrying = Retrying(stop=stop_after_attempt(max(1, self.cfg.retries)),
-                            wait=wait_exponential(multiplier=0.1, max=self.cfg.retry_max_wait) + wait_random(0, 0.1),
-                            retry=retry_if_exception(_is_transient), reraise=False)
-        try:
-            with self._lock:
-                return retrying(fn, *args, **kwargs)
-        except RetryError as e:
-            last = e.last_attempt.exception()
-            raise MemoryUnavailableError(
-                f"Qdrant at {self.cfg.location} did not answer after {self.cfg.retries} attempts: "
-                f"{type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}"
-            ) from last
-
-    def has_collection(self) -> bool:
-        return bool(self._call(self.client.collection_exists, self.name))
-
-    def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
-        m = self.m
-        quant = None
-        if cfg.quantization == "int8":
-            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8,
-                                                                           quantile=0.99, always_ram=True))
-        elif cfg.quantization is not None:
-            raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None or 'int8'")
-        vectors = {n: m.VectorParams(size=dim, distance=m.Distance.COSINE, on_disk=cfg.on_disk)
-                   for n in VECTOR_NAMES}
-        self._call(self.client.create_collection, self.name, vectors_config=vectors,
-                   hnsw_config=m.HnswConfigDiff(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
-                                                full_scan_threshold=cfg.full_scan_threshold),
-                   quantization_config=quant, shard_number=cfg.shard_number,
-                   replication_factor=cfg.replication_factor, on_disk_payload=cfg.on_disk_payload)
-
-    def create_payload_index(self, field: str) -> None:
-        if self.local:
-            return
-        self._call(self.client.create_payload_index, self.name, field,
-                   field_schema=self.m.PayloadSchemaType.KEYWORD)
-
-    def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None:
-        batch = self.m.Batch(ids=list(ids), vectors={"image": image.tolist(), "text": text.tolist()},
-                             payloads=payloads)
-        self._call(self.client.upsert, self.name, points=batch, wait=True)
-
-    def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False,
-               hnsw_ef: int | None = None) -> Hits:
-        m = self.m
-        quant = (m.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
-                 if self.cfg.quantization else None)
-        params = None if self.local else m.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact,
-                                                         quantization=quant)
-        reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
-                               with_vector=_vector_names(return_vector, using, with_key))
-                for q in queries.tolist()]
-        res = self._call(self.client.query_batch_points, self.name, requests=reqs)
-        return Hits.of([r.points for r in res], return_vector, using, with_key)
-
-    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
-        recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,
-                          with_vectors=with_vectors)
-        return [_record(r) for r in recs]
-
-    def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]:
-        recs, nxt = self._call(self.client.scroll, self.name, limit=limit, offset=offset,
-                               with_payload=True, with_vectors=with_vectors)
-        return [_record(r) for r in recs], nxt
-
-    def delete(self, ids: list[str]) -> None:
-        self._call(self.client.delete, self.name, points_selector=self.m.PointIdsList(points=list(ids)),
-                   wait=True)
-
-    def count(self, source: str | None = None) -> int:
-        if not self.has_collection():
-            return 0
-        m = self.m
-        flt = None if source is None else m.Filter(must=[m.FieldCondition(key="source",
-                                                                           match=m.MatchValue(value=source))])
-        return int(self._call(self.client.count, self.name, count_filter=flt, exact=True).count)
-
-    def sources(self, limit: int = 10_000) -> dict[str, int]:
-        if not self.has_collection():
-            return {}
-        res = self._call(self.client.facet, self.name, key="source", limit=limit, exact=True)
-        return {str(h.value): int(h.count) for h in res.hits}
-
-    def collections(self) -> dict[str, int]:
-        """Points per memory collection on this server (ledgers left out)."""
-        names = [c.name for c in self._call(self.client.get_collections).collections if not c.name.endswith("__meta")]
-        return {n: int(self._call(self.client.count, n, exact=True).count) for n in sorted(names)}
-
-    def stored_quantization(self) -> str | None:
-        info = self._call(self.client.get_collection, self.name)
-        return "int8" if info.config.quantization_config is not None else None
-
-    def optimize(self) -> bool:
-        return False  # the server builds its indexes in the background
-
-    def status(self) -> dict[str, Any]:
-        kind = "local" if self.cfg.location == ":memory:" else "server"
-        out: dict[str, Any] = {"backend": kind, "url": self.cfg.location if kind == "server" else ":memory:"}
-        if self.has_collection():
-            info = self._call(self.client.get_collection, self.name)
-            out.update(points=info.points_count, indexed_vectors=info.indexed_vectors_count,
-                       segments=info.segments_count, status=str(info.status))
-        else:
-            out["points"] = 0
-        return out
-
-    def meta_get(self, key: str) -> Any:
-        recs = self._call(self.client.retrieve, self.meta_name, ids=[_meta_id(key)], with_payload=True)
-        return json.loads(recs[0].payload["value"]) if recs else None
-
-    def meta_set(self, key: str, value: Any) -> None:
-        point = self.m.PointStruct(id=_meta_id(key), vector={_META_VECTOR: [1.0]},
-                                   payload={"key": key, "value": json.dumps(value)})
-        self._call(self.client.upsert, self.meta_name, points=[point], wait=True)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def open_backend(cfg: MemoryConfig, repair_ledger: bool = False) -> EdgeBackend | ServerBackend:
-    """The one place that picks a backend from `cfg.location`."""
-    if cfg.kind == "edge":
-        return EdgeBackend(cfg.location, cfg, repair_ledger)
-    return ServerBackend(cfg)
+def tree_bytes(paths: list[Path]) -> int:
+    """Bytes these directories take on disk: allocated blocks (the engine's preallocated files are sparse, and a
+    sparse copy keeps them so); files that vanish meanwhile count nothing."""
+    total = 0
+    for top in paths:
+        for f in top.rglob("*"):
+            try:
+                total += f.stat().st_blocks * 512 if f.is_file() else 4096
+            except FileNotFoundError:
+                pass
+    return total
