@@ -11,6 +11,7 @@ from .memory import (
     MemoryInUseError,
     MemoryUnavailableError,
     Neighbours,
+    RecoMemoryError,
     Restored,
 )
 from .training import TrainConfig, train_fusion
@@ -20,5 +21,5 @@ __all__ = [
     "Memory", "Neighbours", "Encoder", "OpenClipEncoder", "SentenceTransformersEncoder", "load_encoder",
     "FusionConfig", "FusionModel", "TrainConfig", "train_fusion", "RecoClassifier", "TEMPLATES",
     "EncoderMismatchError", "MemoryInUseError", "MemoryUnavailableError", "MemoryDamagedError",
-    "MemoryFullError", "Restored",
+    "MemoryFullError", "RecoMemoryError", "Restored",
 ]

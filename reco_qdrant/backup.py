@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import durable
-from .backends import DISK_RESERVE, MemoryDamagedError, MemoryError_, MemoryFullError, tree_bytes
+from .backends import DISK_RESERVE, MemoryDamagedError, MemoryFullError, RecoMemoryError, tree_bytes
 from .config import MemoryConfig
 
 SNAPSHOT_MANIFEST = "qdrant-snapshots.json"  # what a server memory's backup directory holds (the snapshots stay there)
@@ -202,7 +202,7 @@ def _verify_staged(memory_cls: Any, stage: Path, collection: str, backup: Path) 
         raise MemoryDamagedError(f"backup {backup}: {_named(e, stage, backup)}; {nothing}") from e
     except MemoryFullError as e:  # the disk is ROOT's: the stage is inside it
         raise MemoryFullError(f"restore of backup {backup}: {_named(e, stage, root)}; {nothing}") from e
-    except MemoryError_ as e:
+    except RecoMemoryError as e:
         raise type(e)(f"restore of backup {backup}: {_named(e, stage, backup)}; {nothing}") from e
     except OSError as e:
         said = f"restore of backup {backup}: {_named(e, stage, backup)}; {nothing}"
@@ -284,9 +284,9 @@ def _recover(memory_cls: Any, backup: str, location: str, collection: str, ledge
                 said += (f"; the API key was not sent to {', '.join(sorted(set(withheld)))} (not the server's "
                          f"own host, {server[0]}:{server[1]}): if the snapshot needs it, give its URL with the "
                          "server's own host name and port, or its file:// path on the server")
-            if isinstance(e, MemoryError_):
+            if isinstance(e, RecoMemoryError):
                 raise type(e)(f"{e}; {said}") from e
-            raise MemoryError_(f"restore of {backup} into {location} / {collection} failed ({type(e).__name__}: "
+            raise RecoMemoryError(f"restore of {backup} into {location} / {collection} failed ({type(e).__name__}: "
                                f"{e}); {said}") from e
     finally:
         client.close()

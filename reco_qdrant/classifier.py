@@ -17,9 +17,8 @@ from .memory import EncoderMismatchError, Memory, Neighbours, validate_embedding
 from .neighbors import retrieve
 
 # A warning only: classes whose prompts align with their retrieved neighbours less than this share of the classes
-# a fusion was trained on with labels and prompts have names the encoder does not know (measured on real images:
-# 0.08-0.33 of the training value for names the heads never learned, 0.95-1.02 for learned ones;
-# docs/experiments.md, "The guard").
+# a fusion was trained on with labels and prompts have names the encoder does not know. Half lies far from both
+# groups seen on real images (figures: docs/experiments.md, "The guard").
 ALIGNMENT_WARNING = 0.5
 WEIGHTS = ("zero-shot", "adapted")
 GATES = ("none", "coverage")

@@ -23,8 +23,8 @@ from .memory import (
     VECTOR_NAMES,
     Memory,
     MemoryDamagedError,
-    MemoryError_,
     MemoryInUseError,
+    RecoMemoryError,
     index_due,
     point_id,
 )
@@ -69,7 +69,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
         return [Finding("problem", str(e), "stop the other process (its pid is in the directory's .lock file)")]
     except MemoryDamagedError as e:
         return [Finding("problem", str(e))]
-    except (MemoryError_, ValueError, OSError) as e:
+    except (RecoMemoryError, ValueError, OSError) as e:
         return [Finding("problem", f"memory {location}: {e}")]
     with mem:
         adopted: list[Finding] = []
@@ -79,7 +79,7 @@ def check_memory(location: str | None = None, collection: str = "reco_memory", d
                     adopted.append(_adopt_count(mem, True, []))
                 if mem.dim is not None or mem.backend.has_collection():
                     mem.migrate()
-            except (MemoryError_, ValueError, OSError) as e:
+            except (RecoMemoryError, ValueError, OSError) as e:
                 return [Finding("problem", f"memory {location}: {e}")]
         found = [Finding("ok", f"opens: {mem.cfg.location} / {collection}, {mem.count():,} points"), *adopted]
         found += _other_collections(mem, collection)

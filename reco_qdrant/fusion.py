@@ -299,9 +299,8 @@ class FusionModel(nn.Module):
         pair for the full schedule; of its epochs, the one of lowest training loss).
 
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
-        while on the classes it learns from, accuracy keeps rising until training ends (measured on real
-        images: held-out classes peak after 3-10 of 30 epochs; a run on every labelled pair to the end gains
-        3-20 points on the classes it learned). `RecoClassifier(weights="adapted")` scores with `seen`."""
+        while on the classes it learns from, accuracy keeps rising until training ends, so one set of weights
+        cannot serve both (figures: docs/experiments.md). `RecoClassifier(weights="adapted")` scores with `seen`."""
         out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts),
                                   seen_uni_projection=seen.cfg.uni_projection)).to(self.device)
         out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in seen.own_state_dict().items()},

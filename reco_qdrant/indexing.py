@@ -12,7 +12,7 @@ import errno
 import warnings
 from typing import Any
 
-from .backends import DISK_RESERVE, VECTOR_NAMES, MemoryError_, MemoryFullError
+from .backends import DISK_RESERVE, VECTOR_NAMES, MemoryFullError, RecoMemoryError
 from .progress import status_line
 
 EXACT_SEARCH_BELOW = 20_000  # points; below this Edge searches exactly and needs no HNSW build
@@ -60,7 +60,7 @@ class Indexing:
         try:
             return self.ensure_indexed()
         except (MemoryFullError, OSError, RuntimeError) as e:
-            if isinstance(e, MemoryError_) and not isinstance(e, MemoryFullError):
+            if isinstance(e, RecoMemoryError) and not isinstance(e, MemoryFullError):
                 raise  # damage, a memory in use, ...: not an index build that did not fit
             self._unchecked_writes = max(self._unchecked_writes, 1)  # still due: a later search tries again
             self._postpone(e)

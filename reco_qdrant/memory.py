@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 
 from . import migrations
+from ._deprecated import renamed
 from .backends import (
     VECTOR_NAMES,
     Backend,
     Hits,
     MemoryDamagedError,
-    MemoryError_,
     MemoryFullError,
     MemoryInUseError,
     MemoryUnavailableError,
+    RecoMemoryError,
     Record,
     open_backend,
 )
@@ -40,12 +41,10 @@ from .progress import progress_bar
 from .vector_columns import VectorColumns, vector_columns
 from .vector_copy import COPY_FIELD
 
-__all__ = ["Memory", "Neighbours", "Restored", "VectorColumns",
-           "EncoderMismatchError", "UnverifiedEncoderWarning", "IndexPostponedWarning",
-           "MemoryInUseError",
-           "MemoryDamagedError", "MemoryFullError", "MemoryUnavailableError", "MemoryError_", "point_id",
-           "validate_embeddings", "index_due", "EXACT_SEARCH_BELOW", "OPEN_SAMPLE", "SNAPSHOT_MANIFEST",
-           "WRITE_VERSION_KEY"]
+__all__ = ["Memory", "Neighbours", "Restored", "VectorColumns", "EncoderMismatchError", "UnverifiedEncoderWarning",
+           "IndexPostponedWarning", "MemoryInUseError", "MemoryDamagedError", "MemoryFullError",
+           "MemoryUnavailableError", "RecoMemoryError", "point_id", "validate_embeddings", "index_due",
+           "EXACT_SEARCH_BELOW", "OPEN_SAMPLE", "SNAPSHOT_MANIFEST", "WRITE_VERSION_KEY"]
 
 ENCODER_KEY = "encoder"
 UID_KEY = "memory_uid"
@@ -368,14 +367,14 @@ class Memory(Ledger, Indexing, BackupRestore):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if not self.backend.has_collection():
-            raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
+            raise RecoMemoryError(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
         hits = Hits.concat([self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
                                                 with_payload, with_keys, hnsw_ef)
                             for s in range(0, len(q), batch_size)])
         if any(len(row) < k for row in hits.ids):  # counted only then: a count per search costs ~5% at 200k points
             total = self.count()
             if total == 0:
-                raise MemoryError_(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
+                raise RecoMemoryError(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
             if k > total:
                 raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
         return _to_neighbours(hits, k, q.shape[1] if return_modality else None, q.shape[1] if with_keys else None)
@@ -497,3 +496,5 @@ class Memory(Ledger, Indexing, BackupRestore):
     def set_state(self, key: str, value: Any) -> None:
         with self._write_lock:
             self.backend.meta_set(f"state:{key}", value)
+
+__getattr__ = renamed("reco_qdrant.memory", {"MemoryError_": ("RecoMemoryError", RecoMemoryError)})

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Hits, MemoryError_
+from .backends import Hits, RecoMemoryError
 
 _ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
 
 
-class EncoderMismatchError(MemoryError_):
+class EncoderMismatchError(RecoMemoryError):
     """Vectors or an encoder that do not match the encoder the memory was built with."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import VECTOR_NAMES, MemoryError_
+from .backends import VECTOR_NAMES, RecoMemoryError
 from .progress import progress_bar
 
 
@@ -30,7 +30,7 @@ class VectorColumns:
         flat = [get(i, -2) for i in np.asarray(ids).ravel().tolist()]
         rows = np.array(flat, np.int64).reshape(np.shape(ids))
         if (rows == -2).any():
-            raise MemoryError_(f"point {np.asarray(ids).ravel()[int(np.argmax(rows.ravel() == -2))]} is not in the "
+            raise RecoMemoryError(f"point {np.asarray(ids).ravel()[int(np.argmax(rows.ravel() == -2))]} is not in the "
                                "memory's vector columns: they are stale")
         return rows
 
@@ -69,7 +69,7 @@ def vector_columns(memory: Any, directory: str | Path, progress: bool = True, ke
                 row = e
                 advance(len(recs))
         if row != n:
-            raise MemoryError_(f"memory {memory.cfg.location} changed while its vectors were read "
+            raise RecoMemoryError(f"memory {memory.cfg.location} changed while its vectors were read "
                                f"({row} points read, {n} counted): retry when writes have stopped")
         for col in cols.values():
             col.flush()

@@ -1,7 +1,7 @@
 """A float32 copy of an embedded memory's vectors beside its Qdrant Edge collection.
 
 Why: a search that returns its hits' vectors pays the binding to hand every hit's vector over as
-Python floats (0.3 ms of a 0.6 ms query at 200k points, 512-d, k=10). With this copy the engine
+Python floats, about half of such a query's time (benchmarks/README.md). With this copy the engine
 returns each hit's entry (payload field `_copy`: its row and a CRC-32 of what was written there) and
 the vectors are gathered here with numpy.
 

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from reco_qdrant import Memory
 from reco_qdrant.ingest import ingest
-from reco_qdrant.memory import EncoderMismatchError, MemoryError_, validate_embeddings
+from reco_qdrant.memory import EncoderMismatchError, RecoMemoryError, validate_embeddings
 from reco_qdrant.sources import EmbeddingShards, ImageFolder, WebDataset, write_embedding_shards
 
 settings.register_profile("suite", max_examples=25, deadline=None,
@@ -32,7 +32,7 @@ settings.register_profile("long", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
-CLEAR_ERRORS = (ValueError, FileNotFoundError, EncoderMismatchError, MemoryError_)
+CLEAR_ERRORS = (ValueError, FileNotFoundError, EncoderMismatchError, RecoMemoryError)
 D = 8
 
 

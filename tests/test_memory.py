@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import BACKENDS, open_memory, random_pairs
 
-from reco_qdrant.memory import EncoderMismatchError, Memory, MemoryError_, MemoryInUseError, point_id
+from reco_qdrant.memory import EncoderMismatchError, Memory, MemoryInUseError, RecoMemoryError, point_id
 
 
 def test_upsert_search_retrieve_count(memory):
@@ -66,7 +66,7 @@ def test_ids_are_deterministic_and_reingest_updates(memory):
 
 def test_k_larger_than_memory_and_empty_memory(memory):
     img, txt, caps = random_pairs(5)
-    with pytest.raises(MemoryError_, match="empty"):
+    with pytest.raises(RecoMemoryError, match="empty"):
         memory.search(img[:1], "image", k=1)
     memory.add_embeddings(img, txt, caps)
     with pytest.raises(ValueError, match="k=6 neighbours asked, but the memory holds 5"):
@@ -217,7 +217,7 @@ def test_vector_columns_follow_the_memory(tmp_path):
         assert not got[1, 1].any()  # no hit: zeros
         assert mem.vector_columns(tmp_path / "cols", progress=False).ids.tolist() == cols.ids.tolist()  # reused
         new = mem.add_embeddings(img[:1], txt[:1], ["a new pair"], ids=["new"], source="s")
-        with pytest.raises(MemoryError_, match="stale"):
+        with pytest.raises(RecoMemoryError, match="stale"):
             cols.gather(np.array(new), "image")  # old columns do not know the new point
         fresh = mem.vector_columns(tmp_path / "cols", progress=False)
         np.testing.assert_allclose(fresh.gather(np.array(new), "image")[0], img[0], atol=1e-3)

@@ -309,7 +309,7 @@ def test_a_server_restore_whose_ledger_fails_leaves_nothing(tmp_path, monkeypatc
     this restore recovered (it did not exist before), says so, and the same restore then runs again."""
     import qdrant_client
 
-    from reco_qdrant.memory import MemoryError_, Restored
+    from reco_qdrant.memory import RecoMemoryError, Restored
 
     server, url = SnapshotServerStandIn(), "http://stand-in:6333"
     monkeypatch.setattr(qdrant_client, "QdrantClient", server)
@@ -325,7 +325,7 @@ def test_a_server_restore_whose_ledger_fails_leaves_nothing(tmp_path, monkeypatc
         return real(collection_name, location, **kw)
 
     server.recover_snapshot = failing
-    with pytest.raises(MemoryError_) as e:
+    with pytest.raises(RecoMemoryError) as e:
         Memory.restore(tmp_path / "bk", url, "copy")
     msg = str(e.value)
     assert "snapshot download failed: 404" in msg and "deleted the collections this restore had recovered (copy)" \
@@ -338,7 +338,7 @@ def test_a_server_restore_whose_ledger_fails_leaves_nothing(tmp_path, monkeypatc
 def test_a_failed_restore_names_the_hosts_when_the_api_key_was_withheld(tmp_path, monkeypatch):
     import qdrant_client
 
-    from reco_qdrant.memory import MemoryError_
+    from reco_qdrant.memory import RecoMemoryError
 
     server, url = SnapshotServerStandIn(), "http://stand-in:6333"
     monkeypatch.setattr(qdrant_client, "QdrantClient", server)
@@ -348,7 +348,7 @@ def test_a_failed_restore_names_the_hosts_when_the_api_key_was_withheld(tmp_path
         raise RuntimeError("403 Forbidden")
 
     server.recover_snapshot = unauthorized
-    with pytest.raises(MemoryError_) as e:
+    with pytest.raises(RecoMemoryError) as e:
         Memory.restore("http://10.0.0.5:6333/collections/live/snapshots/x.snapshot", url, "c")
     msg = " ".join(str(e.value).split())
     assert "403 Forbidden" in msg and "the API key was not sent to 10.0.0.5:6333" in msg, msg

@@ -8,6 +8,7 @@ image-text pair with two named vectors, `image` and `text`.
 
 from __future__ import annotations
 
+from .._deprecated import renamed
 from ..config import MemoryConfig
 from .base import (
     DISK_RESERVE,
@@ -15,10 +16,10 @@ from .base import (
     Backend,
     Hits,
     MemoryDamagedError,
-    MemoryError_,
     MemoryFullError,
     MemoryInUseError,
     MemoryUnavailableError,
+    RecoMemoryError,
     Record,
 )
 from .edge import (
@@ -32,7 +33,7 @@ from .edge import (
 from .server import ServerBackend
 
 __all__ = ["DISK_RESERVE", "VECTOR_NAMES", "Backend", "Hits", "Record", "EdgeBackend", "ServerBackend",
-           "MemoryError_", "MemoryInUseError", "MemoryUnavailableError", "MemoryFullError", "MemoryDamagedError",
+           "RecoMemoryError", "MemoryInUseError", "MemoryUnavailableError", "MemoryFullError", "MemoryDamagedError",
            "UnreadableCollection", "UncountedCollection", "count_edge_collection", "edge_collections", "tree_bytes",
            "open_backend"]
 
@@ -42,3 +43,5 @@ def open_backend(cfg: MemoryConfig, repair_ledger: bool = False) -> Backend:
     if cfg.kind == "edge":
         return EdgeBackend(cfg.location, cfg, repair_ledger)
     return ServerBackend(cfg)
+
+__getattr__ = renamed("reco_qdrant.backends", {"MemoryError_": ("RecoMemoryError", RecoMemoryError)})

@@ -17,19 +17,19 @@ _META_VECTOR = "_"
 T = TypeVar("T")
 
 
-class MemoryError_(RuntimeError):
-    """Base class of the memory's errors (named so it does not shadow the builtin MemoryError)."""
+class RecoMemoryError(RuntimeError):
+    """Base class of the memory's errors (catch this for any of them). Formerly `MemoryError_`."""
 
 
-class MemoryInUseError(MemoryError_):
+class MemoryInUseError(RecoMemoryError):
     """Another process holds the embedded memory directory."""
 
 
-class MemoryUnavailableError(MemoryError_):
+class MemoryUnavailableError(RecoMemoryError):
     """The Qdrant server cannot be reached (after bounded retries)."""
 
 
-class MemoryFullError(MemoryError_):
+class MemoryFullError(RecoMemoryError):
     """The disk of an embedded memory has too little free space for a write or an index build."""
 
 
@@ -39,7 +39,7 @@ class MemoryFullError(MemoryError_):
 DISK_RESERVE = 256 * 2**20
 
 
-class MemoryDamagedError(MemoryError_):
+class MemoryDamagedError(RecoMemoryError):
     """Files of an embedded memory cannot be read (truncated, garbled, missing, or from another version)."""
 
 

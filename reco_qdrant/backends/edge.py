@@ -25,9 +25,9 @@ from .base import (
     VECTOR_NAMES,
     Hits,
     MemoryDamagedError,
-    MemoryError_,
     MemoryFullError,
     MemoryInUseError,
+    RecoMemoryError,
     Record,
     T,
     _engine_failure,
@@ -78,7 +78,7 @@ class EdgeBackend:
                     f"rebuild it from the collection with `reco doctor --memory {self.root} --repair-ledger` (the "
                     "encoder is then unrecorded until `reco migrate --encoder-id ID`)")
             free = self.free_bytes()
-            if free < DISK_RESERVE:  # opening maps and fills write-ahead-log segments (measured ~100 MiB)
+            if free < DISK_RESERVE:  # opening maps and fills write-ahead-log segments
                 raise MemoryFullError(f"memory {self.root}: {free / 2**20:,.0f} MiB free on its disk; "
                                       f"opening it needs at least {DISK_RESERVE / 2**20:.0f} MiB (the engine's "
                                       "write-ahead log; a full disk there would kill the process): free space first")
@@ -124,7 +124,7 @@ class EdgeBackend:
 
     def _require(self) -> Any:
         if self.shard is None:
-            raise MemoryError_(f"{self.root} holds no memory collection yet: ingest data or run `reco migrate`")
+            raise RecoMemoryError(f"{self.root} holds no memory collection yet: ingest data or run `reco migrate`")
         return self.shard
 
     def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -132,7 +132,7 @@ class EdgeBackend:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
-            if not _engine_failure(e) or isinstance(e, MemoryError_):
+            if not _engine_failure(e) or isinstance(e, RecoMemoryError):
                 raise
             raise self._damaged(e, ": the engine failed to read it") from e
 
