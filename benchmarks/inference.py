@@ -71,13 +71,13 @@ def run(model: str, n: int, root: Path, repeat: int) -> dict:
             reco.set_classes(classes)
         t_plain, t_reco = alternating(lambda: plain.predict(ims), lambda: reco.predict(ims), repeat)
         emb = enc.encode_images(ims)
-        keys = fusion.needs_keys
-        nb = mem.search(emb, "image", K, "text", with_keys=keys)
+        searched = fusion.needs_searched_vectors
+        nb = mem.search(emb, "image", K, "text", with_searched_vectors=searched)
         split = {
             "encode_s": best_of(lambda: enc.encode_images(ims), repeat),
-            "search_s": best_of(lambda: mem.search(emb, "image", K, "text", with_keys=keys), repeat),
+            "search_s": best_of(lambda: mem.search(emb, "image", K, "text", with_searched_vectors=searched), repeat),
             "fuse_s": best_of(lambda: fusion.refine_numpy("image", emb, nb.vectors, nb.mask, scores=nb.scores,
-                                                          keys=nb.keys)[0], repeat),
+                                                          searched=nb.searched_vectors)[0], repeat),
             "score_s": best_of(lambda: softmax(100 * emb @ reco.class_embeddings_.T), repeat),
         }
     base = split["encode_s"] + split["score_s"]

@@ -19,3 +19,12 @@ def renamed(module: str, names: dict[str, tuple[str, Any]]) -> Callable[[str], A
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def renamed_argument(old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of a renamed keyword argument: the old one's, with a warning, when the caller still passes it."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"argument {old}= is renamed {new}=; the old name goes in the next release", DeprecationWarning,
+                  stacklevel=3)
+    return old_value

@@ -163,10 +163,10 @@ class RecoClassifier:
 
     def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
         """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
-        modality (`keys`) when they will be fused by a model that uses them."""
+        modality (`searched_vectors`) when they will be fused by a model that uses them."""
         cfg = self.fusion.cfg
         return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                        with_payload=with_payload, with_keys=self.fusion_used_.needs_keys)
+                        with_payload=with_payload, with_searched_vectors=self.fusion_used_.needs_searched_vectors)
 
     def _read_coverage(self) -> CoverageReference:
         """The coverage reference of the memory as it is now: read once, and again (drawn alike) after a write;
@@ -190,7 +190,7 @@ class RecoClassifier:
               ) -> tuple[np.ndarray, np.ndarray | None]:
         """(refined [B, d], weights of [query, neighbours] [B, 1 + k] or None) by the fusion in use."""
         return self.fusion_used_.refine_numpy(modality, q, nb.vectors, nb.mask, need_weights=need_weights,
-                                              scores=nb.scores, keys=nb.keys)
+                                              scores=nb.scores, searched=nb.searched_vectors)
 
     # ------------------------------------------------------------------ classes
     def set_class_embeddings(self, class_embeddings: np.ndarray, class_names: Sequence[str]) -> RecoClassifier:

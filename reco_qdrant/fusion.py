@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ._deprecated import renamed_argument
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -124,9 +127,9 @@ class Fuser(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                scores: torch.Tensor | None = None, searched: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores, keys unused (the paper)
+        # q (B, D), r (B, K, D), mask (B, K) True where a retrieved token exists; scores, searched unused (the paper)
         b, k, _ = r.shape
         mask = _token_mask(self.cfg, mask, self.training)
         x = torch.cat([q[:, None], r], dim=1)  # (B, 1+K, D)
@@ -148,7 +151,7 @@ class MeanFuser(nn.Module):
         self.cfg = cfg
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                scores: torch.Tensor | None = None, searched: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = mask.to(r.dtype)[..., None]  # (B, K, 1)
         mean = (r * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
@@ -196,15 +199,15 @@ class RelevanceFuser(nn.Module):
             nn.init.zeros_(self.uni_proj.weight)
 
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-                scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+                scores: torch.Tensor | None = None, searched: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # q (B, D), r (B, K, D), mask (B, K), scores (B, K) cosine of query and neighbour in the searched modality,
-        # keys (B, K, D) the neighbours' vectors in the searched modality
+        # searched (B, K, D) the neighbours' vectors in the searched modality
         if scores is None:
             raise ValueError("relevance fusion needs the neighbours' search scores")
-        if self.uni_scale is not None and keys is None:
+        if self.uni_scale is not None and searched is None:
             raise ValueError("this relevance fusion model also needs the neighbours' vectors in the searched modality "
-                             "(keys)")
+                             "(searched)")
         k = r.shape[1]
         mask = _token_mask(self.cfg, mask, self.training)
         m = mask.to(r.dtype)  # (B, K)
@@ -223,7 +226,7 @@ class RelevanceFuser(nn.Module):
         h = torch.zeros_like(g)
         if self.uni_scale is not None:
             h = self.uni_scale * gates[:, 1:]
-            u = (w[..., None] * keys.to(r.dtype)).sum(1)
+            u = (w[..., None] * searched.to(r.dtype)).sum(1)
             out = out + h * F.normalize(u + self.uni_proj(u) if self.uni_proj is not None else u, dim=-1)
         out = F.normalize(out, dim=-1)
         total = 1 + g + h.abs()
@@ -322,26 +325,38 @@ class FusionModel(nn.Module):
         return (x @ known.T).max(1) >= min_cosine
 
     def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
-               need_weights: bool = False, scores: torch.Tensor | None = None, keys: torch.Tensor | None = None
+               need_weights: bool = False, scores: torch.Tensor | None = None,
+               searched: torch.Tensor | None = None, keys: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Refined, L2-normalised [B, D] embeddings of queries of `modality` ("image" or "text").
 
-        q [B, D], r [B, K, D] retrieved vectors, mask [B, K], scores [B, K] their search scores, keys [B, K, D]
-        their vectors in the searched modality (see `needs_keys`)."""
+        q [B, D], r [B, K, D] retrieved vectors, mask [B, K], scores [B, K] their search scores, searched
+        [B, K, D] their vectors in the searched modality (see `needs_searched_vectors`; `keys` is its deprecated
+        name)."""
+        searched = renamed_argument("keys", keys, "searched", searched)
         phi = {"image": self.phi_img, "text": self.phi_txt}[modality]
-        return phi(q, r, mask, need_weights, scores, keys)
+        return phi(q, r, mask, need_weights, scores, searched)
+
+    @property
+    def needs_searched_vectors(self) -> bool:
+        """Whether `refine` needs the neighbours' vectors in the searched modality too."""
+        return self.cfg.aggregator == "relevance" and self.cfg.uni_term
 
     @property
     def needs_keys(self) -> bool:
-        """Whether `refine` needs the neighbours' vectors in the searched modality too."""
-        return self.cfg.aggregator == "relevance" and self.cfg.uni_term
+        """Deprecated name of `needs_searched_vectors` (one release)."""
+        warnings.warn("FusionModel.needs_keys is renamed needs_searched_vectors; the old name goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return self.needs_searched_vectors
 
     @torch.no_grad()
     def refine_numpy(self, modality: str, q: np.ndarray, vectors: np.ndarray, mask: np.ndarray,
                      need_weights: bool = False, batch_size: int = 1024, scores: np.ndarray | None = None,
-                     keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                     searched: np.ndarray | None = None, keys: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`refine` on numpy arrays, in batches, in eval mode: q [B, D], vectors [B, k, D], mask [B, k],
-        scores [B, k], keys [B, k, D] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
+        scores [B, k], searched [B, k, D] -> (refined [B, D], the weights of [query, neighbours] [B, 1+k] or None)."""
+        searched = renamed_argument("keys", keys, "searched", searched)
         was_training = self.training
         self.eval()
         dev = self.device
@@ -352,7 +367,7 @@ class FusionModel(nn.Module):
         for s in range(0, len(q), batch_size):
             r, w = self.refine(modality, tensor(q, s, np.float32), tensor(vectors, s, np.float32), tensor(mask, s),
                                need_weights, None if scores is None else tensor(scores, s, np.float32),
-                               None if keys is None else tensor(keys, s, np.float32))
+                               None if searched is None else tensor(searched, s, np.float32))
             out.append(r.cpu().numpy())
             if w is not None:
                 weights.append(w.cpu().numpy())

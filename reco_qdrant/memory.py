@@ -1,8 +1,8 @@
 """The memory: image-text pairs in Qdrant, added in batches and searched in batches.
 
 `Memory` is one class over a few files, each with one job: `ledger.py` (write versions, and the point counts
-checked on opening), `indexing.py` (when an index is built), `backup.py` (backups and restores); `pairs.py` holds
-what a pair is (its id, its checked embeddings) and what a search returns, `backends/` the engines.
+checked on opening), `indexing.py` (when an index is built), `backup.py` (backups and restores); `points.py` holds
+what a point is (its id, its checked embeddings) and what a search returns, `backends/` the engines.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import migrations
-from ._deprecated import renamed
+from ._deprecated import renamed, renamed_argument
 from .backends import (
     VECTOR_NAMES,
     Backend,
@@ -36,7 +36,7 @@ from .backup import SNAPSHOT_MANIFEST, BackupRestore, Restored
 from .config import MemoryConfig
 from .indexing import EXACT_SEARCH_BELOW, Indexing, IndexPostponedWarning, index_due
 from .ledger import OPEN_SAMPLE, WRITE_VERSION_KEY, Ledger
-from .pairs import EncoderMismatchError, Neighbours, _content_key, _to_neighbours, point_id, validate_embeddings
+from .points import EncoderMismatchError, Neighbours, _content_key, _to_neighbours, point_id, validate_embeddings
 from .progress import progress_bar
 from .vector_columns import VectorColumns, vector_columns
 from .vector_copy import COPY_FIELD
@@ -338,8 +338,8 @@ class Memory(Ledger, Indexing, BackupRestore):
 
     def search(self, queries: np.ndarray, modality: str = "image", k: int = 10,
                return_modality: str | None = "text", exact: bool = False,
-               batch_size: int = 256, with_payload: bool = True, with_keys: bool = False,
-               hnsw_ef: int | None = None) -> Neighbours:
+               batch_size: int = 256, with_payload: bool = True, with_searched_vectors: bool = False,
+               hnsw_ef: int | None = None, with_keys: bool | None = None) -> Neighbours:
         """Nearest neighbours of each query among the memory's `modality` vectors.
 
         Args:
@@ -350,11 +350,13 @@ class Memory(Ledger, Indexing, BackupRestore):
             exact: brute-force search instead of the index (ground truth for recall).
             batch_size: queries per request to Qdrant (one batched call each).
             with_payload: return captions and metadata (False when only vectors are needed: faster).
-            with_keys: also return each hit's vector in the searched modality (`keys`).
+            with_searched_vectors: also return each hit's vector in the searched modality (`searched_vectors`).
             hnsw_ef: HNSW search width for this call (default: the memory's `hnsw_ef`).
+            with_keys: the deprecated name of `with_searched_vectors` (one release).
         Returns:
             `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
         """
+        with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors)
         for m in (modality, return_modality):
             if m is not None and m not in VECTOR_NAMES:
                 raise ValueError(f"modality must be one of {VECTOR_NAMES}, got {m!r}")
@@ -369,7 +371,7 @@ class Memory(Ledger, Indexing, BackupRestore):
         if not self.backend.has_collection():
             raise RecoMemoryError(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
         hits = Hits.concat([self.backend.search(q[s : s + batch_size], modality, k, return_modality, exact,
-                                                with_payload, with_keys, hnsw_ef)
+                                                with_payload, with_searched_vectors, hnsw_ef)
                             for s in range(0, len(q), batch_size)])
         if any(len(row) < k for row in hits.ids):  # counted only then: a count per search costs ~5% at 200k points
             total = self.count()
@@ -377,7 +379,8 @@ class Memory(Ledger, Indexing, BackupRestore):
                 raise RecoMemoryError(f"memory {self.cfg.location} is empty: ingest image-text pairs first")
             if k > total:
                 raise ValueError(f"k={k} neighbours asked, but the memory holds {total} points")
-        return _to_neighbours(hits, k, q.shape[1] if return_modality else None, q.shape[1] if with_keys else None)
+        d = q.shape[1]
+        return _to_neighbours(hits, k, d if return_modality else None, d if with_searched_vectors else None)
 
     def near_duplicates(self, queries: np.ndarray, threshold: float = 0.95, modality: str = "image",
                         exact: bool = False, batch_size: int = 256) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from ._deprecated import renamed_argument
 from .memory import Memory, Neighbours
 
 SEARCH_MODES = ("uni", "cross")
@@ -42,9 +43,10 @@ def retrieve(
     dedup_threshold: float | None = None,
     batch_size: int = 256,
     with_payload: bool = True,
-    with_keys: bool = False,
+    with_searched_vectors: bool = False,
     with_vectors: bool = True,
     hnsw_ef: int | None = None,
+    with_keys: bool | None = None,
 ) -> Neighbours:
     """k neighbours of each query [B, d] under the mode; vectors [B, k, d] of the returned modality.
 
@@ -53,15 +55,17 @@ def retrieve(
     >= the threshold with the query are dropped (in cross-modal search that takes a uni-modal search
     of its own: there the hits' scores compare the query with the other modality, where its own pair
     scores ~0.3). Hits are over-fetched and the list is filled up to k from further down the ranking;
-    when fewer than k remain, the rest is padded (mask False). `with_keys` also returns the hits'
-    vectors in the searched modality (`Neighbours.keys`); `with_vectors=False` returns ids and scores only
-    (the caller gathers vectors itself, e.g. from `Memory.vector_columns`).
+    when fewer than k remain, the rest is padded (mask False). `with_searched_vectors` also returns the
+    hits' vectors in the searched modality (`Neighbours.searched_vectors`; `with_keys` is its deprecated name);
+    `with_vectors=False` returns ids and scores only (the caller gathers vectors itself, e.g. from
+    `Memory.vector_columns`).
     """
+    with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors)
     searched, returned = mode_modalities(query_modality, search, fusion)
     returned = returned if with_vectors else None
     if exclude_ids is None and dedup_threshold is None:
         return memory.search(queries, searched, k, returned, batch_size=batch_size, with_payload=with_payload,
-                             with_keys=with_keys, hnsw_ef=hnsw_ef)
+                             with_searched_vectors=with_searched_vectors, hnsw_ef=hnsw_ef)
     q = np.asarray(queries, np.float32)
     if exclude_ids is not None and len(exclude_ids) != len(q):
         raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(q)} queries")
@@ -78,13 +82,13 @@ def retrieve(
     ids = np.full((n, k), "", dtype=object)
     scores = np.full((n, k), -np.inf, np.float32)
     vectors = np.zeros((n, k, q.shape[1]), np.float32) if returned else None
-    keys = np.zeros((n, k, q.shape[1]), np.float32) if with_keys else None
+    searched_vectors = np.zeros((n, k, q.shape[1]), np.float32) if with_searched_vectors else None
     payloads: list[list[dict]] = [[{} for _ in range(k)] for _ in range(n)]
     fetch = min(total, k + max(8, k // 2))
     todo = np.arange(n)
     while len(todo):
         nb = memory.search(q[todo], searched, fetch, returned, batch_size=batch_size, with_payload=with_payload,
-                           with_keys=with_keys, hnsw_ef=hnsw_ef)
+                           with_searched_vectors=with_searched_vectors, hnsw_ef=hnsw_ef)
         keep = nb.mask & (nb.ids != own[todo][:, None])  # (T, fetch)
         if score_dedup:
             keep &= nb.scores < dedup_threshold
@@ -98,7 +102,7 @@ def retrieve(
         rows, sel, ok = todo[done], order[done], valid[done]
         ids[rows] = np.where(ok, np.take_along_axis(nb.ids[done], sel, 1), "")
         scores[rows] = np.where(ok, np.take_along_axis(nb.scores[done], sel, 1), -np.inf)
-        for out, got in ((vectors, nb.vectors), (keys, nb.keys)):
+        for out, got in ((vectors, nb.vectors), (searched_vectors, nb.searched_vectors)):
             if out is not None:
                 out[rows] = np.take_along_axis(got[done], sel[..., None], 1) * ok[..., None]
         if with_payload:
@@ -106,5 +110,5 @@ def retrieve(
                 payloads[r] = [nb.payloads[j][t] if v else {} for t, v in zip(s_, o)]
         todo = todo[~done]
         fetch = min(total, fetch * 2)
-    return Neighbours(ids.astype(str), scores, vectors, payloads, keys)
+    return Neighbours(ids.astype(str), scores, vectors, payloads, searched_vectors)
 

@@ -1,5 +1,5 @@
 """The fusion models on their own: shapes, masking, the relevance fusion's start at mean fusion, its
-use of the search scores, and the retrieval pieces training relies on (keys, class-out exclusion)."""
+use of the search scores, and the retrieval pieces training relies on (searched vectors, class-out exclusion)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def batch(b=6, k=5, d=32, seed=0):
 def test_shapes_norms_and_weights(aggregator):
     model = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, aggregator=aggregator)).eval()
     q, r, mask, scores = batch()
-    out, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, keys=r)
+    out, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, searched=r)
     assert out.shape == (6, 32) and w.shape == (6, 6)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(6))
     torch.testing.assert_close(w.sum(1), torch.ones(6))
@@ -47,13 +47,13 @@ def test_relevance_fusion_starts_as_plain_averaging_exactly():
     torch.testing.assert_close(rel.refine("image", q, r, mask, scores=scores)[0],
                                mean.refine("image", q, r, mask, scores=scores)[0])
     both = FusionModel(FusionConfig(aggregator="relevance", **cfg)).eval()
-    assert both.needs_keys and not rel.needs_keys
-    with pytest.raises(ValueError, match="keys"):
+    assert both.needs_searched_vectors and not rel.needs_searched_vectors
+    with pytest.raises(ValueError, match="searched"):
         both.refine("image", q, r, mask, scores=scores)
     m = mask.float()[..., None]
     norm = torch.nn.functional.normalize
     want = norm(q + norm((r * m).sum(1), dim=-1) + norm((keys * m).sum(1), dim=-1), dim=-1)
-    a, _ = both.refine("image", q, r, mask, scores=scores, keys=keys)
+    a, _ = both.refine("image", q, r, mask, scores=scores, searched=keys)
     torch.testing.assert_close(a, want)
     torch.testing.assert_close(a[2], q[2])  # nothing retrieved: the query itself
 
@@ -68,19 +68,19 @@ def test_the_map_on_the_searched_modality_starts_at_zero_and_the_seen_weights_ke
     mapped = FusionModel(FusionConfig(uni_projection=True, **cfg)).eval()
     missing = mapped.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ["phi_img.uni_proj.weight", "phi_txt.uni_proj.weight"] and plain.phi_img.uni_proj is None
-    torch.testing.assert_close(mapped.refine("image", q, r, mask, scores=scores, keys=keys)[0],
-                               plain.refine("image", q, r, mask, scores=scores, keys=keys)[0])
+    torch.testing.assert_close(mapped.refine("image", q, r, mask, scores=scores, searched=keys)[0],
+                               plain.refine("image", q, r, mask, scores=scores, searched=keys)[0])
     with torch.no_grad():
         mapped.phi_img.uni_proj.weight.normal_(std=0.5)
-    want = mapped.refine("image", q, r, mask, scores=scores, keys=keys)[0]
-    assert (want - plain.refine("image", q, r, mask, scores=scores, keys=keys)[0]).abs().max() > 1e-2
+    want = mapped.refine("image", q, r, mask, scores=scores, searched=keys)[0]
+    assert (want - plain.refine("image", q, r, mask, scores=scores, searched=keys)[0]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="needs uni_term=True"):
         FusionConfig(uni_projection=True, uni_term=False, **cfg)
     both = plain.with_seen(mapped, np.eye(3, 32, dtype=np.float32))
     assert both.cfg.seen_uni_projection and both.phi_img.uni_proj is None and both.seen.cfg.uni_projection
     loaded = FusionModel.from_pretrained(both.save_pretrained(tmp_path / "both"))
     assert loaded.cfg == both.cfg and loaded.seen.cfg == mapped.cfg
-    torch.testing.assert_close(loaded.seen.refine("image", q, r, mask, scores=scores, keys=keys)[0], want)
+    torch.testing.assert_close(loaded.seen.refine("image", q, r, mask, scores=scores, searched=keys)[0], want)
 
 
 def test_relevance_fusion_needs_scores_and_uses_them():
@@ -90,23 +90,23 @@ def test_relevance_fusion_needs_scores_and_uses_them():
         model.refine("image", q, r, mask)
     with torch.no_grad():
         model.phi_img.score_scale.fill_(50.0)  # trust the best-matching neighbour
-    _, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, keys=r)
+    _, w = model.refine("image", q, r, mask, need_weights=True, scores=scores, searched=r)
     best = scores.masked_fill(~mask, -1).argmax(1)
     has = mask.any(1)
     assert (w[:, 1:].argmax(1)[has] == best[has]).all()
 
 
-def test_search_returns_keys_and_class_out_retrieval_skips_the_class(tmp_path):
+def test_search_returns_searched_vectors_and_class_out_retrieval_skips_the_class(tmp_path):
     img, txt, caps = random_pairs(120, seed=4)
     labels = np.repeat(np.arange(12), 10)
     img = img + 2.0 * np.repeat(random_pairs(12, seed=5)[0], 10, axis=0)  # items of a class cluster together
     with Memory.open(str(tmp_path / "m")) as mem:
         ids = mem.add_embeddings(img, txt, caps, ids=list(range(120)))
-        nb = retrieve(mem, img[:8], "image", 5, with_keys=True)
+        nb = retrieve(mem, img[:8], "image", 5, with_searched_vectors=True)
         q = img[:8] / np.linalg.norm(img[:8], axis=1, keepdims=True)
-        np.testing.assert_allclose(search_scores(q, nb.keys, nb.mask), nb.scores, atol=1e-5)
+        np.testing.assert_allclose(search_scores(q, nb.searched_vectors, nb.mask), nb.scores, atol=1e-5)
         members = class_members(ids, labels)
-        out = retrieve(mem, img[:8], "image", 5, exclude_ids=[members[c] for c in labels[:8]], with_keys=True)
+        out = retrieve(mem, img[:8], "image", 5, exclude_ids=[members[c] for c in labels[:8]], with_searched_vectors=True)
         assert out.mask.all()
         got = {i: int(labels[ids.index(i)]) for i in out.ids.ravel()}
         assert all(got[i] != labels[row] for row in range(8) for i in out.ids[row])
@@ -132,7 +132,7 @@ def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(
     (path / "config.json").write_text(json.dumps(cfg))
     loaded = FusionModel.from_pretrained(path)
     assert loaded.cfg.cross_feature is False and loaded.phi_img.gate[0].in_features == 5
-    assert loaded.cfg.uni_term is False and not loaded.needs_keys
+    assert loaded.cfg.uni_term is False and not loaded.needs_searched_vectors
     torch.testing.assert_close(loaded.refine("image", q, r, mask, scores=scores)[0],
                                old.refine("image", q, r, mask, scores=scores)[0])
 

@@ -238,10 +238,10 @@ def test_hits_vectors_come_from_the_copy_and_equal_the_engines(tmp_path):
     with Memory.open(str(tmp_path / "m")) as mem:
         mem.add_embeddings(img, txt, caps, ids=range(400), source="s", payloads=[{"_copy": [7, 0]}] * 400)
         assert mem.backend.copy.rows == 400
-        nb = mem.search(img[:20], "image", k=5, return_modality="text", with_keys=True)
+        nb = mem.search(img[:20], "image", k=5, return_modality="text", with_searched_vectors=True)
         assert mem.backend.copy_doubt is None  # served from the copy
         np.testing.assert_allclose(nb.vectors, _engine_vectors(mem, nb.ids, "text"), atol=1e-6)
-        np.testing.assert_allclose(nb.keys, _engine_vectors(mem, nb.ids, "image"), atol=1e-6)
+        np.testing.assert_allclose(nb.searched_vectors, _engine_vectors(mem, nb.ids, "image"), atol=1e-6)
         assert all("_copy" not in p for row in nb.payloads for p in row)  # ours, never shown (nor taken from users)
         assert nb.payloads[0][0] == {"caption": caps[0], "source": "s", "key": "0"}
         assert all("_copy" not in r.payload for r in mem.retrieve(list(nb.ids[0])))
@@ -275,9 +275,9 @@ def test_a_copy_out_of_step_is_noticed_and_the_engine_answers(tmp_path, damage):
     with mem:
         more_img, more_txt, _ = random_pairs(100, seed=8)
         mem.add_embeddings(more_img, more_txt, [f"more {i}" for i in range(100)], ids=range(100), source="more")
-        nb = mem.search(img, "image", k=3, return_modality="text", with_keys=True)
+        nb = mem.search(img, "image", k=3, return_modality="text", with_searched_vectors=True)
         np.testing.assert_allclose(nb.vectors, _engine_vectors(mem, nb.ids, "text"), atol=1e-6)
-        np.testing.assert_allclose(nb.keys[:, 0], img, atol=1e-6)
+        np.testing.assert_allclose(nb.searched_vectors[:, 0], img, atol=1e-6)
         assert mem.backend.copy_doubt
 
 

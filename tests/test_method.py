@@ -154,7 +154,7 @@ def test_the_searched_modality_term_can_be_left_out(setup):
     """`uni_term=False`: relevance fusion without U, whose classifier then searches without the keys (the
     hits' vectors in the searched modality, which cost about 40% more search time)."""
     model, clf, res = setup[1](uni_term=False, epochs=1)
-    assert model.cfg.uni_term is False and not model.needs_keys and model.phi_img.uni_scale is None
+    assert model.cfg.uni_term is False and not model.needs_searched_vectors and model.phi_img.uni_scale is None
     assert model.seen is not None and not model.seen.cfg.uni_projection  # no U, nothing for Q to map
     assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
 
@@ -382,14 +382,14 @@ def test_class_prompts_never_retrieve_the_images_being_scored(setup, world):
     cfg = TrainConfig(progress=False)
     classes = np.unique(world.train_labels)[:6]
     prompts = _Prompts(mem, cfg, classes, world.class_text, world.train_text, world.train_labels, exclusion=True)
-    plain = retrieve(mem, prompts.emb, "text", 2 * cfg.k, with_keys=True, with_payload=False)
+    plain = retrieve(mem, prompts.emb, "text", 2 * cfg.k, with_searched_vectors=True, with_payload=False)
     vectors, keys, mask = prompts.neighbours()
     np.testing.assert_array_equal(vectors, plain.vectors[:, : cfg.k])
     scored = plain.ids[:, :3].ravel().tolist()  # each prompt's three nearest are being scored
     vectors, keys, mask = prompts.neighbours(exclude=scored)
     assert mask.all() and vectors.shape == (len(classes), cfg.k, mem.dim)
     np.testing.assert_array_equal(vectors, plain.vectors[:, 3 : 3 + cfg.k])
-    np.testing.assert_array_equal(keys, plain.keys[:, 3 : 3 + cfg.k])
+    np.testing.assert_array_equal(keys, plain.searched_vectors[:, 3 : 3 + cfg.k])
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_four_writers_and_four_readers_on_one_memory(tmp_path):
                         if not mem.backend.has_collection() or mem.count() < 10:
                             continue
                         q = img[rng.integers(0, n, 8)]
-                        nb = mem.search(q, "image", k=5, return_modality="text", with_keys=True)
+                        nb = mem.search(q, "image", k=5, return_modality="text", with_searched_vectors=True)
                         assert nb.vectors.shape == (8, 5, 32)
                         searched[r] += 1
                 except BaseException as e:  # noqa: BLE001

@@ -61,10 +61,10 @@ class Hits:
     scores: list[list[float]]  # [B][<=k] similarity in the searched modality
     payloads: list[list[dict[str, Any]]]  # [B][<=k]
     vectors: np.ndarray | None  # [hits, d] float32, rows concatenated: the requested return modality
-    keys: np.ndarray | None = None  # [hits, d] the same for the vector that was searched (with_key=True)
+    searched: np.ndarray | None = None  # [hits, d] the same for the vector that was searched (with_searched=True)
 
     @classmethod
-    def of(cls, rows: list[Any], return_vector: str | None, using: str, with_key: bool) -> Hits:
+    def of(cls, rows: list[Any], return_vector: str | None, using: str, with_searched: bool) -> Hits:
         """From the engine's (or qdrant-client's) rows of scored points."""
         flat = [p for row in rows for p in row]
 
@@ -73,7 +73,7 @@ class Hits:
 
         return cls([[str(p.id) for p in row] for row in rows], [[p.score for p in row] for row in rows],
                    [[p.payload or {} for p in row] for row in rows], column(return_vector),
-                   column(using if with_key else None))
+                   column(using if with_searched else None))
 
     @classmethod
     def concat(cls, parts: list[Hits]) -> Hits:
@@ -86,7 +86,7 @@ class Hits:
 
         return cls([r for h in parts for r in h.ids], [r for h in parts for r in h.scores],
                    [r for h in parts for r in h.payloads], cat([h.vectors for h in parts]),
-                   cat([h.keys for h in parts]))
+                   cat([h.searched for h in parts]))
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Backend(Protocol):
     def create_payload_index(self, field: str) -> None: ...
     def upsert(self, ids: list[str], image: np.ndarray, text: np.ndarray, payloads: list[dict]) -> None: ...
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               exact: bool = False, with_payload: bool = True, with_searched: bool = False,
                hnsw_ef: int | None = None) -> Hits: ...
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]: ...
     def scroll(self, limit: int, offset: Any, with_vectors: bool) -> tuple[list[Record], Any]: ...
@@ -172,7 +172,7 @@ def _named(vec: Any, name: str) -> list[float] | None:
     return vec.get(name) if isinstance(vec, dict) else vec
 
 
-def _vector_names(return_vector: str | None, using: str, with_key: bool) -> list[str] | bool:
-    names = list(dict.fromkeys(n for n in (return_vector, using if with_key else None) if n))
+def _vector_names(return_vector: str | None, using: str, with_searched: bool) -> list[str] | bool:
+    names = list(dict.fromkeys(n for n in (return_vector, using if with_searched else None) if n))
     return names or False
 

@@ -183,13 +183,13 @@ class EdgeBackend:
         self._require().update(qe.UpdateOperation.upsert_points(points))
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               exact: bool = False, with_payload: bool = True, with_searched: bool = False,
                hnsw_ef: int | None = None) -> Hits:
         qe = self.qe
         quant = (qe.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
                  if self.cfg.quantization else None)
         params = qe.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
-        with_vector = _vector_names(return_vector, using, with_key)
+        with_vector = _vector_names(return_vector, using, with_searched)
 
         def query(with_vector: list[str] | bool, with_payload: bool | list[str]) -> list[Any]:
             reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using=using), with_vector=with_vector,
@@ -198,16 +198,16 @@ class EdgeBackend:
 
         if with_vector and self.copy is not None and self.copy_doubt is None:
             hits = self._from_copy(query(False, True if with_payload else [COPY_FIELD]), queries, using,
-                                   return_vector, with_key)
+                                   return_vector, with_searched)
             if hits is not None:  # (payloads asked only for the entry are {} once it is taken out)
                 return hits
-        hits = Hits.of(query(with_vector, with_payload), return_vector, using, with_key)
+        hits = Hits.of(query(with_vector, with_payload), return_vector, using, with_searched)
         for p in (p for row in hits.payloads for p in row):
             p.pop(COPY_FIELD, None)
         return hits
 
     def _from_copy(self, res: list[Any], queries: np.ndarray, using: str, return_vector: str | None,
-                   with_key: bool) -> Hits | None:
+                   with_searched: bool) -> Hits | None:
         """Hits with their vectors read from the copy; None where the copy cannot be trusted for them: a hit
         without an entry, a row that does not hold what was written for it, or vectors that do not give the
         engine's scores."""
@@ -220,14 +220,15 @@ class EdgeBackend:
         if vecs is None:
             return self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, "
                                        "or damaged")
-        keys = vecs[using]
+        searched = vecs[using]
         scores = np.array([s for row in hits.scores for s in row], np.float32)
-        if len(scores) and np.abs(np.einsum("nd,nd->n", keys, np.repeat(queries, counts, axis=0))
+        if len(scores) and np.abs(np.einsum("nd,nd->n", searched, np.repeat(queries, counts, axis=0))
                                   - scores).max() > SCORE_TOLERANCE:
             return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere")
-        hits.keys = keys if with_key else None
+        hits.searched = searched if with_searched else None
         vectors = vecs[return_vector] if return_vector else None
-        hits.vectors = vectors.copy() if with_key and return_vector == using else vectors  # own arrays, as the engine's
+        same = with_searched and return_vector == using
+        hits.vectors = vectors.copy() if same else vectors  # own arrays, as the engine's are
         return hits
 
     def _distrust_copy(self, why: str) -> None:

@@ -125,7 +125,7 @@ class ServerBackend:
         self._call(self.client.upsert, self.name, points=batch, wait=True)
 
     def search(self, queries: np.ndarray, using: str, k: int, return_vector: str | None,
-               exact: bool = False, with_payload: bool = True, with_key: bool = False,
+               exact: bool = False, with_payload: bool = True, with_searched: bool = False,
                hnsw_ef: int | None = None) -> Hits:
         m = self.m
         quant = (m.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
@@ -133,10 +133,10 @@ class ServerBackend:
         params = None if self.local else m.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact,
                                                          quantization=quant)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
-                               with_vector=_vector_names(return_vector, using, with_key))
+                               with_vector=_vector_names(return_vector, using, with_searched))
                 for q in queries.tolist()]
         res = self._call(self.client.query_batch_points, self.name, requests=reqs)
-        return Hits.of([r.points for r in res], return_vector, using, with_key)
+        return Hits.of([r.points for r in res], return_vector, using, with_searched)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._call(self.client.retrieve, self.name, ids=list(ids), with_payload=True,

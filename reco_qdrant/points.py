@@ -1,10 +1,11 @@
-"""A stored pair's identity and vectors: its point id, embeddings checked before they are stored, and the
-neighbours a search returns."""
+"""A memory's points: a pair's point id, its embeddings checked before they are stored, and the neighbours a
+search returns."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +70,19 @@ class Neighbours:
     scores: np.ndarray  # [B, k] float32 cosine similarity in the searched modality
     vectors: np.ndarray | None  # [B, k, d] float32 vectors of `return_modality`, L2-normalised
     payloads: list[list[dict[str, Any]]]  # [B][k]
-    keys: np.ndarray | None = None  # [B, k, d] float32 vectors of the searched modality (with_keys=True)
+    # [B, k, d] float32 the same neighbours' vectors in the searched modality (with_searched_vectors=True)
+    searched_vectors: np.ndarray | None = None
 
     @property
     def captions(self) -> list[list[str]]:
         return [[p.get("caption", "") for p in row] for row in self.payloads]
+
+    @property
+    def keys(self) -> np.ndarray | None:
+        """Deprecated name of `searched_vectors` (one release)."""
+        warnings.warn("Neighbours.keys is renamed Neighbours.searched_vectors; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return self.searched_vectors
 
     @property
     def mask(self) -> np.ndarray:
@@ -88,7 +97,7 @@ def _content_key(vec: np.ndarray, caption: str) -> str:
     return h.hexdigest()
 
 
-def _to_neighbours(hits: Hits, k: int, dim: int | None, key_dim: int | None = None) -> Neighbours:
+def _to_neighbours(hits: Hits, k: int, dim: int | None, searched_dim: int | None = None) -> Neighbours:
     """Backend `Hits` -> `Neighbours` [B, k], missing hits padded (id "", score -inf, zero vector);
     vectors re-normalised (quantised storage may drift)."""
     b = len(hits.ids)
@@ -119,4 +128,4 @@ def _to_neighbours(hits: Hits, k: int, dim: int | None, key_dim: int | None = No
     ids = pad(hits.ids, "", object).astype(str)
     payloads = [row + [{} for _ in range(k - len(row))] for row in hits.payloads] if not full else hits.payloads
     return Neighbours(ids, pad(hits.scores, -np.inf, np.float32), stack(hits.vectors, dim), payloads,
-                      stack(hits.keys, key_dim))
+                      stack(hits.searched, searched_dim))

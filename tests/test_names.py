@@ -1,0 +1,50 @@
+"""Renamed public names still work for one release, each with a DeprecationWarning naming the new one."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_pairs
+
+from reco_qdrant import FusionConfig, FusionModel, Memory, RecoMemoryError
+from reco_qdrant.neighbors import retrieve
+
+
+def test_the_old_error_name_is_the_new_class_with_a_warning():
+    import reco_qdrant.backends as backends
+    import reco_qdrant.memory as memory
+
+    for module in (memory, backends):
+        with pytest.warns(DeprecationWarning, match="MemoryError_ is renamed RecoMemoryError"):
+            old = module.MemoryError_
+        assert old is RecoMemoryError
+    with pytest.raises(AttributeError):
+        memory.NoSuchName  # noqa: B018 - an unknown name still fails as usual
+
+
+def test_searched_vectors_under_their_old_names_give_the_same_arrays():
+    img, txt, caps = random_pairs(40, 16, seed=2)
+    with Memory.open(":memory:") as mem:
+        mem.add_embeddings(img, txt, caps)
+        new = mem.search(img[:5], "image", k=3, with_searched_vectors=True)
+        with pytest.warns(DeprecationWarning, match="with_keys= is renamed with_searched_vectors="):
+            old = mem.search(img[:5], "image", k=3, with_keys=True)
+        with pytest.warns(DeprecationWarning, match="Neighbours.keys is renamed"):
+            np.testing.assert_allclose(old.keys, new.searched_vectors, atol=1e-6)
+        with pytest.warns(DeprecationWarning, match="with_keys="):
+            via = retrieve(mem, img[:5], "image", 3, with_keys=True)
+        np.testing.assert_allclose(via.searched_vectors, new.searched_vectors, atol=1e-6)
+        assert new.searched_vectors.shape == (5, 3, 16)
+
+
+def test_fusion_keys_argument_and_property_are_renamed():
+    model = FusionModel(FusionConfig(dim=8, k=3)).eval()
+    g = torch.Generator().manual_seed(0)
+    q, r, s = (torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+               for shape in ((2, 8), (2, 3, 8), (2, 3, 8)))
+    mask, scores = torch.ones(2, 3, dtype=torch.bool), torch.rand(2, 3, generator=g)
+    with pytest.warns(DeprecationWarning, match="needs_keys is renamed needs_searched_vectors"):
+        assert model.needs_keys == model.needs_searched_vectors
+    want = model.refine("image", q, r, mask, scores=scores, searched=s)[0]
+    with pytest.warns(DeprecationWarning, match="keys= is renamed searched="):
+        got = model.refine("image", q, r, mask, scores=scores, keys=s)[0]
+    torch.testing.assert_close(got, want)
