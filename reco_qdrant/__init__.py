@@ -1,4 +1,8 @@
-"""reco-qdrant: retrieval-enhanced contrastive vision-text models (RECO) with a Qdrant memory."""
+"""reco-qdrant: retrieval-enhanced contrastive vision-text models (RECO) with a Qdrant memory.
+
+Training: `train_fusion` trains the fusion model, chosen on classes it never saw; given labels and class
+embeddings it also calls `adapt_fusion`, the weights for the classes trained on (`FusionModel.seen`).
+"""
 
 from .classifier import TEMPLATES, RecoClassifier
 from .encoders import Encoder, OpenClipEncoder, SentenceTransformersEncoder, load_encoder
@@ -14,12 +18,12 @@ from .memory import (
     RecoMemoryError,
     Restored,
 )
-from .training import TrainConfig, train_fusion
+from .training import TrainConfig, adapt_fusion, train_fusion
 
 __version__ = "0.1.0"
 __all__ = [
     "Memory", "Neighbours", "Encoder", "OpenClipEncoder", "SentenceTransformersEncoder", "load_encoder",
-    "FusionConfig", "FusionModel", "TrainConfig", "train_fusion", "RecoClassifier", "TEMPLATES",
+    "FusionConfig", "FusionModel", "TrainConfig", "train_fusion", "adapt_fusion", "RecoClassifier", "TEMPLATES",
     "EncoderMismatchError", "MemoryInUseError", "MemoryUnavailableError", "MemoryDamagedError",
     "MemoryFullError", "RecoMemoryError", "Restored",
 ]

@@ -55,7 +55,7 @@ def test_neighbour_cache_mask_is_never_seen_partial(tmp_path, monkeypatch):
 
 def test_neighbour_cache_removes_its_temporary_files_when_interrupted(tmp_path, monkeypatch):
     """A failure or Ctrl-C while the neighbours are searched leaves none of the run's temporary files behind."""
-    import reco_qdrant.training as T
+    import reco_qdrant.neighbour_cache as T
 
     img, txt, caps = random_pairs(200)
     with Memory.open(str(tmp_path / "m")) as mem:
@@ -124,7 +124,7 @@ def test_fsync_path_syncs_every_directory_of_a_tree(tmp_path, monkeypatch):
 
 def test_prune_cache_tolerates_a_concurrent_prune(tmp_path, monkeypatch):
     """Another process pruning the same folder between the listing and the stat is not an error."""
-    from reco_qdrant.training import _prune_cache
+    from reco_qdrant.neighbour_cache import _prune_cache
 
     for i, key in enumerate(("a", "b", "gone", "c")):
         for part in ("vectors", "keys", "mask"):
@@ -147,7 +147,7 @@ def test_prune_cache_tolerates_a_concurrent_prune(tmp_path, monkeypatch):
 def test_neighbour_cache_survives_a_concurrent_prune_of_what_it_wrote(tmp_path, monkeypatch):
     """The cache just written may be pruned by another process before it is returned: the arrays returned are
     the ones computed, not a reload of files that may be gone."""
-    import reco_qdrant.training as training
+    import reco_qdrant.neighbour_cache as cache
 
     img, txt, caps = random_pairs(120)
     with Memory.open(str(tmp_path / "m")) as mem:
@@ -155,14 +155,14 @@ def test_neighbour_cache_survives_a_concurrent_prune_of_what_it_wrote(tmp_path, 
         want = [np.array(a) for a in neighbour_cache(mem, img[:20], "image", TrainConfig(
             k=4, cache_dir=str(tmp_path / "ref"), progress=False), None, columns=False)]
         root = tmp_path / "cache" / "neighbours"
-        real = training._prune_cache
+        real = cache._prune_cache
 
         def other_process_prunes_all(r, keep):
             real(r, keep)
             for p in root.glob("*.npy"):
                 p.unlink()
 
-        monkeypatch.setattr(training, "_prune_cache", other_process_prunes_all)
+        monkeypatch.setattr(cache, "_prune_cache", other_process_prunes_all)
         got = neighbour_cache(mem, img[:20], "image", TrainConfig(k=4, cache_dir=str(tmp_path / "cache"),
                                                                    progress=False), None, columns=False)
         assert not list(root.glob("*.npy"))

@@ -106,7 +106,8 @@ def test_search_returns_searched_vectors_and_class_out_retrieval_skips_the_class
         q = img[:8] / np.linalg.norm(img[:8], axis=1, keepdims=True)
         np.testing.assert_allclose(search_scores(q, nb.searched_vectors, nb.mask), nb.scores, atol=1e-5)
         members = class_members(ids, labels)
-        out = retrieve(mem, img[:8], "image", 5, exclude_ids=[members[c] for c in labels[:8]], with_searched_vectors=True)
+        out = retrieve(mem, img[:8], "image", 5, exclude_ids=[members[c] for c in labels[:8]],
+                       with_searched_vectors=True)
         assert out.mask.all()
         got = {i: int(labels[ids.index(i)]) for i in out.ids.ravel()}
         assert all(got[i] != labels[row] for row in range(8) for i in out.ids[row])

@@ -376,7 +376,8 @@ def test_class_prompts_never_retrieve_the_images_being_scored(setup, world):
     """In training and validation, the images being scored are points of the memory; a class prompt's
     neighbours leave them out (as at test time, where a test image is never in the memory) and still
     number k, in rank order."""
-    from reco_qdrant.training import TrainConfig, _Prompts
+    from reco_qdrant.prompts import _Prompts
+    from reco_qdrant.training import TrainConfig
 
     mem = setup[0]
     cfg = TrainConfig(progress=False)
@@ -440,7 +441,8 @@ def test_pseudo_class_validation_never_meets_a_training_prompt(world):
     """Without labels, validation holds out clusters of the images, and training clusters only the remaining
     pairs: no validation pair shares a training cluster, so no validation caption is a training prompt."""
     from reco_qdrant.clusters import medoids
-    from reco_qdrant.training import TrainConfig, _pseudo_labels
+    from reco_qdrant.pairs import _pseudo_labels
+    from reco_qdrant.training import TrainConfig
 
     labels, v_labels, is_val = _pseudo_labels(world.train_image, world.train_text, TrainConfig(),
                                               np.random.default_rng(0))
