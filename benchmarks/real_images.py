@@ -179,7 +179,7 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
             model = train_fusion(mem, img, txt, labels=cub.labels[fit], class_embeddings=prompts, ids=ids,
                                  seed=setup.seed, progress=False, cache_dir=str(work / "cache"), **kw, **over)
             # adaptation: the weights adapted to the species trained on, where those are the species evaluated
-            adapted = model.seen is not None and spec["eval"] != "other"
+            adapted = model.adapted is not None and spec["eval"] != "other"
             clf = RecoClassifier(mem, model, weights="adapted" if adapted else "zero-shot")
             res = zero_shot_report(clf.set_class_embeddings(prompts[eval_cls], names), test, labels)
             if col == "RECO":

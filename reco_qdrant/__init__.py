@@ -1,7 +1,7 @@
 """reco-qdrant: retrieval-enhanced contrastive vision-text models (RECO) with a Qdrant memory.
 
 Training: `train_fusion` trains the fusion model, chosen on classes it never saw; given labels and class
-embeddings it also calls `adapt_fusion`, the weights for the classes trained on (`FusionModel.seen`).
+embeddings it also calls `adapt_fusion`, the weights for the classes trained on (`FusionModel.adapted`).
 """
 
 from .classifier import TEMPLATES, RecoClassifier

@@ -28,3 +28,8 @@ def renamed_argument(old: str, old_value: Any, new: str, new_value: Any) -> Any:
     warnings.warn(f"argument {old}= is renamed {new}=; the old name goes in the next release", DeprecationWarning,
                   stacklevel=3)
     return old_value
+
+
+def renamed_attribute(old: str, new: str) -> None:
+    """Warn that the attribute or method `old` is now `new` (the caller then serves it)."""
+    warnings.warn(f"{old} is renamed {new}; the old name goes in the next release", DeprecationWarning, stacklevel=3)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run.json"
 _NOT_IN_DIGEST = ("progress", "out_dir", "on_mismatch", "cache_dir", "cache_keep", "device")
+# renamed settings, digested under their former names so that runs started before the rename still resume
+_DIGESTED_AS = {"adapted_model": "seen_model", "adapted_uni_projection": "seen_uni_projection"}
 
 
 def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarray, labels: Any,
@@ -32,7 +34,7 @@ def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarr
             "memory (id and write version)": f"{memory.uid}@{memory.write_version}",
             # without labels, how pseudo-classes are made (a run made otherwise does not resume)
             **({"pseudo-classes": "pairs for training, images for validation"} if labels is None else {}),
-            **{f"setting {k}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST
+            **{f"setting {_DIGESTED_AS.get(k, k)}": repr(v) for k, v in asdict(cfg).items() if k not in _NOT_IN_DIGEST
                and not (k == "pseudo_class_size" and labels is not None)}}  # unused with labels: old runs resume
 
 
@@ -108,7 +110,7 @@ def _save(out: Path, name: str, model: FusionModel, trainer_state: dict | None =
 
 def _resume(out: Path, model: FusionModel, opt: Any, sched: Any, device: str) -> tuple:
     """Load out/last into the model, optimiser and scheduler. Returns (epoch, best score, best epoch, epochs
-    without improvement, history, the best weights: out/best's own, without `seen`, which a finished run holds)."""
+    without improvement, history, the best weights: out/best's own, without `adapted`, which a finished run holds)."""
     last = FusionModel.from_pretrained(out / "last", device=device)
     if last.cfg != model.cfg:
         raise ValueError(f"{out / 'last'}: checkpoint was trained with {last.cfg}, not {model.cfg}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._deprecated import renamed_attribute
 from .coverage import CoverageReference
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment
@@ -77,7 +78,7 @@ class RecoClassifier:
         use_retrieval: False gives the plain CLIP baseline with the same object and prompts.
         weights: "zero-shot" (default) refines with the fusion's own weights, trained for classes it never saw;
             "adapted" with the weights it adapted, with labels, to the classes it was trained on
-            (`FusionModel.seen`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
+            (`FusionModel.adapted`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
             so `set_class_embeddings` warns about any class given that is not one of them. The choice is the
             user's and holds for every call: nothing switches models by the classes given.
         gate: "none" (default): RECO's logits alone. "coverage" mixes, per image, RECO's logits with the plain
@@ -104,15 +105,15 @@ class RecoClassifier:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if gate != "none" and not use_retrieval:
             raise ValueError(f"gate={gate!r} mixes RECO's scores with the encoder's: it needs retrieval")
-        if weights == "adapted" and (fusion is None or fusion.seen is None):
+        if weights == "adapted" and (fusion is None or fusion.adapted is None):
             raise ValueError("weights='adapted' needs a fusion model adapted to its classes (trained with labels and "
                              "class_embeddings: `reco train --adapt`); this one has only zero-shot weights")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
-        self.fusion_used_ = fusion.seen if weights == "adapted" else fusion  # the model that refines, always
+        self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
-        self.learned_share_ = 0.0  # share of the classes given that the fusion model was adapted to
+        self.adapted_share_ = 0.0  # share of the classes given that the fusion model was adapted to
         self.k = k or (fusion.cfg.k if fusion else 10)
         if fusion is not None:
             if self.k > fusion.cfg.k:
@@ -136,6 +137,18 @@ class RecoClassifier:
                              f"(uid {coverage.memory_uid}, this one is {memory.uid})")
 
     # ------------------------------------------------------------------ refinement
+    @property
+    def fusion_used_(self) -> FusionModel | None:
+        """Deprecated name of `refiner_` (one release)."""
+        renamed_attribute("RecoClassifier.fusion_used_", "RecoClassifier.refiner_")
+        return self.refiner_
+
+    @property
+    def learned_share_(self) -> float:
+        """Deprecated name of `adapted_share_` (one release)."""
+        renamed_attribute("RecoClassifier.learned_share_", "RecoClassifier.adapted_share_")
+        return self.adapted_share_
+
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
         """Refine [B, d] embeddings and return the neighbours and attention behind each one, and, for image queries
         under `gate="coverage"`, the trust [B] that `predict` gives RECO's logits."""
@@ -166,7 +179,7 @@ class RecoClassifier:
         modality (`searched_vectors`) when they will be fused by a model that uses them."""
         cfg = self.fusion.cfg
         return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
-                        with_payload=with_payload, with_searched_vectors=self.fusion_used_.needs_searched_vectors)
+                        with_payload=with_payload, with_searched_vectors=self.refiner_.needs_searched_vectors)
 
     def _read_coverage(self) -> CoverageReference:
         """The coverage reference of the memory as it is now: read once, and again (drawn alike) after a write;
@@ -189,7 +202,7 @@ class RecoClassifier:
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
         """(refined [B, d], weights of [query, neighbours] [B, 1 + k] or None) by the fusion in use."""
-        return self.fusion_used_.refine_numpy(modality, q, nb.vectors, nb.mask, need_weights=need_weights,
+        return self.refiner_.refine_numpy(modality, q, nb.vectors, nb.mask, need_weights=need_weights,
                                               scores=nb.scores, searched=nb.searched_vectors)
 
     # ------------------------------------------------------------------ classes
@@ -203,12 +216,12 @@ class RecoClassifier:
             self.class_embeddings_ = x
             return self
         nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
-        learned = self.fusion.learned(x)
-        self.learned_share_ = float(learned.mean()) if len(x) else 0.0
-        if self.weights == "adapted" and not learned.all():
-            warnings.warn(f"{int((~learned).sum())} of the {len(x)} classes given (e.g. "
-                          f"{self.classes_[int(np.flatnonzero(~learned)[0])]!r}) are not among the "
-                          f"{self.fusion.cfg.learned_classes} classes these adapted weights were trained on; "
+        adapted = self.fusion.adapted_to(x)
+        self.adapted_share_ = float(adapted.mean()) if len(x) else 0.0
+        if self.weights == "adapted" and not adapted.all():
+            warnings.warn(f"{int((~adapted).sum())} of the {len(x)} classes given (e.g. "
+                          f"{self.classes_[int(np.flatnonzero(~adapted)[0])]!r}) are not among the "
+                          f"{self.fusion.cfg.adapted_classes} classes these adapted weights were trained on; "
                           "RecoClassifier(weights='zero-shot') is the model for new classes", stacklevel=2)
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
         trained = self.fusion.cfg.alignment
@@ -251,7 +264,7 @@ class RecoClassifier:
         if not self.use_retrieval:
             return _softmax(BASELINE_SCALE * x @ cls.T)
         # the temperature the refining model learned with these very scores
-        scale = float(self.fusion_used_.logit_scale.exp().clamp(max=100).item())
+        scale = float(self.refiner_.logit_scale.exp().clamp(max=100).item())
         if self.gate == "coverage":
             self._read_coverage()
         out = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._deprecated import renamed_argument
+from ._deprecated import renamed_attribute as _renamed
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -41,7 +41,8 @@ class FusionConfig:
     cross_feature: bool = True  # relevance: the gate sees the query's cosine with its fused neighbours
     uni_term: bool = True  # relevance: also add the neighbours' vectors in the searched modality (U below)
     # relevance: a learned D x D map on U too (Q below): capacity that serves the classes trained on and costs new
-    # ones, so by default only `seen` (the weights for the classes trained on) has it; `seen_uni_projection`: its flag
+    # ones, so by default only `adapted` (the weights for the classes trained on) has it; `adapted_uni_projection`:
+    # its flag
     uni_projection: bool = False
     # median cosine of the training class prompts with their fused neighbours, over the best-covered half (see
     # `cross_alignment`): how well the encoder aligned the classes the model learned from; RecoClassifier
@@ -50,10 +51,9 @@ class FusionConfig:
     search: str = "uni"  # how neighbours are searched (see neighbors.py)
     fusion: str = "cross"  # which modality of the neighbours is fused
     encoder_id: str | None = None  # encoder whose embeddings this model was trained on
-    # class prompts the model was trained on, kept with a second set of weights (`FusionModel.seen`) for them;
-    # 0: none
-    learned_classes: int = 0
-    seen_uni_projection: bool = False
+    # how many class prompts a second set of weights (`FusionModel.adapted`) was adapted to, with labels; 0: none
+    adapted_classes: int = 0
+    adapted_uni_projection: bool = False
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -291,38 +291,62 @@ class FusionModel(nn.Module):
         self.phi_img = make(cfg)
         self.phi_txt = make(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
-        # For the classes it was trained on, a model trained on all of them (see `with_seen`)
-        self.seen = FusionModel(replace(cfg, learned_classes=0, uni_projection=cfg.seen_uni_projection,
-                                        seen_uni_projection=False)) if cfg.learned_classes else None
-        if cfg.learned_classes:
-            self.register_buffer("class_prompts", torch.zeros(cfg.learned_classes, cfg.dim))  # [C, D]
+        # For the classes it was trained on, a model trained on all of them (see `with_adapted`)
+        self.adapted = FusionModel(replace(cfg, adapted_classes=0, uni_projection=cfg.adapted_uni_projection,
+                                           adapted_uni_projection=False)) if cfg.adapted_classes else None
+        if cfg.adapted_classes:
+            self.register_buffer("class_prompts", torch.zeros(cfg.adapted_classes, cfg.dim))  # [C, D]
 
-    def with_seen(self, seen: FusionModel, class_prompts: np.ndarray) -> FusionModel:
-        """This model plus `seen`, a model trained on the classes whose prompts [C, D] are given (every labelled
+    def with_adapted(self, adapted: FusionModel, class_prompts: np.ndarray) -> FusionModel:
+        """This model plus `adapted`, a model trained on the classes whose prompts [C, D] are given (every labelled
         pair for the full schedule; of its epochs, the one of lowest training loss).
 
         Why two: early stopping on held-out classes picks the epoch that serves classes the model never saw,
         while on the classes it learns from, accuracy keeps rising until training ends, so one set of weights
-        cannot serve both (figures: docs/experiments.md). `RecoClassifier(weights="adapted")` scores with `seen`."""
-        out = FusionModel(replace(self.cfg, learned_classes=len(class_prompts),
-                                  seen_uni_projection=seen.cfg.uni_projection)).to(self.device)
-        out.load_state_dict({**self.own_state_dict(), **{f"seen.{k}": v for k, v in seen.own_state_dict().items()},
+        cannot serve both (figures: docs/experiments.md). `RecoClassifier(weights="adapted")` scores with
+        `adapted`."""
+        out = FusionModel(replace(self.cfg, adapted_classes=len(class_prompts),
+                                  adapted_uni_projection=adapted.cfg.uni_projection)).to(self.device)
+        out.load_state_dict({**self.own_state_dict(),
+                             **{f"adapted.{k}": v for k, v in adapted.own_state_dict().items()},
                              "class_prompts": torch.as_tensor(np.asarray(class_prompts, np.float32))})
         return out
 
-    def own_state_dict(self) -> dict[str, torch.Tensor]:
-        """This model's own weights, without `seen` and the class prompts it learned."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("seen.") and k != "class_prompts"}
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, also reading weights saved before the adapted model was named so
+        (`seen.*`)."""
+        state = {("adapted." + k[len("seen."):] if k.startswith("seen.") else k): v for k, v in state_dict.items()}
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
-    def learned(self, class_embeddings: np.ndarray, min_cosine: float = 0.99) -> np.ndarray:
-        """[C] True where a class embedding [C, D] is one of the prompts `seen` was trained on (the same
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's own weights, without `adapted` and the class prompts it was adapted to."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("adapted.") and k != "class_prompts"}
+
+    def adapted_to(self, class_embeddings: np.ndarray, min_cosine: float = 0.99) -> np.ndarray:
+        """[C] True where a class embedding [C, D] is one of the prompts `adapted` was trained on (the same
         prompt through the same encoder: cosine >= min_cosine)."""
-        if self.seen is None or not len(class_embeddings):
+        if self.adapted is None or not len(class_embeddings):
             return np.zeros(len(class_embeddings), bool)
         known = F.normalize(self.class_prompts.float().cpu(), dim=-1).numpy()
         x = np.asarray(class_embeddings, np.float32)
         x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         return (x @ known.T).max(1) >= min_cosine
+
+    @property
+    def seen(self) -> FusionModel | None:
+        """Deprecated name of `adapted` (one release)."""
+        _renamed("FusionModel.seen", "FusionModel.adapted")
+        return self.adapted
+
+    def with_seen(self, seen: FusionModel, class_prompts: np.ndarray) -> FusionModel:
+        """Deprecated name of `with_adapted` (one release)."""
+        _renamed("FusionModel.with_seen", "FusionModel.with_adapted")
+        return self.with_adapted(seen, class_prompts)
+
+    def learned(self, class_embeddings: np.ndarray, min_cosine: float = 0.99) -> np.ndarray:
+        """Deprecated name of `adapted_to` (one release)."""
+        _renamed("FusionModel.learned", "FusionModel.adapted_to")
+        return self.adapted_to(class_embeddings, min_cosine)
 
     def refine(self, modality: str, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
                need_weights: bool = False, scores: torch.Tensor | None = None,
@@ -345,8 +369,7 @@ class FusionModel(nn.Module):
     @property
     def needs_keys(self) -> bool:
         """Deprecated name of `needs_searched_vectors` (one release)."""
-        warnings.warn("FusionModel.needs_keys is renamed needs_searched_vectors; the old name goes in the next "
-                      "release", DeprecationWarning, stacklevel=2)
+        _renamed("FusionModel.needs_keys", "FusionModel.needs_searched_vectors")
         return self.needs_searched_vectors
 
     @torch.no_grad()
@@ -405,6 +428,9 @@ class FusionModel(nn.Module):
         raw: dict[str, Any] = json.loads(cfg_path.read_text())
         if raw.pop("model_type", None) != "reco-fusion":
             raise ValueError(f"{cfg_path}: not a reco-fusion checkpoint")
+        for old, new in (("learned_classes", "adapted_classes"), ("seen_uni_projection", "adapted_uni_projection")):
+            if old in raw:  # written before the adapted model was named so
+                raw[new] = raw.pop(old)
         if raw.get("aggregator", "relevance") == "relevance":
             raw.setdefault("cross_feature", False)  # written before the gate saw the cross-modal cosine
             raw.setdefault("uni_term", False)  # ... and before the searched modality's term

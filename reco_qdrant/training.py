@@ -7,7 +7,7 @@ Without labels (RECO's own setting: unlabelled web pairs), the pairs are cluster
 training (a share of them hidden from the memory) and the class loss run on clusters of the pairs;
 validation runs on held-out clusters of the images, scored with and without the hidden ones. With labels
 and class embeddings, a second run on every labelled pair, no class held out, for the whole schedule, gives
-weights adapted to the classes trained on (`adapt_fusion`; `FusionModel.seen`, used only with
+weights adapted to the classes trained on (`adapt_fusion`; `FusionModel.adapted`, used only with
 `RecoClassifier(weights="adapted")`).
 
 The parts live beside this loop: `pairs.py` (classes, split, neighbours), `neighbour_cache.py`, `augment.py`,
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._deprecated import renamed_attribute
 from .augment import _misaligned, _refine_batch, _uncover
 from .checkpoints import _checkpoint, _prepare_out_dir, _resume, _run_digest, _save
 from .encoders import default_device
@@ -77,12 +78,13 @@ class TrainConfig:
     pseudo_class_size: int = 32
     class_loss: float = 1.0  # weight of the zero-shot loss: refined images vs refined (pseudo-)class prompts
     # with labels, class embeddings and validation: also train a model on every labelled pair for the full
-    # schedule, for the classes trained on (`FusionModel.seen`); early stopping picks the one for other classes
-    seen_model: bool = True
-    # that model also learns the map on the searched modality's mean (`uni_projection`); measured on real images
-    # (web / noisy / partial, 3 seeds): +0.3 / +1.3 / +0.5, while on the synthetic worlds' new classes it cost the
-    # early-stopped model 0.1-0.5, so only the weights for the classes trained on have it
-    seen_uni_projection: bool = True
+    # schedule, for the classes trained on (`adapt_fusion`, `FusionModel.adapted`); early stopping picks the one for
+    # other classes
+    adapted_model: bool = True
+    # that model also learns the map on the searched modality's mean (`uni_projection`): capacity that helps the
+    # classes trained on and costs new ones, so only the weights for the classes trained on have it
+    # (docs/experiments.md)
+    adapted_uni_projection: bool = True
     precision: str = "auto"  # "bf16" (autocast, fp32 weights) | "fp32" | "auto": see `use_bf16`
     out_dir: str | None = None  # per-epoch checkpoints (last/, best/), resumable
     on_mismatch: str = "error"  # out_dir holds a run on other inputs or settings: "error" | "restart" (train afresh)
@@ -90,6 +92,22 @@ class TrainConfig:
     cache_keep: int = 8  # neighbour caches kept in the cache directory (the least recently used are pruned)
     progress: bool = True
 
+
+    @property
+    def seen_model(self) -> bool:
+        """Deprecated name of `adapted_model` (one release)."""
+        renamed_attribute("TrainConfig.seen_model", "TrainConfig.adapted_model")
+        return self.adapted_model
+
+    @property
+    def seen_uni_projection(self) -> bool:
+        """Deprecated name of `adapted_uni_projection` (one release)."""
+        renamed_attribute("TrainConfig.seen_uni_projection", "TrainConfig.adapted_uni_projection")
+        return self.adapted_uni_projection
+
+
+# old setting names `train_fusion(**settings)` still takes for one release, with a warning
+RENAMED_SETTINGS = {"seen_model": "adapted_model", "seen_uni_projection": "adapted_uni_projection"}
 
 DEFAULT_LR = {"relevance": 2e-3, "transformer": 3e-4, "mean": 0.0}  # measured: the transformer degrades above 3e-4
 
@@ -147,7 +165,8 @@ def train_fusion(
         labels: [N] class of each pair, to validate on held-out classes; without them, k-means pseudo-classes
             (`pseudo_class_size` pairs each) stand in, given at least 8 of them.
         class_embeddings: [C, d] class-prompt embeddings indexed by label, for that validation; with labels and
-            `seen_model`, `adapt_fusion` also trains the weights for the classes trained on (`FusionModel.seen`).
+            `adapted_model`, `adapt_fusion` also trains the weights for the classes trained on
+            (`FusionModel.adapted`).
         ids: [N] memory point ids of the pairs, when they are stored in the memory (self-exclusion).
         config / overrides: `TrainConfig` fields (k, epochs, lr, seed, search, fusion, aggregator, ...).
     Returns:
@@ -179,11 +198,12 @@ def train_fusion(
         return model.eval()
     best_state, best_epoch, history = _fit(model, p, val, prompts, cfg, device, out, resumable, baseline)
     model.load_state_dict(best_state)
-    if cfg.seen_model and prompts is not None and val is not None and not p.pseudo:
-        seen = adapt_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
-                            encoder_id=encoder_id, config=cfg, out_dir=str(out / "seen") if out else None,
+    if cfg.adapted_model and prompts is not None and val is not None and not p.pseudo:
+        # out/seen: the directory's name from before the adapted weights were named so (runs there resume)
+        adapted = adapt_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
+                               encoder_id=encoder_id, config=cfg, out_dir=str(out / "seen") if out else None,
                             cache_dir=cfg.cache_dir or (str(out / "cache") if out else None))
-        model = model.with_seen(seen, class_embeddings[p.classes])
+        model = model.with_adapted(adapted, class_embeddings[p.classes])
         if out:
             _save(out, "best", model)
     model.history, model.best_epoch = history, best_epoch
@@ -203,20 +223,24 @@ def adapt_fusion(
     config: TrainConfig | None = None,
     **overrides: Any,
 ) -> FusionModel:
-    """The weights for the classes trained on (`FusionModel.seen`, used by `RecoClassifier(weights="adapted")`):
+    """The weights for the classes trained on (`FusionModel.adapted`, used by `RecoClassifier(weights="adapted")`):
     trained on every labelled pair, no class held out, for the whole schedule; with no held-out class to choose
     by, the epoch of lowest training loss is kept. Arguments as `train_fusion`'s, which calls this (resumable under
-    out_dir/seen) when given labels and class embeddings with `seen_model` set; attach the result to a model with
-    `FusionModel.with_seen`."""
+    out_dir/seen) when given labels and class embeddings with `adapted_model` set; attach the result to a model
+    with `FusionModel.with_adapted`."""
     cfg = _config(config, overrides)
     return train_fusion(memory, image_embeddings, text_embeddings, labels=labels, class_embeddings=class_embeddings,
-                        ids=ids, encoder_id=encoder_id, config=cfg, val_fraction=0.0, seen_model=False,
-                        uni_projection=cfg.seen_uni_projection and cfg.uni_term)
+                        ids=ids, encoder_id=encoder_id, config=cfg, val_fraction=0.0, adapted_model=False,
+                        uni_projection=cfg.adapted_uni_projection and cfg.uni_term)
 
 
 def _config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
     """`config` (default: the defaults) with `overrides` of its fields, checked."""
     cfg = config or TrainConfig()
+    for old, new in RENAMED_SETTINGS.items():
+        if old in overrides:
+            renamed_attribute(f"setting {old}", new)
+            overrides[new] = overrides.pop(old)
     if overrides:
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
     if cfg.on_mismatch not in ("error", "restart"):
@@ -236,9 +260,9 @@ def _new_model(memory: Memory, cfg: TrainConfig, p: _Pairs, encoder_id: str | No
                                      uni_projection=cfg.uni_projection,
                                      search=cfg.search, fusion=cfg.fusion, encoder_id=enc_id)).to(device)
     if learns and p.class_embeddings is not None and not p.pseudo:
-        seen = p.class_embeddings[np.unique(p.labels)]
-        nb = retrieve(memory, seen, "text", cfg.k, cfg.search, cfg.fusion, with_payload=False)
-        model.cfg.alignment = round(cross_alignment(seen, nb.vectors, nb.mask), 4)
+        trained = p.class_embeddings[np.unique(p.labels)]
+        nb = retrieve(memory, trained, "text", cfg.k, cfg.search, cfg.fusion, with_payload=False)
+        model.cfg.alignment = round(cross_alignment(trained, nb.vectors, nb.mask), 4)
     return model
 
 

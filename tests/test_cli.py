@@ -240,7 +240,7 @@ def test_train_from_the_memorys_own_pairs_without_labels(tmp_path):
     assert "training on 300 of the memory's 400 pairs" in r.output
     res = json.loads(r.output[r.output.index("{"):])
     model = FusionModel.from_pretrained(res["checkpoint"])
-    assert model.cfg.k == 5 and model.cfg.encoder_id == "enc" and model.seen is None
+    assert model.cfg.k == 5 and model.cfg.encoder_id == "enc" and model.adapted is None
     with Memory.open(mem) as m:
         ids, img, txt = m.sample_pairs(300, seed=0, progress=False)
         again = m.sample_pairs(300, seed=0, progress=False)
@@ -274,12 +274,12 @@ def test_train_adapt_fits_weights_to_the_labelled_classes_prompts(tmp_path, tiny
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     model = FusionModel.from_pretrained(tmp_path / "run" / "best")
-    assert model.seen is not None and model.cfg.learned_classes == 6
+    assert model.adapted is not None and model.cfg.adapted_classes == 6
     prompts = tiny_encoder.encode_texts([f"a photo of a {n}." for n in sorted(names)])
-    assert model.learned(prompts).all()
+    assert model.adapted_to(prompts).all()
     with Memory.open(mem) as m:
         clf = RecoClassifier(m, model, weights="adapted").set_class_embeddings(prompts, sorted(names))
-        assert clf.fusion_used_ is model.seen and len(clf.predict_embeddings(img[:4])) == 4
+        assert clf.refiner_ is model.adapted and len(clf.predict_embeddings(img[:4])) == 4
     r = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--classes", "a,b", "--weights", "adapted",
                             "--memory", mem])
     assert r.exit_code == 1 and "give --fusion" in r.output

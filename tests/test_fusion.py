@@ -58,9 +58,9 @@ def test_relevance_fusion_starts_as_plain_averaging_exactly():
     torch.testing.assert_close(a[2], q[2])  # nothing retrieved: the query itself
 
 
-def test_the_map_on_the_searched_modality_starts_at_zero_and_the_seen_weights_keep_their_own_config(tmp_path):
+def test_the_map_on_the_searched_modality_starts_at_zero_and_the_adapted_weights_keep_their_own_config(tmp_path):
     """`uni_projection` adds a D x D map on U, zero at first (the same output as without it); a model whose
-    `seen` weights have it while its own do not saves and loads both as they are."""
+    `adapted` weights have it while its own do not saves and loads both as they are."""
     cfg = dict(dim=32, k=5, n_heads=4)
     q, r, mask, scores = batch()
     keys = torch.nn.functional.normalize(torch.randn_like(r), dim=-1)
@@ -76,11 +76,11 @@ def test_the_map_on_the_searched_modality_starts_at_zero_and_the_seen_weights_ke
     assert (want - plain.refine("image", q, r, mask, scores=scores, searched=keys)[0]).abs().max() > 1e-2
     with pytest.raises(ValueError, match="needs uni_term=True"):
         FusionConfig(uni_projection=True, uni_term=False, **cfg)
-    both = plain.with_seen(mapped, np.eye(3, 32, dtype=np.float32))
-    assert both.cfg.seen_uni_projection and both.phi_img.uni_proj is None and both.seen.cfg.uni_projection
+    both = plain.with_adapted(mapped, np.eye(3, 32, dtype=np.float32))
+    assert both.cfg.adapted_uni_projection and both.phi_img.uni_proj is None and both.adapted.cfg.uni_projection
     loaded = FusionModel.from_pretrained(both.save_pretrained(tmp_path / "both"))
-    assert loaded.cfg == both.cfg and loaded.seen.cfg == mapped.cfg
-    torch.testing.assert_close(loaded.seen.refine("image", q, r, mask, scores=scores, searched=keys)[0], want)
+    assert loaded.cfg == both.cfg and loaded.adapted.cfg == mapped.cfg
+    torch.testing.assert_close(loaded.adapted.refine("image", q, r, mask, scores=scores, searched=keys)[0], want)
 
 
 def test_relevance_fusion_needs_scores_and_uses_them():
@@ -128,7 +128,7 @@ def test_the_gate_reads_the_cross_modal_cosine_and_older_checkpoints_still_load(
     old = FusionModel(FusionConfig(dim=32, k=5, n_heads=4, cross_feature=False, uni_term=False)).eval()
     path = old.save_pretrained(tmp_path / "old")
     cfg = json.loads((path / "config.json").read_text())
-    for field in ("cross_feature", "uni_term", "alignment", "uni_projection", "seen_uni_projection"):
+    for field in ("cross_feature", "uni_term", "alignment", "uni_projection", "adapted_uni_projection"):
         cfg.pop(field)
     (path / "config.json").write_text(json.dumps(cfg))
     loaded = FusionModel.from_pretrained(path)

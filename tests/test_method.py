@@ -62,7 +62,7 @@ def test_reco_is_at_least_mean_fusion(setup, reco):
 
 def test_no_alignment_warning_where_the_encoder_knows_the_classes(reco):
     model, clf, _ = reco
-    assert clf.fusion_used_ is model
+    assert clf.refiner_ is model
     assert model.cfg.alignment is not None and clf.alignment_ > 0.5 * model.cfg.alignment
 
 
@@ -83,7 +83,7 @@ def test_names_the_encoder_does_not_know_are_reported_not_rescored(world, setup,
                            source="synthetic", encoder_id="synthetic")
         with pytest.warns(UserWarning, match=r"median cosine 0\.\d+ against 0\.\d+.*may not know these names"):
             clf = RecoClassifier(mem, model).set_class_embeddings(prompts, names)
-        assert clf.fusion_used_ is model and clf.alignment_ < 0.5 * model.cfg.alignment
+        assert clf.refiner_ is model and clf.alignment_ < 0.5 * model.cfg.alignment
         x = world.eval_image[:20]
         want = (clf.refine(x) @ clf.class_embeddings_.T).argmax(1)
         assert [names.index(c) for c in clf.predict_embeddings(x)] == want.tolist()
@@ -155,7 +155,7 @@ def test_the_searched_modality_term_can_be_left_out(setup):
     hits' vectors in the searched modality, which cost about 40% more search time)."""
     model, clf, res = setup[1](uni_term=False, epochs=1)
     assert model.cfg.uni_term is False and not model.needs_searched_vectors and model.phi_img.uni_scale is None
-    assert model.seen is not None and not model.seen.cfg.uni_projection  # no U, nothing for Q to map
+    assert model.adapted is not None and not model.adapted.cfg.uni_projection  # no U, nothing for Q to map
     assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
 
 
@@ -216,24 +216,24 @@ def test_checkpoint_roundtrip_is_exact_and_pickle_free(setup, reco, tmp_path):
 
 def test_the_classes_trained_on_are_scored_by_the_adapted_weights_when_asked(world, setup, reco, tmp_path):
     """Early stopping picks the epoch for classes the model never saw; a model trained with labels also holds
-    weights trained on every labelled class for the full schedule (`seen`): the classifier uses them only
+    weights trained on every labelled class for the full schedule (`adapted`): the classifier uses them only
     when asked (`weights="adapted"`), and warns about classes they were not adapted to."""
     mem, run, names, _, _ = setup
     model, clf, _ = reco
-    assert model.seen is not None and model.seen.seen is None
-    # only the weights for the classes trained on learn the map on U (`seen_uni_projection`), and they did learn it
-    assert model.phi_img.uni_proj is None and model.seen.cfg.uni_projection and model.cfg.seen_uni_projection
-    assert model.seen.phi_img.uni_proj.weight.abs().max() > 0
+    assert model.adapted is not None and model.adapted.adapted is None
+    # only the weights for the classes trained on learn the map on U (`adapted_uni_projection`), and they did learn it
+    assert model.phi_img.uni_proj is None and model.adapted.cfg.uni_projection and model.cfg.adapted_uni_projection
+    assert model.adapted.phi_img.uni_proj.weight.abs().max() > 0
     assert model.history[-1]["epoch"] < 30  # stopped early for new classes
-    assert model.cfg.learned_classes == len(model.class_prompts) == len(np.unique(world.train_labels))
-    learned = model.learned(world.class_text)
-    assert learned.sum() == model.cfg.learned_classes and not learned[world.eval_classes].any()
-    assert clf.fusion_used_ is model and clf.learned_share_ == 0.0  # the evaluation classes are new ones
+    assert model.cfg.adapted_classes == len(model.class_prompts) == len(np.unique(world.train_labels))
+    learned = model.adapted_to(world.class_text)
+    assert learned.sum() == model.cfg.adapted_classes and not learned[world.eval_classes].any()
+    assert clf.refiner_ is model and clf.adapted_share_ == 0.0  # the evaluation classes are new ones
     seen_names = [world.class_names[c] for c in np.flatnonzero(learned)]
     default = RecoClassifier(mem, model).set_class_embeddings(world.class_text[learned], seen_names)
-    assert default.fusion_used_ is model and default.learned_share_ == 1.0  # never switched silently
+    assert default.refiner_ is model and default.adapted_share_ == 1.0  # never switched silently
     on_seen = RecoClassifier(mem, model, weights="adapted").set_class_embeddings(world.class_text[learned], seen_names)
-    assert on_seen.fusion_used_ is model.seen
+    assert on_seen.refiner_ is model.adapted
     a, b = (on_seen.refine(world.eval_image[:8], "image"), clf.refine(world.eval_image[:8], "image"))
     assert np.abs(a - b).max() > 1e-3  # other weights refine
     half = np.concatenate([np.flatnonzero(learned)[:3], world.eval_classes[:4]])
@@ -246,9 +246,9 @@ def test_the_classes_trained_on_are_scored_by_the_adapted_weights_when_asked(wor
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v.cpu(), rtol=0, atol=0)
     assert RecoClassifier(mem, loaded, weights="adapted").set_class_embeddings(
-        world.class_text[learned], seen_names).fusion_used_ is loaded.seen
-    without, _, _ = run(seen_model=False)
-    assert without.seen is None
+        world.class_text[learned], seen_names).refiner_ is loaded.adapted
+    without, _, _ = run(adapted_model=False)
+    assert without.adapted is None
     with pytest.raises(ValueError, match="weights='adapted' needs a fusion model adapted"):
         RecoClassifier(mem, without, weights="adapted")
     for k, v in without.state_dict().items():  # the early-stopped model is the same either way
@@ -326,7 +326,7 @@ with fill(Memory.open({str(tmp_path / 'm')!r}), w) as mem:
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
     with Memory.open(str(tmp_path / "m")) as mem:  # a finished run resumed: nothing to train, the same model
         again = train_fusion(mem, world.train_image, world.train_text, out_dir=str(tmp_path / "a"), **kw)
-    assert again.seen is not None and again.state_dict().keys() == clean.state_dict().keys()
+    assert again.adapted is not None and again.state_dict().keys() == clean.state_dict().keys()
     for k, v in clean.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
 
@@ -411,7 +411,7 @@ def zero_shot(world, setup):
 def test_zero_shot_without_labels_is_level_with_mean_fusion_on_new_classes(world, zero_shot):
     model, res = zero_shot["RECO"]
     mean = zero_shot["mean"][1]["reco"]["top1"]
-    assert model.seen is None and model.cfg.alignment is None  # nothing was adapted to any class
+    assert model.adapted is None and model.cfg.alignment is None  # nothing was adapted to any class
     assert model.pseudo_classes == len(world.train_ids) // 32  # k-means clusters stood in for classes
     assert model.history[0]["epoch"] == 0 and len(model.history) > 1  # it trained, validating on them
     # level with mean fusion (within 1 point, ~10 of 960 images): the zero-shot issue asks for >= mean + 2, not

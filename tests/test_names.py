@@ -42,9 +42,34 @@ def test_fusion_keys_argument_and_property_are_renamed():
     q, r, s = (torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
                for shape in ((2, 8), (2, 3, 8), (2, 3, 8)))
     mask, scores = torch.ones(2, 3, dtype=torch.bool), torch.rand(2, 3, generator=g)
-    with pytest.warns(DeprecationWarning, match="needs_keys is renamed needs_searched_vectors"):
+    with pytest.warns(DeprecationWarning, match="needs_keys is renamed FusionModel.needs_searched_vectors"):
         assert model.needs_keys == model.needs_searched_vectors
     want = model.refine("image", q, r, mask, scores=scores, searched=s)[0]
     with pytest.warns(DeprecationWarning, match="keys= is renamed searched="):
         got = model.refine("image", q, r, mask, scores=scores, keys=s)[0]
     torch.testing.assert_close(got, want)
+
+
+def test_a_checkpoint_saved_with_seen_weights_loads_as_adapted(tmp_path):
+    """Checkpoints written before the adapted weights were named so (`seen.*` tensors, `learned_classes` and
+    `seen_uni_projection` in the config) load unchanged; the old attribute names warn."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    base = FusionModel(FusionConfig(dim=8, k=3))
+    both = base.with_adapted(FusionModel(FusionConfig(dim=8, k=3, uni_projection=True)), np.eye(2, 8, dtype=np.float32))
+    path = both.save_pretrained(tmp_path / "new")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["learned_classes"], cfg["seen_uni_projection"] = cfg.pop("adapted_classes"), cfg.pop("adapted_uni_projection")
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k.replace("adapted.", "seen.", 1): v for k, v in weights.items()}, str(path / "model.safetensors"))
+    old = FusionModel.from_pretrained(path)
+    assert old.cfg == both.cfg
+    for k, v in both.state_dict().items():
+        torch.testing.assert_close(old.state_dict()[k], v)
+    with pytest.warns(DeprecationWarning, match="FusionModel.seen is renamed FusionModel.adapted"):
+        assert old.seen is old.adapted
+    with pytest.warns(DeprecationWarning, match="learned is renamed"):
+        assert old.learned(np.eye(2, 8, dtype=np.float32)).all()
