@@ -21,15 +21,20 @@ def renamed(module: str, names: dict[str, tuple[str, Any]]) -> Callable[[str], A
     return __getattr__
 
 
-def renamed_argument(old: str, old_value: Any, new: str, new_value: Any) -> Any:
-    """The value of a renamed keyword argument: the old one's, with a warning, when the caller still passes it."""
+def renamed_argument(old: str, old_value: Any, new: str, new_value: Any, default: Any = None) -> Any:
+    """The value of a renamed keyword argument: the old one's, with a warning, when the caller still passes it (and
+    not the new one too: `new_value` is then still its `default`)."""
     if old_value is None:
         return new_value
+    if new_value is not default and new_value != default:
+        raise TypeError(f"both {old}= and {new}= given; {old}= is the old name of {new}=: give {new}= only")
     warnings.warn(f"argument {old}= is renamed {new}=; the old name goes in the next release", DeprecationWarning,
                   stacklevel=3)
     return old_value
 
 
-def renamed_attribute(old: str, new: str) -> None:
-    """Warn that the attribute or method `old` is now `new` (the caller then serves it)."""
-    warnings.warn(f"{old} is renamed {new}; the old name goes in the next release", DeprecationWarning, stacklevel=3)
+def renamed_attribute(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that the attribute, method or setting `old` is now `new` (the caller then serves it); `stacklevel` points
+    the warning at the user's line (3: the caller of the property or method that calls this)."""
+    warnings.warn(f"{old} is renamed {new}; the old name goes in the next release", DeprecationWarning,
+                  stacklevel=stacklevel)

@@ -31,7 +31,7 @@ def _refine_batch(model: FusionModel, modality: str, q: torch.Tensor, vectors: t
     return model.refine(modality, q, vectors, mask, scores=search_scores(q, keys, mask), searched=keys)[0]
 
 
-def _pick(rows: Any, a: Any, b: Any) -> list:
+def _where_rows(rows: Any, a: Any, b: Any) -> list:
     """Neighbour arrays (vectors, keys, mask) taken from `a` where rows [N] is True, else from `b`
     (numpy arrays or torch tensors, as given)."""
     where = torch.where if isinstance(rows, torch.Tensor) else np.where
@@ -46,7 +46,7 @@ def _uncover(classes: np.ndarray, batch_labels: np.ndarray, fraction: float, nei
     Returns the absent classes [C] bool and the neighbours per modality."""
     absent = torch.rand(len(classes)) < fraction
     rows = absent[np.searchsorted(classes, batch_labels)].to(device)
-    return absent, [_pick(rows, uncovered, covered) for covered, uncovered in neighbours]
+    return absent, [_where_rows(rows, uncovered, covered) for covered, uncovered in neighbours]
 
 
 def _uncovered_held_out(held: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -68,7 +68,7 @@ class _Misalign:
         angle = float(torch.rand(())) * math.pi / 2
         self.map = (math.cos(angle) * torch.eye(dim) + math.sin(angle) * rot).to(device)
 
-    def turn(self, x: torch.Tensor) -> torch.Tensor:
+    def misalign(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(x.float() @ self.map, dim=-1)
 
     def neighbours(self, nb: list | None, query_modality: str) -> list | None:
@@ -77,8 +77,8 @@ class _Misalign:
             return None
         searched, returned = mode_modalities(query_modality, self.cfg.search, self.cfg.fusion)
         vectors, keys, mask = nb
-        return [self.turn(vectors) if returned == "text" else vectors,
-                self.turn(keys) if searched == "text" else keys, mask]
+        return [self.misalign(vectors) if returned == "text" else vectors,
+                self.misalign(keys) if searched == "text" else keys, mask]
 
 
 def _misaligned(cfg: TrainConfig, dim: int, device: Any) -> _Misalign | None:

@@ -55,6 +55,18 @@ class FusionConfig:
     adapted_classes: int = 0
     adapted_uni_projection: bool = False
 
+    @property
+    def learned_classes(self) -> int:
+        """Deprecated name of `adapted_classes` (one release)."""
+        _renamed("FusionConfig.learned_classes", "FusionConfig.adapted_classes")
+        return self.adapted_classes
+
+    @property
+    def seen_uni_projection(self) -> bool:
+        """Deprecated name of `adapted_uni_projection` (one release)."""
+        _renamed("FusionConfig.seen_uni_projection", "FusionConfig.adapted_uni_projection")
+        return self.adapted_uni_projection
+
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")

@@ -1,9 +1,6 @@
-"""The memory: image-text pairs in Qdrant, added in batches and searched in batches.
-
-`Memory` is one class over a few files, each with one job: `ledger.py` (write versions, and the point counts
-checked on opening), `indexing.py` (when an index is built), `backup.py` (backups and restores); `points.py` holds
-what a point is (its id, its checked embeddings) and what a search returns, `backends/` the engines.
-"""
+"""The memory: image-text pairs in Qdrant, added and searched in batches. `Memory` spans a few files, one job each:
+`ledger.py` (write versions, counts checked on opening), `indexing.py`, `backup.py`, `points.py` (point ids, checked
+embeddings, `Neighbours`), `vector_columns.py`; `backends/` holds the engines."""
 
 from __future__ import annotations
 
@@ -356,7 +353,8 @@ class Memory(Ledger, Indexing, BackupRestore):
         Returns:
             `Neighbours` with ids/scores [B, k], vectors [B, k, d], payloads.
         """
-        with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors)
+        with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors,
+                                                 False)
         for m in (modality, return_modality):
             if m is not None and m not in VECTOR_NAMES:
                 raise ValueError(f"modality must be one of {VECTOR_NAMES}, got {m!r}")

@@ -60,7 +60,8 @@ def retrieve(
     `with_vectors=False` returns ids and scores only (the caller gathers vectors itself, e.g. from
     `Memory.vector_columns`).
     """
-    with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors)
+    with_searched_vectors = renamed_argument("with_keys", with_keys, "with_searched_vectors", with_searched_vectors,
+                                             False)
     searched, returned = mode_modalities(query_modality, search, fusion)
     returned = returned if with_vectors else None
     if exclude_ids is None and dedup_threshold is None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .augment import _Misalign, _pick, _refine_batch
+from .augment import _Misalign, _refine_batch, _where_rows
 from .fusion import FusionModel
 from .memory import Memory
 from .neighbors import retrieve
@@ -48,7 +48,7 @@ class _Prompts:
         the memory where `absent` [C] is True, leaving out the point ids in `exclude`."""
         vectors, keys, ids = self.nb
         if absent is not None and self.nb_out is not None and np.any(absent):
-            vectors, keys, ids = _pick(np.asarray(absent), self.nb_out, self.nb)
+            vectors, keys, ids = _where_rows(np.asarray(absent), self.nb_out, self.nb)
         keep = ids != ""
         if exclude is not None and len(exclude):
             keep &= ~np.isin(ids, list(exclude))
@@ -56,12 +56,12 @@ class _Prompts:
         return (np.take_along_axis(vectors, order[..., None], 1), np.take_along_axis(keys, order[..., None], 1),
                 np.take_along_axis(keep, order, 1))
 
-    def refined(self, model: FusionModel, absent: np.ndarray | None = None, turn: _Misalign | None = None,
+    def refined(self, model: FusionModel, absent: np.ndarray | None = None, misalign: _Misalign | None = None,
                 exclude: Any = None) -> torch.Tensor:
         """The class embeddings refined by the model, a differentiable tensor [C, d], from `neighbours(absent,
-        exclude)`; `turn` misaligns the text modality (see `_Misalign`)."""
+        exclude)`; `misalign` misaligns the text modality (see `_Misalign`)."""
         q = torch.from_numpy(self.emb).to(model.device)
         nb = [torch.from_numpy(np.ascontiguousarray(a)).to(model.device) for a in self.neighbours(absent, exclude)]
-        if turn is not None:
-            q, nb = turn.turn(q), turn.neighbours(nb, "text")
+        if misalign is not None:
+            q, nb = misalign.misalign(q), misalign.neighbours(nb, "text")
         return _refine_batch(model, "text", q, *nb, 0.0)

@@ -199,10 +199,8 @@ def train_fusion(
     best_state, best_epoch, history = _fit(model, p, val, prompts, cfg, device, out, resumable, baseline)
     model.load_state_dict(best_state)
     if cfg.adapted_model and prompts is not None and val is not None and not p.pseudo:
-        # out/seen: the directory's name from before the adapted weights were named so (runs there resume)
         adapted = adapt_fusion(memory, img, txt, labels=labels, class_embeddings=class_embeddings, ids=ids,
-                               encoder_id=encoder_id, config=cfg, out_dir=str(out / "seen") if out else None,
-                            cache_dir=cfg.cache_dir or (str(out / "cache") if out else None))
+                               encoder_id=encoder_id, config=cfg)
         model = model.with_adapted(adapted, class_embeddings[p.classes])
         if out:
             _save(out, "best", model)
@@ -229,9 +227,13 @@ def adapt_fusion(
     out_dir/seen) when given labels and class embeddings with `adapted_model` set; attach the result to a model
     with `FusionModel.with_adapted`."""
     cfg = _config(config, overrides)
+    out = Path(cfg.out_dir) if cfg.out_dir else None  # its run goes in out/seen (named so before the rename), so
+    # that it never shares, or restarts over, the run of the model it is attached to
     return train_fusion(memory, image_embeddings, text_embeddings, labels=labels, class_embeddings=class_embeddings,
                         ids=ids, encoder_id=encoder_id, config=cfg, val_fraction=0.0, adapted_model=False,
-                        uni_projection=cfg.adapted_uni_projection and cfg.uni_term)
+                        uni_projection=cfg.adapted_uni_projection and cfg.uni_term,
+                        out_dir=str(out / "seen") if out else None,
+                        cache_dir=cfg.cache_dir or (str(out / "cache") if out else None))
 
 
 def _config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -239,7 +241,7 @@ def _config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfi
     cfg = config or TrainConfig()
     for old, new in RENAMED_SETTINGS.items():
         if old in overrides:
-            renamed_attribute(f"setting {old}", new)
+            renamed_attribute(f"setting {old}", new, stacklevel=4)  # the caller of train_fusion / adapt_fusion
             overrides[new] = overrides.pop(old)
     if overrides:
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
@@ -333,10 +335,10 @@ def _batch_loss(model: FusionModel, p: _Pairs, idx: np.ndarray, prompts: _Prompt
         absent, (nb_i, nb_t) = _uncover(p.classes, p.labels[idx], cfg.uncovered_fraction,
                                         [(nb_i, _tensors(p.img_out, idx, device)),
                                          (nb_t, _tensors(p.txt_out, idx, device))], device)
-    turn = _misaligned(cfg, p.img.shape[1], device)
-    if turn is not None:
-        q_t = turn.turn(q_t)
-        nb_i, nb_t = turn.neighbours(nb_i, "image"), turn.neighbours(nb_t, "text")
+    misalign = _misaligned(cfg, p.img.shape[1], device)
+    if misalign is not None:
+        q_t = misalign.misalign(q_t)
+        nb_i, nb_t = misalign.neighbours(nb_i, "image"), misalign.neighbours(nb_t, "text")
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
         v_ref = _refine_batch(model, "image", q_i, *nb_i, cfg.swap_fraction)
         t_ref = _refine_batch(model, "text", q_t, *nb_t, cfg.swap_fraction)
@@ -347,7 +349,7 @@ def _batch_loss(model: FusionModel, p: _Pairs, idx: np.ndarray, prompts: _Prompt
     cls_absent = None if absent is None else absent.numpy()[np.searchsorted(p.classes, prompts.classes)]
     batch_ids = None if p.ids is None else [p.ids[i] for i in idx]  # never scored against itself
     logits = (model.logit_scale.exp().clamp(max=100.0) * v_ref.float()
-              @ prompts.refined(model, cls_absent, turn, batch_ids).T)
+              @ prompts.refined(model, cls_absent, misalign, batch_ids).T)
     return loss + cfg.class_loss * torch.nn.functional.cross_entropy(logits, target)
 
 

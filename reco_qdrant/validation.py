@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .augment import _pick, _uncovered_held_out
+from .augment import _uncovered_held_out, _where_rows
 from .clusters import medoids
 from .fusion import FusionModel
 from .memory import Memory
@@ -84,7 +84,7 @@ def _validation(memory: Memory, cfg: TrainConfig, p: _Pairs, rng: np.random.Gene
     if p.class_out:
         out_classes = _uncovered_held_out(np.unique(p.v_labels[va]), cfg.uncovered_fraction, rng)
         absent = np.isin(v_classes, out_classes)
-        val_nb = _pick(np.isin(p.v_labels[va], out_classes), v_img_out, val_nb)
+        val_nb = _where_rows(np.isin(p.v_labels[va], out_classes), v_img_out, val_nb)
     return _Validation(p.img[va], val_nb, np.searchsorted(v_classes, p.v_labels[va]), prompts=prompts, absent=absent,
                        ids=None if p.ids is None else np.asarray(p.ids)[va], seed=cfg.seed,
                        covered_nb=sub(p.img_nb) if p.pseudo else None)

@@ -73,3 +73,41 @@ def test_a_checkpoint_saved_with_seen_weights_loads_as_adapted(tmp_path):
         assert old.seen is old.adapted
     with pytest.warns(DeprecationWarning, match="learned is renamed"):
         assert old.learned(np.eye(2, 8, dtype=np.float32)).all()
+
+
+def test_old_and_new_argument_names_together_are_refused():
+    img, txt, caps = random_pairs(20, 8, seed=4)
+    with Memory.open(":memory:") as mem:
+        mem.add_embeddings(img, txt, caps)
+        with pytest.raises(TypeError, match="give with_searched_vectors= only"):
+            mem.search(img[:2], "image", k=2, with_searched_vectors=True, with_keys=False)
+
+
+def test_old_setting_and_config_names_warn_at_the_callers_line(tmp_path):
+    from reco_qdrant import TrainConfig, train_fusion
+
+    img, txt, caps = random_pairs(40, 8, seed=5)
+    with Memory.open(":memory:") as mem:
+        mem.add_embeddings(img, txt, caps)
+        with pytest.warns(DeprecationWarning, match="setting seen_model is renamed adapted_model") as caught:
+            train_fusion(mem, img, txt, k=3, epochs=0, seen_model=False, progress=False)
+        assert any(w.filename == __file__ for w in caught)  # shown by default filters: attributed to this line
+    with pytest.warns(DeprecationWarning, match="TrainConfig.seen_model is renamed"):
+        assert TrainConfig(adapted_model=False).seen_model is False
+    with pytest.warns(DeprecationWarning, match="FusionConfig.learned_classes is renamed"):
+        assert FusionConfig(dim=8, adapted_classes=3).learned_classes == 3
+
+
+def test_adapt_fusion_keeps_its_run_beside_the_main_one(tmp_path):
+    """`adapt_fusion(out_dir=D)` checkpoints under D/seen, as `train_fusion` does for it, so it never restarts over
+    (and deletes) a main run kept in D."""
+    from reco_qdrant import adapt_fusion
+
+    img, txt, caps = random_pairs(60, 8, seed=6)
+    labels = np.arange(60) % 4
+    with Memory.open(":memory:") as mem:
+        ids = mem.add_embeddings(img, txt, caps)
+        model = adapt_fusion(mem, img, txt, labels=labels, class_embeddings=img[:4], ids=ids, k=3, epochs=1,
+                             out_dir=str(tmp_path / "run"), on_mismatch="restart", progress=False)
+    assert (tmp_path / "run" / "seen" / "best").is_dir() and not (tmp_path / "run" / "best").exists()
+    assert model.adapted is None and model.best_epoch in (0, 1)

@@ -90,7 +90,7 @@ def _raised_by_us(e: BaseException) -> bool:
     tb, last = e.__traceback__, None
     while tb is not None:
         last, tb = tb, tb.tb_next
-    package = Path(__file__).parent.parent  # reco_qdrant, cli/ included
+    package = Path(__file__).resolve().parent.parent  # reco_qdrant, cli/ included
     return last is not None and Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
