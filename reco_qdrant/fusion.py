@@ -80,6 +80,12 @@ class FusionConfig:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
 
+def _masked_mean(r: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(B, D): the mean of the neighbours present, r (B, K, D), m (B, K) the mask in r's dtype, n (B, 1) its sum;
+    zeros where none is."""
+    return (r * m[..., None]).sum(1) / n.clamp_min(1.0)
+
+
 def _token_mask(cfg: FusionConfig, mask: torch.Tensor, training: bool) -> torch.Tensor:
     """The retrieved tokens a fuser uses (B, K): at most cfg.k of them; in training, a random share hidden
     (token dropout, so the model never relies on any one neighbour)."""
@@ -165,10 +171,11 @@ class MeanFuser(nn.Module):
     def forward(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
                 scores: torch.Tensor | None = None, searched: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        m = mask.to(r.dtype)[..., None]  # (B, K, 1)
-        mean = (r * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
-        w = torch.cat([torch.ones_like(m[:, :1, 0]), m[..., 0]], 1) if need_weights else None
-        return F.normalize(q + F.normalize(mean, dim=-1) * (m.sum(1) > 0), dim=-1), (
+        m = mask.to(r.dtype)  # (B, K)
+        n = m.sum(1, keepdim=True)  # (B, 1)
+        mean = _masked_mean(r, m, n)
+        w = torch.cat([torch.ones_like(m[:, :1]), m], 1) if need_weights else None
+        return F.normalize(q + F.normalize(mean, dim=-1) * (n > 0), dim=-1), (
             w / w.sum(1, keepdim=True) if w is not None else None)
 
 
@@ -225,7 +232,7 @@ class RelevanceFuser(nn.Module):
         m = mask.to(r.dtype)  # (B, K)
         n = m.sum(1, keepdim=True)  # (B, 1)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))  # padded scores are -inf
-        mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
+        mean = _masked_mean(r, m, n)
         c = torch.einsum("bkd,bd->bk", r, F.normalize(mean, dim=-1))  # (B, K) agreement of each with the rest
         logits = self.score_scale * s + self.consensus_scale * c + self.rank_emb[:k]
         w = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1).nan_to_num(0.0)  # (B, K); all-pad -> 0
@@ -256,7 +263,7 @@ class RelevanceFuser(nn.Module):
         n = m.sum(1, keepdim=True)
         s = torch.where(mask, scores.to(r.dtype), torch.zeros_like(m))
         if mean is None:
-            mean = (r * m[..., None]).sum(1) / n.clamp_min(1.0)  # (B, D)
+            mean = _masked_mean(r, m, n)
         s_mean = (s * m).sum(1, keepdim=True) / n.clamp_min(1.0)
         s_top = s.masked_fill(~mask, -1.0).max(1, keepdim=True).values
         spread = s_top - s.masked_fill(~mask, 2.0).min(1, keepdim=True).values.clamp(max=1.0)

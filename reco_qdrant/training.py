@@ -106,6 +106,9 @@ class TrainConfig:
         return self.adapted_uni_projection
 
 
+# the TrainConfig fields that are the fusion model's own settings, under the same names in FusionConfig
+MODEL_SETTINGS = ("k", "n_heads", "dropout", "token_dropout", "aggregator", "projection", "uni_term", "uni_projection",
+                  "search", "fusion")
 # old setting names `train_fusion(**settings)` still takes for one release, with a warning
 RENAMED_SETTINGS = {"seen_model": "adapted_model", "seen_uni_projection": "adapted_uni_projection"}
 
@@ -256,11 +259,8 @@ def _new_model(memory: Memory, cfg: TrainConfig, p: _Pairs, encoder_id: str | No
     well the encoder aligns them."""
     torch.manual_seed(cfg.seed)
     enc_id = encoder_id or (memory.encoder_record or {}).get("id")
-    model = FusionModel(FusionConfig(dim=p.img.shape[1], k=cfg.k, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                                     token_dropout=cfg.token_dropout, aggregator=cfg.aggregator,
-                                     projection=cfg.projection, uni_term=cfg.uni_term,
-                                     uni_projection=cfg.uni_projection,
-                                     search=cfg.search, fusion=cfg.fusion, encoder_id=enc_id)).to(device)
+    settings = {f: getattr(cfg, f) for f in MODEL_SETTINGS}
+    model = FusionModel(FusionConfig(dim=p.img.shape[1], encoder_id=enc_id, **settings)).to(device)
     if learns and p.class_embeddings is not None and not p.pseudo:
         trained = p.class_embeddings[np.unique(p.labels)]
         nb = retrieve(memory, trained, "text", cfg.k, cfg.search, cfg.fusion, with_payload=False)
