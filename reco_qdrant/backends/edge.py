@@ -291,31 +291,33 @@ class EdgeBackend:
         entries = [r.copy_entry for r in records]
         if self.copy is None or self.copy_doubt is not None or not records or any(e is None for e in entries):
             return
-        got = self.copy.read(np.array(entries, np.int64).reshape(-1, 2))
-        same = got is not None and all(
-            np.abs(got[m][i] - np.asarray(r.vectors[m], np.float32)).max() <= 1e-5
-            for i, r in enumerate(records) for m in VECTOR_NAMES)
-        if not same:
+        diff = self._copy_diff(records)
+        if diff is None or not (diff <= 1e-5).all():
             self._distrust_copy("found on opening: sampled points' rows do not hold their vectors: lost in a crash, "
                                 "damaged, or from another memory")
 
     def stale_copy_rows(self, records: list[Record]) -> list[str] | None:
         if self.copy is None:
             return None
-        copy = self.copy
 
         def wrong(batch: list[Record]) -> np.ndarray | None:  # [N] bool, or None when some row fails its checksum
-            got = copy.read(np.array([r.copy_entry for r in batch], np.int64).reshape(-1, 2))
-            if got is None:
-                return None
-            return np.any([np.abs(got[m] - np.array([r.vectors[m] for r in batch], np.float32)).max(1) > 1e-6
-                           for m in VECTOR_NAMES], axis=0)
+            diff = self._copy_diff(batch)
+            return None if diff is None else (diff > 1e-6).any(0)
 
         have = [r for r in records if r.copy_entry is not None]
         bad = wrong(have)  # one read for the batch; record by record only when that read fails
         if bad is None:
             bad = np.array([w is None or bool(w[0]) for w in map(wrong, ([r] for r in have))], bool)
         return [r.id for r in records if r.copy_entry is None] + [r.id for r, b in zip(have, bad) if b]
+
+    def _copy_diff(self, records: list[Record]) -> np.ndarray | None:
+        """[modalities, N]: how far each record's row in the vector copy lies from its vectors (largest absolute
+        difference), in one read; None when some row fails its checksum."""
+        got = self.copy.read(np.array([r.copy_entry for r in records], np.int64).reshape(-1, 2))
+        if got is None:
+            return None
+        return np.stack([np.abs(got[m] - np.array([r.vectors[m] for r in records], np.float32)).max(1)
+                         for m in VECTOR_NAMES])
 
     def vector_copy_rows(self) -> int | None:
         return None if self.copy is None else self.copy.rows
