@@ -38,3 +38,13 @@ def renamed_attribute(old: str, new: str, stacklevel: int = 3) -> None:
     the warning at the user's line (3: the caller of the property or method that calls this)."""
     warnings.warn(f"{old} is renamed {new}; the old name goes in the next release", DeprecationWarning,
                   stacklevel=stacklevel)
+
+
+def renamed_property(owner: str, old: str, new: str) -> property:
+    """A read-only class attribute `old` that serves attribute `new` with a warning (`owner`: the class's name)."""
+
+    def get(self: Any) -> Any:
+        renamed_attribute(f"{owner}.{old}", f"{owner}.{new}")
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated name of `{new}` (one release).")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deprecated import renamed_attribute
+from ._deprecated import renamed_property
 from .coverage import CoverageReference
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment
@@ -137,17 +137,8 @@ class RecoClassifier:
                              f"(uid {coverage.memory_uid}, this one is {memory.uid})")
 
     # ------------------------------------------------------------------ refinement
-    @property
-    def fusion_used_(self) -> FusionModel | None:
-        """Deprecated name of `refiner_` (one release)."""
-        renamed_attribute("RecoClassifier.fusion_used_", "RecoClassifier.refiner_")
-        return self.refiner_
-
-    @property
-    def learned_share_(self) -> float:
-        """Deprecated name of `adapted_share_` (one release)."""
-        renamed_attribute("RecoClassifier.learned_share_", "RecoClassifier.adapted_share_")
-        return self.adapted_share_
+    fusion_used_ = renamed_property("RecoClassifier", "fusion_used_", "refiner_")
+    learned_share_ = renamed_property("RecoClassifier", "learned_share_", "adapted_share_")
 
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
         """Refine [B, d] embeddings and return the neighbours and attention behind each one, and, for image queries

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._deprecated import renamed_argument
+from ._deprecated import renamed_argument, renamed_property
 from ._deprecated import renamed_attribute as _renamed
 
 WEIGHTS_NAME = "model.safetensors"
@@ -55,17 +55,8 @@ class FusionConfig:
     adapted_classes: int = 0
     adapted_uni_projection: bool = False
 
-    @property
-    def learned_classes(self) -> int:
-        """Deprecated name of `adapted_classes` (one release)."""
-        _renamed("FusionConfig.learned_classes", "FusionConfig.adapted_classes")
-        return self.adapted_classes
-
-    @property
-    def seen_uni_projection(self) -> bool:
-        """Deprecated name of `adapted_uni_projection` (one release)."""
-        _renamed("FusionConfig.seen_uni_projection", "FusionConfig.adapted_uni_projection")
-        return self.adapted_uni_projection
+    learned_classes = renamed_property("FusionConfig", "learned_classes", "adapted_classes")
+    seen_uni_projection = renamed_property("FusionConfig", "seen_uni_projection", "adapted_uni_projection")
 
     def __post_init__(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -351,11 +342,7 @@ class FusionModel(nn.Module):
         x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         return (x @ known.T).max(1) >= min_cosine
 
-    @property
-    def seen(self) -> FusionModel | None:
-        """Deprecated name of `adapted` (one release)."""
-        _renamed("FusionModel.seen", "FusionModel.adapted")
-        return self.adapted
+    seen = renamed_property("FusionModel", "seen", "adapted")
 
     def with_seen(self, seen: FusionModel, class_prompts: np.ndarray) -> FusionModel:
         """Deprecated name of `with_adapted` (one release)."""
@@ -385,11 +372,7 @@ class FusionModel(nn.Module):
         """Whether `refine` needs the neighbours' vectors in the searched modality too."""
         return self.cfg.aggregator == "relevance" and self.cfg.uni_term
 
-    @property
-    def needs_keys(self) -> bool:
-        """Deprecated name of `needs_searched_vectors` (one release)."""
-        _renamed("FusionModel.needs_keys", "FusionModel.needs_searched_vectors")
-        return self.needs_searched_vectors
+    needs_keys = renamed_property("FusionModel", "needs_keys", "needs_searched_vectors")
 
     @torch.no_grad()
     def refine_numpy(self, modality: str, q: np.ndarray, vectors: np.ndarray, mask: np.ndarray,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._deprecated import renamed_property
 from .backends import Hits, RecoMemoryError
 
 _ID_NAMESPACE = uuid.UUID("6f1c2b1e-8e0a-4c55-9d7e-2f2d1a0b7c11")
@@ -77,12 +77,7 @@ class Neighbours:
     def captions(self) -> list[list[str]]:
         return [[p.get("caption", "") for p in row] for row in self.payloads]
 
-    @property
-    def keys(self) -> np.ndarray | None:
-        """Deprecated name of `searched_vectors` (one release)."""
-        warnings.warn("Neighbours.keys is renamed Neighbours.searched_vectors; the old name goes in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return self.searched_vectors
+    keys = renamed_property("Neighbours", "keys", "searched_vectors")
 
     @property
     def mask(self) -> np.ndarray:

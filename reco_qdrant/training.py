@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._deprecated import renamed_attribute
+from ._deprecated import renamed_attribute, renamed_property
 from .augment import _misaligned, _refine_batch, _uncover
 from .checkpoints import _checkpoint, _prepare_out_dir, _resume, _run_digest, _save
 from .encoders import default_device
@@ -93,17 +93,8 @@ class TrainConfig:
     progress: bool = True
 
 
-    @property
-    def seen_model(self) -> bool:
-        """Deprecated name of `adapted_model` (one release)."""
-        renamed_attribute("TrainConfig.seen_model", "TrainConfig.adapted_model")
-        return self.adapted_model
-
-    @property
-    def seen_uni_projection(self) -> bool:
-        """Deprecated name of `adapted_uni_projection` (one release)."""
-        renamed_attribute("TrainConfig.seen_uni_projection", "TrainConfig.adapted_uni_projection")
-        return self.adapted_uni_projection
+    seen_model = renamed_property("TrainConfig", "seen_model", "adapted_model")
+    seen_uni_projection = renamed_property("TrainConfig", "seen_uni_projection", "adapted_uni_projection")
 
 
 # the TrainConfig fields that are the fusion model's own settings, under the same names in FusionConfig
