@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run.json"
 _NOT_IN_DIGEST = ("progress", "out_dir", "on_mismatch", "cache_dir", "cache_keep", "device")
-# renamed settings, digested under their former names so that runs started before the rename still resume
-_DIGESTED_AS = {"adapted_model": "seen_model", "adapted_uni_projection": "seen_uni_projection"}
+# old setting names: `train_fusion(**settings)` still takes them for one release, with a warning, and the renamed
+# settings are digested under them, so that runs started before the rename still resume
+RENAMED_SETTINGS = {"seen_model": "adapted_model", "seen_uni_projection": "adapted_uni_projection"}
+_DIGESTED_AS = {new: old for old, new in RENAMED_SETTINGS.items()}
 
 
 def _run_digest(memory: Memory, cfg: TrainConfig, img: np.ndarray, txt: np.ndarray, labels: Any,

@@ -27,7 +27,7 @@ import torch
 
 from ._deprecated import renamed_attribute, renamed_property
 from .augment import _misaligned, _refine_batch, _uncover
-from .checkpoints import _checkpoint, _prepare_out_dir, _resume, _run_digest, _save
+from .checkpoints import RENAMED_SETTINGS, _checkpoint, _prepare_out_dir, _resume, _run_digest, _save
 from .encoders import default_device
 from .fusion import FusionConfig, FusionModel, cross_alignment
 from .loss import reco_loss
@@ -100,9 +100,6 @@ class TrainConfig:
 # the TrainConfig fields that are the fusion model's own settings, under the same names in FusionConfig
 MODEL_SETTINGS = ("k", "n_heads", "dropout", "token_dropout", "aggregator", "projection", "uni_term", "uni_projection",
                   "search", "fusion")
-# old setting names `train_fusion(**settings)` still takes for one release, with a warning
-RENAMED_SETTINGS = {"seen_model": "adapted_model", "seen_uni_projection": "adapted_uni_projection"}
-
 DEFAULT_LR = {"relevance": 2e-3, "transformer": 3e-4, "mean": 0.0}  # measured: the transformer degrades above 3e-4
 
 
