@@ -464,8 +464,9 @@ class Memory(Ledger, Indexing, BackupRestore):
         return ids[keep].tolist(), vecs["image"][keep], vecs["text"][keep]
 
     def vector_columns(self, directory: str | Path, progress: bool = True, keep: int = 1) -> VectorColumns:
-        """Every point's two vectors as memory-mapped float16 columns under `directory`, reused while the memory is
-        unchanged (`keep` versions kept); see `vector_columns.py`."""
+        """Every point's two vectors, gathered by point id with numpy: from the memory's own vector copy where it can be
+        trusted, else from a copy written under `directory` (reused while the memory is unchanged, `keep` versions
+        kept); see `vector_columns.py`."""
         return vector_columns(self, directory, progress, keep)
 
     def info(self) -> dict[str, Any]:

@@ -70,9 +70,9 @@ def neighbour_cache(memory: Memory, queries: np.ndarray, query_modality: str, cf
     With `class_out` (labels [N] of the queries, whose `ids` are memory points), each query retrieves as
     if its class were absent from the memory: every point of its class is excluded.
 
-    `columns`: gather the hits' vectors from `Memory.vector_columns` (one scroll of the memory, then
-    id-only searches) instead of receiving them with every hit; default: when the queries' hits outnumber
-    the memory's points."""
+    `columns`: search for ids only and gather the hits' vectors by id from `Memory.vector_columns` (the
+    memory's vector copy, or one written by a scroll), instead of receiving them with every hit; default:
+    when the queries' hits outnumber the memory's points (what reading every point once costs is repaid)."""
     root = cache_root(cfg)
     key = _digest(memory.uid, memory.write_version, cfg.k, cfg.search, cfg.fusion, query_modality,
                   cfg.self_exclusion, cfg.dedup_threshold, cfg.hnsw_ef, ids, queries, class_out)

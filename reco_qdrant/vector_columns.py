@@ -1,5 +1,11 @@
-"""The memory's vectors as memory-mapped float16 columns, gathered with numpy (for many searches that need the
-hits' vectors, such as a training cache of N queries x k hits)."""
+"""Every point's vectors gathered by point id with numpy, for many searches that need their hits' vectors (a
+training cache: N queries x k hits, often more vectors than the memory holds): the engine is asked for ids only.
+
+One store, one gather: the vectors are read from a `VectorCopy` (`vector_copy.py`). An embedded memory's own copy
+serves where it can be trusted (its rows are found by one scroll of the points' payloads, each checked against its
+checksum); otherwise (a server, a memory without a copy, or one in doubt) one scroll of the vectors writes a copy of
+the same format under a cache directory, reused while the memory is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -11,76 +17,128 @@ from typing import Any
 
 import numpy as np
 
+from . import durable
 from .backends import VECTOR_NAMES, RecoMemoryError
 from .progress import progress_bar
+from .vector_copy import VectorCopy
+
+_BATCH = 4096
 
 
 class VectorColumns:
-    """The memory's vectors as columns: `vectors[modality]` [M, d] float16 (memory-mapped) and the point id
-    of each row, `ids` [M]."""
+    """Point `ids` [M] and their `rows` [M] in `copy` (a `VectorCopy`), gathered by id."""
 
-    def __init__(self, ids: np.ndarray, vectors: dict[str, np.ndarray]) -> None:
-        self.ids, self.vectors = ids, vectors
-        self._row = {pid: i for i, pid in enumerate(ids.tolist())}
+    def __init__(self, ids: np.ndarray, copy: VectorCopy, rows: np.ndarray) -> None:
+        self.ids, self.copy = ids, copy
+        self._row = dict(zip(ids.tolist(), np.asarray(rows, np.int64).tolist()))
         self._row[""] = -1  # no hit
+        for name in copy.names if copy.rows else ():  # mapped now: pruned later (by another memory's call), a
+            copy.gather(name, np.zeros(0, np.int64))  # written copy stays readable
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Row of each point id (any shape); -1 for "" (no hit). Unknown ids are an error (a stale column)."""
+        """Row in the copy of each point id (any shape); -1 for "" (no hit). Unknown ids: an error (stale)."""
         get = self._row.get
         flat = [get(i, -2) for i in np.asarray(ids).ravel().tolist()]
         rows = np.array(flat, np.int64).reshape(np.shape(ids))
         if (rows == -2).any():
             raise RecoMemoryError(f"point {np.asarray(ids).ravel()[int(np.argmax(rows.ravel() == -2))]} is not in the "
-                               "memory's vector columns: they are stale")
+                                  "memory's vector columns: they are stale")
         return rows
 
     def gather(self, ids: np.ndarray, modality: str) -> np.ndarray:
-        """Vectors [..., d] float16 of point `ids` [...]; zeros where the id is "" (no hit)."""
+        """Vectors [..., d] float32 of point `ids` [...]; zeros where the id is "" (no hit)."""
         rows = self.rows(ids)
-        out = self.vectors[modality][np.maximum(rows, 0)]
+        if not self.copy.rows:  # an empty memory: every id is "" (no hit)
+            return np.zeros((*rows.shape, self.copy.dim), np.float32)
+        out = self.copy.gather(modality, np.maximum(rows, 0))
         out[rows < 0] = 0
         return out
 
 
 def vector_columns(memory: Any, directory: str | Path, progress: bool = True, keep: int = 1) -> VectorColumns:
-    """Every point's two vectors of `memory` (a `Memory`) as memory-mapped float16 columns under `directory`, built
-    by one scroll and reused while the memory is unchanged (keyed by its id and write version; `keep` versions kept).
+    """Every point's two vectors of `memory` (a `Memory`), gathered by id: from the memory's own vector copy where it
+    can be trusted, else from a copy written under `directory` by one scroll (keyed by the memory's id and write
+    version, reused while it is unchanged; `keep` versions kept)."""
+    own = _own_copy(memory, progress)
+    return own if own is not None else _written_copy(memory, Path(directory), progress, keep)
 
-    For many searches that need the hits' vectors (a training cache: N queries x k hits, often more
-    vectors than the memory holds), asking the engine for ids only and gathering the vectors here with
-    numpy avoids converting every hit's vectors to Python floats in the binding.
-    """
-    root = Path(directory)
-    path = root / hashlib.sha1(f"{memory.uid}|{memory.write_version}".encode()).hexdigest()[:16]
-    if not (path / "text.npy").exists():
-        n, d = memory.count(), memory.dim
+
+def _own_copy(memory: Any, progress: bool) -> VectorColumns | None:
+    """The embedded memory's own copy with every point's row, or None where it cannot serve them all."""
+    probe = memory.backend.copy_rows([])
+    if probe is None:
+        return None
+    n = memory.count()
+    ids, rows, copy = [], [], None
+    with progress_bar("memory vectors (rows)", n, progress) as advance:
+        for recs in memory.scroll(_BATCH, with_vectors=False):
+            found = memory.backend.copy_rows(recs)
+            if found is None:
+                return None
+            copy = found[0]
+            ids += [r.id for r in recs]
+            rows.append(found[1])
+            advance(len(recs))
+    if len(ids) != n:
+        raise RecoMemoryError(f"memory {memory.cfg.location} changed while its points were read "
+                              f"({len(ids)} points read, {n} counted): retry when writes have stopped")
+    if copy is None:  # an empty memory
+        return VectorColumns(np.zeros(0, dtype="U36"), probe[0], np.zeros(0, np.int64))
+    return VectorColumns(np.array(ids, dtype="U36"), copy, np.concatenate(rows))
+
+
+def _written_copy(memory: Any, root: Path, progress: bool, keep: int) -> VectorColumns:
+    """A copy of every point's vectors written under `root` by one scroll, or the one written before for the same
+    memory and write version (a directory that cannot be read as one is written again)."""
+    path = root / hashlib.sha1(f"vector copy|{memory.uid}|{memory.write_version}".encode()).hexdigest()[:16]
+    cols = _read_written(path, memory.dim)
+    if cols is None:
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f"{path.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        cols = {m: np.lib.format.open_memmap(tmp / f"{m}.npy", "w+", np.float16, (n, d)) for m in VECTOR_NAMES}
-        ids, row = np.empty(n, dtype="U36"), 0
-        with progress_bar("memory vectors", n, progress) as advance:
-            for recs in memory.scroll(4096, with_vectors=True):
-                e = row + len(recs)
-                ids[row:e] = [r.id for r in recs]
-                for m, col in cols.items():
-                    col[row:e] = np.asarray([r.vectors[m] for r in recs], np.float32)
-                row = e
-                advance(len(recs))
-        if row != n:
-            raise RecoMemoryError(f"memory {memory.cfg.location} changed while its vectors were read "
-                               f"({row} points read, {n} counted): retry when writes have stopped")
-        for col in cols.values():
-            col.flush()
-        del cols
-        np.save(tmp / "ids.npy", ids)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        try:  # a failure or Ctrl-C leaves no partial directory behind
+            _write(memory, tmp, progress)
+            shutil.rmtree(path, ignore_errors=True)  # one that could not be read
+            try:
+                durable.replace(tmp, path)
+            except OSError:  # another process published the same version meanwhile: theirs is as good
+                if _read_written(path, memory.dim) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cols = _read_written(path, memory.dim)
+        if cols is None:
+            raise RecoMemoryError(f"vector columns {path} cannot be read back after writing them: check the disk")
     os.utime(path)
     for old in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
                       key=lambda p: p.stat().st_mtime, reverse=True)[max(keep, 1):]:
-        shutil.rmtree(old, ignore_errors=True)
-    return VectorColumns(np.load(path / "ids.npy"), {m: np.load(path / f"{m}.npy", mmap_mode="r")
-                                                     for m in VECTOR_NAMES})
+        shutil.rmtree(old, ignore_errors=True)  # those already open stay readable (mapped on opening)
+    return cols
 
+
+def _write(memory: Any, tmp: Path, progress: bool) -> None:
+    """Every point's vectors into a new copy at `tmp`, its ids in `ids.npy` last."""
+    n = memory.count()
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy = VectorCopy.create(tmp, memory.dim, VECTOR_NAMES)
+    ids = []
+    with progress_bar("memory vectors", n, progress) as advance:
+        for recs in memory.scroll(_BATCH, with_vectors=True):
+            copy.append({m: np.asarray([r.vectors[m] for r in recs], np.float32) for m in VECTOR_NAMES})
+            ids += [r.id for r in recs]
+            advance(len(recs))
+    if len(ids) != n:
+        raise RecoMemoryError(f"memory {memory.cfg.location} changed while its vectors were read "
+                              f"({len(ids)} points read, {n} counted): retry when writes have stopped")
+    np.save(tmp / "ids.npy", np.array(ids, dtype="U36"))
+
+
+def _read_written(path: Path, dim: int) -> VectorColumns | None:
+    """The written copy at `path`, opened; None where there is none, or not a whole one."""
+    try:
+        ids = np.load(path / "ids.npy")
+        copy = VectorCopy.open(path, dim, VECTOR_NAMES)
+        if copy is None or copy.rows != len(ids) or ids.ndim != 1:
+            return None
+        return VectorColumns(ids, copy, np.arange(len(ids)))
+    except (OSError, ValueError, EOFError):
+        return None

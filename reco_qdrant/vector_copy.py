@@ -9,8 +9,9 @@ How it stays correct: the copy is append-only. A write appends the pairs' vector
 upserts the points with their entries, so a point only ever names a row that was written for it;
 re-upserting a point appends new rows (the old ones become garbage, reclaimed by `reco copy`). Every
 gather is checked twice: each row's checksum against the point's entry (a row lost in a crash, reused
-after it, or damaged on disk), and, by the caller, the searched modality's vectors against the engine's
+after it, or damaged on disk), and, for a search's hits, the searched modality's vectors against the engine's
 scores (a copy replaced by another memory's). Where either fails, the engine's own vectors are used.
+Training's gathers by id (`vector_columns.py`) check every row's checksum once, when its row is looked up.
 """
 
 from __future__ import annotations

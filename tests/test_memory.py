@@ -206,22 +206,72 @@ def test_memory_filled_from_python_is_indexed_before_its_first_search(tmp_path, 
         assert mem.backend.status()["indexed_vectors"] == 0  # asked not to
 
 
-def test_vector_columns_follow_the_memory(tmp_path):
+@pytest.mark.parametrize("where", ["own copy", "written copy", "server"])
+def test_vector_columns_follow_the_memory(tmp_path, where):
+    """Columns gather the engine's vectors by id: from an embedded memory's own copy (nothing written), else from
+    a copy written under the directory, reused while the memory is unchanged and replaced when it changes."""
     img, txt, caps = random_pairs(300, seed=4)
-    with Memory.open(str(tmp_path / "m")) as mem:
+    location = ":memory:" if where == "server" else str(tmp_path / "m")
+    with Memory.open(location, **({"vector_copy": False} if where == "written copy" else {})) as mem:
         pids = mem.add_embeddings(img, txt, caps, ids=[str(i) for i in range(300)], source="s")
         cols = mem.vector_columns(tmp_path / "cols", progress=False)
         picked = np.array([[pids[5], pids[299]], [pids[0], ""]])
         got = cols.gather(picked, "text")
-        np.testing.assert_allclose(got[0], txt[[5, 299]], atol=1e-3)
-        assert not got[1, 1].any()  # no hit: zeros
-        assert mem.vector_columns(tmp_path / "cols", progress=False).ids.tolist() == cols.ids.tolist()  # reused
+        np.testing.assert_array_equal(got[0], _engine_vectors(mem, picked[0], "text"))
+        assert got.dtype == np.float32 and not got[1, 1].any()  # no hit: zeros
+        if where == "own copy":
+            assert cols.copy is mem.backend.copy and not (tmp_path / "cols").exists()
+        else:
+            assert mem.vector_columns(tmp_path / "cols", progress=False).ids.tolist() == cols.ids.tolist()  # reused
         new = mem.add_embeddings(img[:1], txt[:1], ["a new pair"], ids=["new"], source="s")
         with pytest.raises(RecoMemoryError, match="stale"):
             cols.gather(np.array(new), "image")  # old columns do not know the new point
+        new_txt = random_pairs(3, seed=5)[1]
+        mem.add_embeddings(img[:3], new_txt, caps[:3], ids=["0", "1", "2"], source="s")  # rewritten points
         fresh = mem.vector_columns(tmp_path / "cols", progress=False)
-        np.testing.assert_allclose(fresh.gather(np.array(new), "image")[0], img[0], atol=1e-3)
-        assert len(list((tmp_path / "cols").iterdir())) == 1  # the stale version was removed
+        np.testing.assert_allclose(fresh.gather(np.array(new), "image")[0], img[0], atol=1e-6)
+        np.testing.assert_allclose(fresh.gather(np.array(pids[:3]), "text"), new_txt, atol=1e-6)
+        if where != "own copy":
+            assert len(list((tmp_path / "cols").iterdir())) == 1  # the stale version was removed
+
+
+def test_written_vector_columns_survive_damage_pruning_and_an_empty_memory(tmp_path):
+    img, txt, caps = random_pairs(200, seed=4)
+    with Memory.open(":memory:") as a, Memory.open(str(tmp_path / "b"), vector_copy=False) as b:
+        a_ids = a.add_embeddings(img[:100], txt[:100], caps[:100], ids=range(100), source="s")
+        b.add_embeddings(img[100:], txt[100:], caps[100:], ids=range(100), source="s")
+        cols = a.vector_columns(tmp_path / "cols", progress=False)
+        b.vector_columns(tmp_path / "cols", progress=False)  # keep=1: prunes a's directory
+        assert len(list((tmp_path / "cols").iterdir())) == 1
+        np.testing.assert_array_equal(cols.gather(np.array(a_ids), "image"), _engine_vectors(a, np.array(a_ids),
+                                                                                                 "image"))
+        for damage in ("truncated ids", "lost file"):
+            (path,) = [p for p in (tmp_path / "cols").iterdir()]
+            if damage == "truncated ids":
+                (path / "ids.npy").write_bytes((path / "ids.npy").read_bytes()[:90])
+            else:
+                (path / "text.f32").unlink()
+            again = b.vector_columns(tmp_path / "cols", progress=False)  # written again, not an error
+            assert len(again.ids) == 100 and again.copy.rows == 100
+    with Memory.open(str(tmp_path / "empty")) as mem:
+        mem.delete(mem.add_embeddings(img[:1], txt[:1], caps[:1], ids=["x"], source="s"))
+        assert mem.count() == 0
+        cols = mem.vector_columns(tmp_path / "cols2", progress=False)
+        assert cols.gather(np.array([["", ""]]), "text").shape == (1, 2, mem.dim)
+        assert not (tmp_path / "cols2").exists()
+
+
+def test_vector_columns_leave_a_damaged_copy_for_the_engines_vectors(tmp_path):
+    img, txt, caps = random_pairs(300, seed=4)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        pids = mem.add_embeddings(img, txt, caps, ids=range(300), source="s")
+        for name in ("image", "text"):  # rows of other pairs, as after damage on disk
+            f = mem.backend.copy_path / f"{name}.f32"
+            f.write_bytes(np.roll(np.fromfile(f, np.float32).reshape(300, -1), 1, axis=0).tobytes())
+        with pytest.warns(UserWarning, match="vector copy .* is out of step"):
+            cols = mem.vector_columns(tmp_path / "cols", progress=False)
+        assert mem.backend.copy_doubt and cols.copy is not mem.backend.copy
+        np.testing.assert_array_equal(cols.gather(np.array(pids), "text"), _engine_vectors(mem, np.array(pids), "text"))
 
 
 # ---------------------------------------------------------------------------- the vector copy (Edge)

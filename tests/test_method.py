@@ -364,11 +364,12 @@ def test_neighbour_cache_from_vector_columns_equals_the_per_hit_vectors(setup, w
     ids = [point_id("synthetic", k) for k in world.train_ids]
     cfg = TrainConfig(cache_dir=str(tmp_path), progress=False, search=search)
     n_few = mem.count() // cfg.k  # few queries: the engine returns each hit's vectors
-    few = neighbour_cache(mem, world.train_image[:n_few], "image", cfg, ids[:n_few])
-    many = neighbour_cache(mem, world.train_image, "image", cfg, ids)  # more hits than points: vector columns
-    assert len(world.train_image) * cfg.k > mem.count() and (tmp_path / "neighbours" / "columns").is_dir()
+    few = neighbour_cache(mem, world.train_image[:n_few], "image", cfg, ids[:n_few], columns=False)
+    many = neighbour_cache(mem, world.train_image, "image", cfg, ids, columns=True)  # ids only, gathered by id
     for a, b in zip(few, many):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b[:n_few], np.float32), atol=2e-3)
+        # the same vectors stored as float16, up to one float16 step (a handful of values, 9 of 641,920 when
+        # this was written, round the other way)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b[:n_few], np.float32), atol=5e-4)
     assert few[2].all()  # every query found k neighbours besides its own pair
 
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from ..config import MemoryConfig
-from ..vector_copy import COPY_FIELD
+from ..vector_copy import COPY_FIELD, VectorCopy
 
 VECTOR_NAMES = ("image", "text")
 _META_VECTOR = "_"
@@ -144,6 +144,10 @@ class Backend(Protocol):
         None without a vector copy."""
     def vector_copy_rows(self) -> int | None:
         """Rows in the vector copy (more than points once points were rewritten); None without one."""
+    def copy_rows(self, records: list[Record]) -> tuple[VectorCopy, np.ndarray] | None:
+        """The engine's own vector copy and the rows [N] of these records (scrolled with their payload) in it, every
+        row checked against its checksum; None where the copy cannot serve them: a server (it keeps none), a memory
+        written without one, a copy in doubt, a row lost or damaged (the copy is then no longer trusted)."""
     def meta_get(self, key: str) -> Any: ...
     def meta_set(self, key: str, value: Any) -> None: ...
     def flush(self) -> None: ...

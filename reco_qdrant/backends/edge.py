@@ -322,6 +322,20 @@ class EdgeBackend:
     def vector_copy_rows(self) -> int | None:
         return None if self.copy is None else self.copy.rows
 
+    def copy_rows(self, records: list[Record]) -> tuple[VectorCopy, np.ndarray] | None:
+        entries = [r.copy_entry for r in records]
+        if self.copy is None or self.copy_doubt is not None:
+            return None
+        if any(e is None for e in entries):
+            self._distrust_copy("some points have no entry in it: written without it")
+            return None
+        entries = np.array(entries, np.int64).reshape(-1, 2)
+        if self.copy.read(entries) is None:
+            self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, damaged, "
+                                "or from another memory")
+            return None
+        return self.copy, entries[:, 0]
+
     def stored_quantization(self) -> str | None:
         """The quantization the engine actually stores (read from the shard's own config file)."""
         cfg = json.loads((self.data_path / "edge_config.json").read_text())

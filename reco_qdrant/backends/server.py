@@ -212,6 +212,9 @@ class ServerBackend:
     def vector_copy_rows(self) -> None:
         return None
 
+    def copy_rows(self, records: list[Record]) -> None:
+        return None
+
     def status(self) -> dict[str, Any]:
         kind = "local" if self.cfg.location == ":memory:" else "server"
         out: dict[str, Any] = {"backend": kind, "url": self.cfg.location if kind == "server" else ":memory:"}
