@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -48,3 +49,28 @@ def renamed_property(owner: str, old: str, new: str) -> property:
         return getattr(self, new)
 
     return property(get, doc=f"Deprecated name of `{new}` (one release).")
+
+
+def renamed_fields(renames: dict[str, str]) -> Callable[[type], type]:
+    """A class decorator (over `@dataclass`): the constructor takes each old field name in `renames` ({old: new}) for
+    one release, with a warning; the old and the new name together are refused."""
+
+    def wrap(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}: both {old}= and {new}= given; {old}= is the old name of "
+                                        f"{new}=: give {new}= only")
+                    warnings.warn(f"{cls.__name__}({old}=...) is renamed {new}=; the old name goes in the next "
+                                  "release", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return wrap

@@ -17,14 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._deprecated import renamed_argument, renamed_property
+from ._deprecated import renamed_argument, renamed_fields, renamed_property
 from ._deprecated import renamed_attribute as _renamed
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 AGGREGATORS = ("relevance", "transformer", "mean")
+RENAMED_FIELDS = {"learned_classes": "adapted_classes", "seen_uni_projection": "adapted_uni_projection"}
 
 
+@renamed_fields(RENAMED_FIELDS)
 @dataclass
 class FusionConfig:
     dim: int  # embedding dimension = transformer width
@@ -430,7 +432,7 @@ class FusionModel(nn.Module):
         raw: dict[str, Any] = json.loads(cfg_path.read_text())
         if raw.pop("model_type", None) != "reco-fusion":
             raise ValueError(f"{cfg_path}: not a reco-fusion checkpoint")
-        for old, new in (("learned_classes", "adapted_classes"), ("seen_uni_projection", "adapted_uni_projection")):
+        for old, new in RENAMED_FIELDS.items():
             if old in raw:  # written before the adapted model was named so
                 raw[new] = raw.pop(old)
         if raw.get("aggregator", "relevance") == "relevance":

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._deprecated import renamed_attribute, renamed_property
+from ._deprecated import renamed_attribute, renamed_fields, renamed_property
 from .augment import _misaligned, _refine_batch, _uncover
 from .checkpoints import RENAMED_SETTINGS, _checkpoint, _prepare_out_dir, _resume, _run_digest, _save
 from .encoders import default_device
@@ -44,6 +44,7 @@ from .prompts import _Prompts
 from .validation import _Validation, _validation
 
 
+@renamed_fields(RENAMED_SETTINGS)
 @dataclass
 class TrainConfig:
     k: int = 10  # neighbours per query

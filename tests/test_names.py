@@ -96,6 +96,13 @@ def test_old_setting_and_config_names_warn_at_the_callers_line(tmp_path):
         assert TrainConfig(adapted_model=False).seen_model is False
     with pytest.warns(DeprecationWarning, match="FusionConfig.learned_classes is renamed"):
         assert FusionConfig(dim=8, adapted_classes=3).learned_classes == 3
+    with pytest.warns(DeprecationWarning, match=r"TrainConfig\(seen_model=...\) is renamed adapted_model=") as caught:
+        assert TrainConfig(seen_model=False).adapted_model is False
+    assert caught[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="is renamed adapted_classes="):
+        assert FusionConfig(dim=8, learned_classes=3) == FusionConfig(dim=8, adapted_classes=3)
+    with pytest.raises(TypeError, match="give adapted_uni_projection= only"):
+        FusionConfig(dim=8, seen_uni_projection=True, adapted_uni_projection=False)
 
 
 def test_adapt_fusion_keeps_its_run_beside_the_main_one(tmp_path):
