@@ -52,7 +52,7 @@ def main() -> None:
             with Timer() as t_own:
                 mem.vector_columns(Path(tmp) / "columns", progress=False)
             with Timer() as t_written:  # what a server memory, or one without a vector copy, does
-                _written_copy(mem, Path(tmp) / "columns", False, 1)
+                _written_copy(mem, Path(tmp) / "columns", False)
             cfg = replace(cfg, cache_dir=str(Path(tmp) / "cache-True"))
             for device in devices:
                 for bs in args.batch_size:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from .progress import progress_bar
 from .vector_copy import VectorCopy
 
 _BATCH = 4096
+TMP_STALE_S = 24 * 3600  # a temporary copy this old was left by a killed call (a live one writes into it)
 
 
 class VectorColumns:
@@ -59,8 +62,12 @@ def vector_columns(memory: Any, directory: str | Path, progress: bool = True, ke
     """Every point's two vectors of `memory` (a `Memory`), gathered by id: from the memory's own vector copy where it
     can be trusted, else from a copy written under `directory` by one scroll (keyed by the memory's id and write
     version, reused while it is unchanged; `keep` versions kept)."""
-    own = _own_copy(memory, progress)
-    return own if own is not None else _written_copy(memory, Path(directory), progress, keep)
+    if memory.dim is None:
+        raise RecoMemoryError(f"memory {memory.cfg.location} holds no points yet: there are no vectors to gather")
+    root = Path(directory)
+    cols = _own_copy(memory, progress) or _written_copy(memory, root, progress)
+    _prune(root, keep)
+    return cols
 
 
 def _own_copy(memory: Any, progress: bool) -> VectorColumns | None:
@@ -87,38 +94,57 @@ def _own_copy(memory: Any, progress: bool) -> VectorColumns | None:
     return VectorColumns(np.array(ids, dtype="U36"), copy, np.concatenate(rows))
 
 
-def _written_copy(memory: Any, root: Path, progress: bool, keep: int) -> VectorColumns:
+def _written_copy(memory: Any, root: Path, progress: bool) -> VectorColumns:
     """A copy of every point's vectors written under `root` by one scroll, or the one written before for the same
     memory and write version (a directory that cannot be read as one is written again)."""
     path = root / hashlib.sha1(f"vector copy|{memory.uid}|{memory.write_version}".encode()).hexdigest()[:16]
     cols = _read_written(path, memory.dim)
     if cols is None:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"{path.name}.{os.getpid()}.tmp"
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=root))
         try:  # a failure or Ctrl-C leaves no partial directory behind
             _write(memory, tmp, progress)
-            shutil.rmtree(path, ignore_errors=True)  # one that could not be read
+            cols = _read_written(tmp, memory.dim)  # mapped now: a rename, or a later prune, leaves them readable
+            if cols is None:
+                raise RecoMemoryError(f"vector columns {tmp} cannot be read back after writing them: check the disk")
+            if path.exists() and _read_written(path, memory.dim) is None:  # one that could not be read: set aside
+                bad = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=root))
+                os.replace(path, bad / "old")
+                shutil.rmtree(bad, ignore_errors=True)
             try:
                 durable.replace(tmp, path)
-            except OSError:  # another process published the same version meanwhile: theirs is as good
-                if _read_written(path, memory.dim) is None:
-                    raise
+            except OSError:  # another call published the same version meanwhile: theirs is as good
+                pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        cols = _read_written(path, memory.dim)
-        if cols is None:
-            raise RecoMemoryError(f"vector columns {path} cannot be read back after writing them: check the disk")
-    os.utime(path)
-    for old in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
-                      key=lambda p: p.stat().st_mtime, reverse=True)[max(keep, 1):]:
-        shutil.rmtree(old, ignore_errors=True)  # those already open stay readable (mapped on opening)
+    try:
+        os.utime(path)  # recently used: pruned last
+    except FileNotFoundError:  # pruned by another call meanwhile: ours stay readable (mapped)
+        pass
     return cols
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Keep the `keep` most recently used written copies under `root`; remove temporary ones a killed call left."""
+    if not root.is_dir():
+        return
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    stale = time.time() - TMP_STALE_S
+    for old in [p for p in dirs if p.name.endswith(".tmp") and _mtime(p) < stale] + sorted(
+            (p for p in dirs if not p.name.endswith(".tmp")), key=_mtime, reverse=True)[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)  # those already open stay readable (mapped on opening)
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _write(memory: Any, tmp: Path, progress: bool) -> None:
     """Every point's vectors into a new copy at `tmp`, its ids in `ids.npy` last."""
     n = memory.count()
-    shutil.rmtree(tmp, ignore_errors=True)
     copy = VectorCopy.create(tmp, memory.dim, VECTOR_NAMES)
     ids = []
     with progress_bar("memory vectors", n, progress) as advance:

@@ -253,6 +253,8 @@ def test_written_vector_columns_survive_damage_pruning_and_an_empty_memory(tmp_p
                 (path / "text.f32").unlink()
             again = b.vector_columns(tmp_path / "cols", progress=False)  # written again, not an error
             assert len(again.ids) == 100 and again.copy.rows == 100
+    with Memory.open(str(tmp_path / "never written")) as mem, pytest.raises(RecoMemoryError, match="no points yet"):
+        mem.vector_columns(tmp_path / "cols2")
     with Memory.open(str(tmp_path / "empty")) as mem:
         mem.delete(mem.add_embeddings(img[:1], txt[:1], caps[:1], ids=["x"], source="s"))
         assert mem.count() == 0
@@ -268,8 +270,9 @@ def test_vector_columns_leave_a_damaged_copy_for_the_engines_vectors(tmp_path):
         for name in ("image", "text"):  # rows of other pairs, as after damage on disk
             f = mem.backend.copy_path / f"{name}.f32"
             f.write_bytes(np.roll(np.fromfile(f, np.float32).reshape(300, -1), 1, axis=0).tobytes())
-        with pytest.warns(UserWarning, match="vector copy .* is out of step"):
+        with pytest.warns(UserWarning, match="vector copy .* is out of step") as caught:
             cols = mem.vector_columns(tmp_path / "cols", progress=False)
+        assert caught[0].filename == __file__  # the warning names the caller's line
         assert mem.backend.copy_doubt and cols.copy is not mem.backend.copy
         np.testing.assert_array_equal(cols.gather(np.array(pids), "text"), _engine_vectors(mem, np.array(pids), "text"))
 

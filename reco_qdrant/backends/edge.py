@@ -231,12 +231,13 @@ class EdgeBackend:
         hits.vectors = vectors.copy() if same else vectors  # own arrays, as the engine's are
         return hits
 
-    def _distrust_copy(self, why: str) -> None:
-        """Read hits' vectors from the engine from now on (until reopened), and say why once."""
+    def _distrust_copy(self, why: str, stacklevel: int = 5) -> None:
+        """Read hits' vectors from the engine from now on (until reopened), and say why once; `stacklevel` points
+        the warning at the caller of `Memory.search` (5) or `Memory.vector_columns` (6)."""
         self.copy_doubt = why
         warnings.warn(f"memory {self.root}: its vector copy {self.copy_path} is out of step with the collection "
                       f"({why}); hits' vectors are read from the engine instead (correct, slower). `reco copy` "
-                      "into a new memory gives a fresh copy", stacklevel=5)  # the caller of Memory.search
+                      "into a new memory gives a fresh copy", stacklevel=stacklevel)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Record]:
         recs = self._read(self._require().retrieve, list(ids), with_payload=True, with_vector=with_vectors)
@@ -327,12 +328,12 @@ class EdgeBackend:
         if self.copy is None or self.copy_doubt is not None:
             return None
         if any(e is None for e in entries):
-            self._distrust_copy("some points have no entry in it: written without it")
+            self._distrust_copy("some points have no entry in it: written without it", stacklevel=6)
             return None
         entries = np.array(entries, np.int64).reshape(-1, 2)
         if self.copy.read(entries) is None:
             self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, damaged, "
-                                "or from another memory")
+                                "or from another memory", stacklevel=6)
             return None
         return self.copy, entries[:, 0]
 
