@@ -109,7 +109,10 @@ def _written_copy(memory: Any, root: Path, progress: bool) -> VectorColumns:
                 raise RecoMemoryError(f"vector columns {tmp} cannot be read back after writing them: check the disk")
             if path.exists() and _read_written(path, memory.dim) is None:  # one that could not be read: set aside
                 bad = Path(tempfile.mkdtemp(prefix=f"{path.name}.", suffix=".tmp", dir=root))
-                os.replace(path, bad / "old")
+                try:
+                    os.replace(path, bad / "old")
+                except FileNotFoundError:  # removed by another call meanwhile
+                    pass
                 shutil.rmtree(bad, ignore_errors=True)
             try:
                 durable.replace(tmp, path)
