@@ -25,7 +25,7 @@ from .progress import progress_bar
 from .vector_copy import VectorCopy
 
 _BATCH = 4096
-TMP_STALE_S = 24 * 3600  # a temporary copy this old was left by a killed call (a live one writes into it)
+TMP_STALE_S = 24 * 3600  # a temporary copy older than this was left by a killed call (a build takes minutes)
 
 
 class VectorColumns:
