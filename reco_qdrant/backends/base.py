@@ -176,6 +176,14 @@ def _named(vec: Any, name: str) -> list[float] | None:
     return vec.get(name) if isinstance(vec, dict) else vec
 
 
+def search_params(models: Any, cfg: MemoryConfig, k: int, exact: bool, hnsw_ef: int | None) -> Any:
+    """The search settings both engines use, built from `models` (Qdrant Edge's or qdrant-client's, which name them
+    alike): the HNSW beam at least k wide; quantized vectors searched with twice the candidates, then rescored."""
+    quant = (models.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
+             if cfg.quantization else None)
+    return models.SearchParams(hnsw_ef=max(hnsw_ef or cfg.hnsw_ef, k), exact=exact, quantization=quant)
+
+
 def _vector_names(return_vector: str | None, using: str, with_searched: bool) -> list[str] | bool:
     names = list(dict.fromkeys(n for n in (return_vector, using if with_searched else None) if n))
     return names or False

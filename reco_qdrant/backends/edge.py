@@ -35,6 +35,7 @@ from .base import (
     _record,
     _vector_names,
     check_quantization,
+    search_params,
 )
 
 
@@ -186,9 +187,7 @@ class EdgeBackend:
                exact: bool = False, with_payload: bool = True, with_searched: bool = False,
                hnsw_ef: int | None = None) -> Hits:
         qe = self.qe
-        quant = (qe.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
-                 if self.cfg.quantization else None)
-        params = qe.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact, quantization=quant)
+        params = search_params(qe, self.cfg, k, exact, hnsw_ef)
         with_vector = _vector_names(return_vector, using, with_searched)
 
         def query(with_vector: list[str] | bool, with_payload: bool | list[str]) -> list[Any]:
@@ -214,12 +213,9 @@ class EdgeBackend:
         hits = Hits.of(res, None, using, False)
         counts = [len(r) for r in hits.ids]
         entries = [p.pop(COPY_FIELD, None) for row in hits.payloads for p in row]
-        if any(e is None for e in entries):
-            return self._distrust_copy("some hits have no entry in it: written without it")
-        vecs = self.copy.read(np.array(entries, np.int64).reshape(-1, 2))
+        vecs = self._read_checked(entries, "hits", stacklevel=6)
         if vecs is None:
-            return self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, "
-                                       "or damaged")
+            return None
         searched = vecs[using]
         scores = np.array([s for row in hits.scores for s in row], np.float32)
         if len(scores) and np.abs(np.einsum("nd,nd->n", searched, np.repeat(queries, counts, axis=0))
@@ -231,9 +227,23 @@ class EdgeBackend:
         hits.vectors = vectors.copy() if same else vectors  # own arrays, as the engine's are
         return hits
 
+    def _read_checked(self, entries: list[list[int] | None], what: str,
+                      stacklevel: int) -> dict[str, np.ndarray] | None:
+        """The copy's vectors {name: [N, d]} at these entries ([row, crc] each; None for a point written without
+        one), every row checked against its checksum; None, and the copy no longer trusted, where some entry is
+        missing or some row fails (`what`: the points' name in the warning; `stacklevel`: see `_distrust_copy`)."""
+        if any(e is None for e in entries):
+            return self._distrust_copy(f"some {what} have no entry in it: written without it", stacklevel)
+        vecs = self.copy.read(np.array(entries, np.int64).reshape(-1, 2))
+        if vecs is None:
+            return self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, "
+                                       "damaged, or from another memory", stacklevel)
+        return vecs
+
     def _distrust_copy(self, why: str, stacklevel: int = 5) -> None:
         """Read hits' vectors from the engine from now on (until reopened), and say why once; `stacklevel` points
-        the warning at the caller of `Memory.search` (5) or `Memory.vector_columns` (6)."""
+        the warning at the user's line: the caller of `Memory.search` or `Memory.vector_columns`, counted from
+        here."""
         self.copy_doubt = why
         warnings.warn(f"memory {self.root}: its vector copy {self.copy_path} is out of step with the collection "
                       f"({why}); hits' vectors are read from the engine instead (correct, slower). `reco copy` "
@@ -324,18 +334,12 @@ class EdgeBackend:
         return None if self.copy is None else self.copy.rows
 
     def copy_rows(self, records: list[Record]) -> tuple[VectorCopy, np.ndarray] | None:
-        entries = [r.copy_entry for r in records]
         if self.copy is None or self.copy_doubt is not None:
             return None
-        if any(e is None for e in entries):
-            self._distrust_copy("some points have no entry in it: written without it", stacklevel=6)
+        entries = [r.copy_entry for r in records]
+        if self._read_checked(entries, "points", stacklevel=7) is None:
             return None
-        entries = np.array(entries, np.int64).reshape(-1, 2)
-        if self.copy.read(entries) is None:
-            self._distrust_copy("some rows do not hold what was written for their points: lost in a crash, damaged, "
-                                "or from another memory", stacklevel=6)
-            return None
-        return self.copy, entries[:, 0]
+        return self.copy, np.array(entries, np.int64).reshape(-1, 2)[:, 0]
 
     def stored_quantization(self) -> str | None:
         """The quantization the engine actually stores (read from the shard's own config file)."""

@@ -22,6 +22,7 @@ from .base import (
     _record,
     _vector_names,
     check_quantization,
+    search_params,
 )
 
 
@@ -128,10 +129,7 @@ class ServerBackend:
                exact: bool = False, with_payload: bool = True, with_searched: bool = False,
                hnsw_ef: int | None = None) -> Hits:
         m = self.m
-        quant = (m.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
-                 if self.cfg.quantization else None)
-        params = None if self.local else m.SearchParams(hnsw_ef=max(hnsw_ef or self.cfg.hnsw_ef, k), exact=exact,
-                                                         quantization=quant)
+        params = None if self.local else search_params(m, self.cfg, k, exact, hnsw_ef)
         reqs = [m.QueryRequest(query=q, using=using, limit=k, params=params, with_payload=with_payload,
                                with_vector=_vector_names(return_vector, using, with_searched))
                 for q in queries.tolist()]
