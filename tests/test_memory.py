@@ -334,6 +334,19 @@ def test_a_copy_out_of_step_is_noticed_and_the_engine_answers(tmp_path, damage):
         assert mem.backend.copy_doubt
 
 
+def test_a_copy_found_out_of_step_by_a_search_warns_at_the_callers_line(tmp_path):
+    img, txt, caps = random_pairs(300, seed=7)
+    with Memory.open(str(tmp_path / "m")) as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(300), source="s")
+        for name in ("image", "text"):  # damaged after opening: the search finds it
+            f = mem.backend.copy_path / f"{name}.f32"
+            f.write_bytes(np.roll(np.fromfile(f, np.float32).reshape(300, -1), 1, axis=0).tobytes())
+        with pytest.warns(UserWarning, match="vector copy .* is out of step") as caught:
+            nb = mem.search(img[:5], "image", k=3, return_modality="text")
+        assert caught[0].filename == __file__
+        np.testing.assert_allclose(nb.vectors[:, 0], txt[:5], atol=1e-6)
+
+
 def test_memory_without_a_copy_keeps_none(tmp_path):
     img, txt, caps = random_pairs(100, seed=9)
     with Memory.open(str(tmp_path / "m"), vector_copy=False) as mem:

@@ -213,14 +213,15 @@ class EdgeBackend:
         hits = Hits.of(res, None, using, False)
         counts = [len(r) for r in hits.ids]
         entries = [p.pop(COPY_FIELD, None) for row in hits.payloads for p in row]
-        vecs = self._read_checked(entries, "hits", stacklevel=6)
+        vecs = self._read_checked(entries, "hits", stacklevel=7)  # past Memory.search's comprehension frame too
         if vecs is None:
             return None
         searched = vecs[using]
         scores = np.array([s for row in hits.scores for s in row], np.float32)
         if len(scores) and np.abs(np.einsum("nd,nd->n", searched, np.repeat(queries, counts, axis=0))
                                   - scores).max() > SCORE_TOLERANCE:
-            return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere")
+            return self._distrust_copy("its vectors do not give the engine's scores: replaced, or written elsewhere",
+                                       stacklevel=6)
         hits.searched = searched if with_searched else None
         vectors = vecs[return_vector] if return_vector else None
         same = with_searched and return_vector == using
@@ -240,9 +241,9 @@ class EdgeBackend:
                                        "damaged, or from another memory", stacklevel)
         return vecs
 
-    def _distrust_copy(self, why: str, stacklevel: int = 5) -> None:
+    def _distrust_copy(self, why: str, stacklevel: int) -> None:
         """Read hits' vectors from the engine from now on (until reopened), and say why once; `stacklevel` points
-        the warning at the user's line: the caller of `Memory.search` or `Memory.vector_columns`, counted from
+        the warning at the user's line (the caller of `Memory.search` or `Memory.vector_columns`), counted from
         here."""
         self.copy_doubt = why
         warnings.warn(f"memory {self.root}: its vector copy {self.copy_path} is out of step with the collection "
@@ -305,7 +306,7 @@ class EdgeBackend:
         diff = self._copy_diff(records)
         if diff is None or not (diff <= 1e-5).all():
             self._distrust_copy("found on opening: sampled points' rows do not hold their vectors: lost in a crash, "
-                                "damaged, or from another memory")
+                                "damaged, or from another memory", stacklevel=5)
 
     def stale_copy_rows(self, records: list[Record]) -> list[str] | None:
         if self.copy is None:
