@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,23 +76,14 @@ def _own_copy(memory: Any, progress: bool) -> VectorColumns | None:
     probe = memory.backend.copy_rows([])
     if probe is None:
         return None
-    n = memory.count()
-    ids, rows, copy = [], [], None
-    with progress_bar("memory vectors (rows)", n, progress) as advance:
-        for recs in memory.scroll(_BATCH, with_vectors=False):
-            found = memory.backend.copy_rows(recs)
-            if found is None:
-                return None
-            copy = found[0]
-            ids += [r.id for r in recs]
-            rows.append(found[1])
-            advance(len(recs))
-    if len(ids) != n:
-        raise RecoMemoryError(f"memory {memory.cfg.location} changed while its points were read "
-                              f"({len(ids)} points read, {n} counted): retry when writes have stopped")
-    if copy is None:  # an empty memory
-        return VectorColumns(np.zeros(0, dtype="U36"), probe[0], np.zeros(0, np.int64))
-    return VectorColumns(np.array(ids, dtype="U36"), copy, np.concatenate(rows))
+    ids, rows = [], []
+    for recs in _every_point(memory, False, "memory vectors (rows)", progress):
+        found = memory.backend.copy_rows(recs)
+        if found is None:
+            return None
+        ids += [r.id for r in recs]
+        rows += found[1].tolist()
+    return VectorColumns(np.array(ids, dtype="U36"), probe[0], np.array(rows, np.int64))
 
 
 def _written_copy(memory: Any, root: Path, progress: bool) -> VectorColumns:
@@ -147,18 +139,26 @@ def _mtime(p: Path) -> float:
 
 def _write(memory: Any, tmp: Path, progress: bool) -> None:
     """Every point's vectors into a new copy at `tmp`, its ids in `ids.npy` last."""
-    n = memory.count()
     copy = VectorCopy.create(tmp, memory.dim, VECTOR_NAMES)
     ids = []
-    with progress_bar("memory vectors", n, progress) as advance:
-        for recs in memory.scroll(_BATCH, with_vectors=True):
-            copy.append({m: np.asarray([r.vectors[m] for r in recs], np.float32) for m in VECTOR_NAMES})
-            ids += [r.id for r in recs]
-            advance(len(recs))
-    if len(ids) != n:
-        raise RecoMemoryError(f"memory {memory.cfg.location} changed while its vectors were read "
-                              f"({len(ids)} points read, {n} counted): retry when writes have stopped")
+    for recs in _every_point(memory, True, "memory vectors", progress):
+        copy.append({m: np.asarray([r.vectors[m] for r in recs], np.float32) for m in VECTOR_NAMES})
+        ids += [r.id for r in recs]
     np.save(tmp / "ids.npy", np.array(ids, dtype="U36"))
+
+
+def _every_point(memory: Any, with_vectors: bool, label: str, progress: bool) -> Iterator[list[Any]]:
+    """Every point of `memory`, batch by batch, under a progress bar; an error at the end where the count changed
+    meanwhile (a write during the scroll: some points may have been missed or read twice)."""
+    n, read = memory.count(), 0
+    with progress_bar(label, n, progress) as advance:
+        for recs in memory.scroll(_BATCH, with_vectors=with_vectors):
+            yield recs
+            read += len(recs)
+            advance(len(recs))
+    if read != n:
+        raise RecoMemoryError(f"memory {memory.cfg.location} changed while its points were read "
+                              f"({read} points read, {n} counted): retry when writes have stopped")
 
 
 def _read_written(path: Path, dim: int) -> VectorColumns | None:
