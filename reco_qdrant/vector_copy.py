@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import mmap
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
+
+try:  # the same CRC-32, 4-5x faster (ISA-L); a search checks every hit's row
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives identical checksums
+    from zlib import crc32
 
 COPY_FIELD = "_copy"  # payload field: [row, CRC-32 of the row's vectors] of the point in the copy
 SCORE_TOLERANCE = 1e-3  # |engine score - query . copied vector| allowed (rescoring is float32 on both sides)
@@ -108,10 +112,12 @@ class VectorCopy:
 
 def _crcs(cols: list[np.ndarray]) -> list[int]:
     """CRC-32 of each row's vectors, names in order (cols: [N, dim] float32 each)."""
+    views = [memoryview(np.ascontiguousarray(c, np.float32).reshape(-1).view(np.uint8)) for c in cols]
+    width = 4 * cols[0].shape[1] if cols and cols[0].ndim == 2 else 0
     out = []
-    for row in zip(*cols):
+    for s in range(0, len(views[0]) if width else 0, width):  # slices of a memoryview: no copies
         c = 0
-        for v in row:
-            c = zlib.crc32(v.tobytes(), c)
+        for v in views:
+            c = crc32(v[s:s + width], c)
         out.append(c)
     return out

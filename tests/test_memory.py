@@ -309,6 +309,21 @@ def test_hits_vectors_come_from_the_copy_and_equal_the_engines(tmp_path):
         assert mem.info()["vector_copy_rows"] == 410 and mem.backend.copy_doubt is None  # old rows: garbage
 
 
+def test_copy_checksums_are_zlibs_crc32_of_the_rows_vectors(tmp_path):
+    """Entries written by any release (zlib, or the faster ISA-L CRC-32) must read in every other."""
+    import zlib
+
+    from reco_qdrant.vector_copy import VectorCopy
+
+    img, txt, _ = random_pairs(7, seed=2)
+    entries = VectorCopy.create(tmp_path / "c", 16, ("image", "text")).append({"image": img, "text": txt})
+    assert [e[0] for e in entries] == list(range(7))
+    assert [e[1] for e in entries] == [zlib.crc32(t.tobytes(), zlib.crc32(i.tobytes())) for i, t in zip(img, txt)]
+    copy = VectorCopy.open(tmp_path / "c", 16, ("image", "text"))
+    np.testing.assert_array_equal(copy.read(np.array(entries[2:5]))["text"], txt[2:5])
+    assert copy.read(np.array([[3, entries[3][1] ^ 1]])) is None  # a wrong checksum is caught
+
+
 @pytest.mark.parametrize("damage", ["replaced", "truncated"])
 def test_a_copy_out_of_step_is_noticed_and_the_engine_answers(tmp_path, damage):
     img, txt, caps = random_pairs(300, seed=7)
