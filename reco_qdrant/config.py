@@ -35,7 +35,8 @@ class MemoryConfig:
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
     full_scan_threshold: int = 10_000  # KB of vectors below which a segment is searched exactly
-    # "int8" (scalar quantization in RAM, searched with rescoring on the float vectors) | None (float only)
+    # "int8" (scalar quantization in RAM, searched with rescoring on the float vectors) | "binary" (2 bits a
+    # dimension in RAM, rescored likewise: 4x less RAM than int8, for the largest memories) | None (float only)
     quantization: str | None = "int8"
     on_disk: bool = False  # keep original vectors on disk (mmap) instead of RAM
     on_disk_payload: bool = False  # payloads (captions) in RAM: faster hits; True for huge payloads

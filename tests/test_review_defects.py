@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_pairs
+from conftest import open_memory, random_pairs
 from test_ingest import image_bytes, make_shards, write_tar
 from typer.testing import CliRunner
 
@@ -343,6 +343,38 @@ def test_10_int8_memory_reopened_without_settings_keeps_them(tmp_path):
         mem.add_embeddings(img, txt, caps)
     with Memory.open(str(tmp_path / "f")) as mem:
         assert mem.cfg.quantization is None and mem.backend.stored_quantization() is None
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_10_binary_memory_is_searched_with_rescoring_and_keeps_its_setting(tmp_path, kind):
+    from reco_qdrant.memory import EXACT_SEARCH_BELOW
+
+    # past the engine's indexing threshold (10 MB a vector) on Edge: the index is what gets searched
+    n = EXACT_SEARCH_BELOW + 5000 if kind == "edge" else 300
+    rng = np.random.default_rng(4)  # clustered, as embeddings are (uniform random vectors defeat 2-bit codes)
+    img = rng.standard_normal((n // 50 + 1, 128))[rng.integers(0, n // 50 + 1, n)] + 0.5 * rng.standard_normal((n, 128))
+    img = (img / np.linalg.norm(img, axis=1, keepdims=True)).astype(np.float32)
+    _, txt, caps = random_pairs(n, d=128, seed=4)
+    with open_memory(kind, tmp_path, quantization="binary") as mem:
+        mem.add_embeddings(img, txt, caps, ids=range(n), source="b")
+        assert mem.info()["quantization"] == "binary"
+        assert kind == "local" or mem.backend.stored_quantization() == "binary"  # local mode keeps no quantization
+        exact = mem.search(img[:40], "image", 10, exact=True)
+        nb = mem.search(img[:40], "image", 10, hnsw_ef=200)
+        assert kind == "local" or mem.backend.status()["indexed_vectors"] == 2 * n
+        np.testing.assert_allclose(nb.scores[:, 0], 1.0, atol=1e-5)  # rescored on the float vectors
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(nb.ids, exact.ids)])
+        assert recall >= 0.9, recall  # 2 bits a dimension, oversampled, rescored
+        if kind == "local":
+            return
+    with Memory.open(str(tmp_path / "mem")) as mem:  # reopened without settings: still binary, still rescored
+        assert mem.cfg.quantization == "binary"
+        np.testing.assert_allclose(mem.search(img[:5], "image", 1).scores[:, 0], 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"quantization=None \(created with 'binary'\)"):
+        Memory.open(str(tmp_path / "mem"), quantization=None)
+    with Memory.open(str(tmp_path / "other"), quantization="int4") as bad, pytest.raises(
+            ValueError, match=r"quantization 'int4' not supported: expected None, 'int8' or 'binary'"):
+        bad.add_embeddings(img[:2], txt[:2], caps[:2])
 
 
 def test_10_memory_of_version_0_1_gets_its_settings_recorded(tmp_path):

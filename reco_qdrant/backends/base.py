@@ -154,10 +154,17 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+# Quantized copies of the vectors, kept in RAM and searched first; the hits are then rescored on the float vectors.
+# Candidates searched per hit kept, chosen where recall@10 stops rising (benchmarks/README.md, "Quantization"):
+# int8 (1 byte a dimension) loses nothing at 2; binary (2 bits a dimension, queries at 8 bits) needs more.
+OVERSAMPLING = {"int8": 2.0, "binary": 6.0}
+
+
 def check_quantization(cfg: MemoryConfig) -> str | None:
-    """The quantization a new collection gets: None or "int8" (anything else is refused)."""
-    if cfg.quantization not in (None, "int8"):
-        raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None or 'int8'")
+    """The quantization a new collection gets: None, "int8" or "binary" (anything else is refused)."""
+    if cfg.quantization is not None and cfg.quantization not in OVERSAMPLING:
+        raise ValueError(f"quantization {cfg.quantization!r} not supported: expected None, "
+                         + " or ".join(repr(q) for q in OVERSAMPLING))
     return cfg.quantization
 
 
@@ -178,8 +185,8 @@ def _named(vec: Any, name: str) -> list[float] | None:
 
 def search_params(models: Any, cfg: MemoryConfig, k: int, exact: bool, hnsw_ef: int | None) -> Any:
     """The search settings both engines use, built from `models` (Qdrant Edge's or qdrant-client's, which name them
-    alike): the HNSW beam at least k wide; quantized vectors searched with twice the candidates, then rescored."""
-    quant = (models.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=2.0)
+    alike): the HNSW beam at least k wide; quantized vectors searched for more candidates, then rescored."""
+    quant = (models.QuantizationSearchParams(ignore=exact, rescore=True, oversampling=OVERSAMPLING[cfg.quantization])
              if cfg.quantization else None)
     return models.SearchParams(hnsw_ef=max(hnsw_ef or cfg.hnsw_ef, k), exact=exact, quantization=quant)
 

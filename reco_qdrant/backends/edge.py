@@ -148,9 +148,12 @@ class EdgeBackend:
 
     def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
         qe = self.qe
-        quant = None
-        if check_quantization(cfg) == "int8":
+        quant, kind = None, check_quantization(cfg)
+        if kind == "int8":
             quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        elif kind == "binary":
+            quant = qe.BinaryQuantizationConfig(always_ram=True, encoding=qe.BinaryQuantizationEncoding.TwoBits,
+                                                query_encoding=qe.BinaryQuantizationQueryEncoding.Scalar8Bits)
         vp = {n: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, on_disk=cfg.on_disk)
               for n in VECTOR_NAMES}
         hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct,
@@ -344,8 +347,8 @@ class EdgeBackend:
 
     def stored_quantization(self) -> str | None:
         """The quantization the engine actually stores (read from the shard's own config file)."""
-        cfg = json.loads((self.data_path / "edge_config.json").read_text())
-        return "int8" if (cfg.get("quantization_config") or {}).get("scalar") else None
+        cfg = json.loads((self.data_path / "edge_config.json").read_text()).get("quantization_config") or {}
+        return "int8" if cfg.get("scalar") else "binary" if cfg.get("binary") else None
 
     def optimize(self) -> bool:
         return bool(self._require().optimize())

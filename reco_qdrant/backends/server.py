@@ -102,10 +102,14 @@ class ServerBackend:
 
     def create_collection(self, dim: int, cfg: MemoryConfig) -> None:
         m = self.m
-        quant = None
-        if check_quantization(cfg) == "int8":
-            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8,
-                                                                           quantile=0.99, always_ram=True))
+        quant, kind = None, check_quantization(cfg)
+        if kind == "int8":
+            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99,
+                                                                           always_ram=True))
+        elif kind == "binary":
+            quant = m.BinaryQuantization(binary=m.BinaryQuantizationConfig(
+                always_ram=True, encoding=m.BinaryQuantizationEncoding.TWO_BITS,
+                query_encoding=m.BinaryQuantizationQueryEncoding.SCALAR8BITS))
         vectors = {n: m.VectorParams(size=dim, distance=m.Distance.COSINE, on_disk=cfg.on_disk)
                    for n in VECTOR_NAMES}
         self._call(self.client.create_collection, self.name, vectors_config=vectors,
@@ -171,8 +175,8 @@ class ServerBackend:
         return {n: int(self._call(self.client.count, n, exact=True).count) for n in sorted(names)}
 
     def stored_quantization(self) -> str | None:
-        info = self._call(self.client.get_collection, self.name)
-        return "int8" if info.config.quantization_config is not None else None
+        q = self._call(self.client.get_collection, self.name).config.quantization_config
+        return None if q is None else "binary" if getattr(q, "binary", None) is not None else "int8"
 
     def optimize(self) -> bool:
         return False  # the server builds its indexes in the background

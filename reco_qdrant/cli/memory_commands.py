@@ -41,7 +41,8 @@ def migrate(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
             dim: Annotated[int | None, typer.Option(help="embedding dimension (needed for a new memory)")] = None,
             encoder_id: Annotated[str | None, typer.Option(help="record this encoder id with the memory")] = None,
             quantization: Annotated[str | None, typer.Option(
-                help="int8 (default: int8 in RAM, searched with rescoring) | none (float vectors only)")] = None,
+                help="int8 (default: int8 in RAM, searched with rescoring) | binary (2 bits a dimension in RAM, "
+                     "rescored: for the largest memories) | none (float vectors only)")] = None,
             on_disk: Annotated[bool, typer.Option(help="original vectors on disk (mmap)")] = False,
             vector_copy: Annotated[bool, typer.Option(
                 help="embedded: a float32 copy of the vectors beside the collection, from which hits' vectors "
