@@ -48,6 +48,8 @@ class MemoryConfig:
     # search
     hnsw_ef: int = 128  # beam width at search time; higher = better recall, slower
     upsert_batch: int = 512  # points per upsert request
+    # server only: upsert requests in flight at once while adding a batch (a batch is stored when all are)
+    upload_workers: int = 4
 
     def with_env(self) -> MemoryConfig:
         """Fill secrets and TLS files from the environment when not given explicitly."""

@@ -9,6 +9,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -297,9 +298,23 @@ class Memory(Ledger, Indexing, BackupRestore):
                 self.migrate(img.shape[1])
             self._bump_write_version(0, n)
             step = self.cfg.upsert_batch
-            for s in range(0, n, step):
-                self.backend.upsert(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
-                self._unchecked_writes += min(step, n - s)
+            chunks = [(pids[s : s + step], img[s : s + step], txt[s : s + step], out[s : s + step])
+                      for s in range(0, n, step)]
+            workers = min(self.backend.upload_workers, len(chunks))
+            if workers <= 1:
+                for chunk in chunks:
+                    self.backend.upsert(*chunk)
+                    self._unchecked_writes += len(chunk[0])
+            else:  # the ids are unique, so the requests commute; the call returns when every one is stored
+                with ThreadPoolExecutor(workers, thread_name_prefix="reco-upsert") as pool:
+                    futures = [pool.submit(self.backend.upsert, *chunk) for chunk in chunks]
+                    try:
+                        for f in futures:
+                            f.result()
+                    finally:  # on an error: no request left running after we raise; count what was stored
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        self._unchecked_writes += sum(len(c[0]) for c, f in zip(chunks, futures)
+                                                      if not f.cancelled() and f.exception() is None)
         return pids
 
     def delete(self, ids: Sequence[str]) -> None:

@@ -55,6 +55,37 @@ def test_ingest_shards_twice_adds_nothing(tmp_path, kind):
         assert p["url"].startswith("http://x/") and p["source"] == str((tmp_path / "laion").resolve())
 
 
+def test_parallel_upserts_store_every_batch_or_leave_it_to_the_resume(tmp_path):
+    """A server memory keeps several upsert requests in flight (`upload_workers`); a batch counts as stored, and
+    the ledger moves past it, only when every request of it succeeded."""
+    make_shards(tmp_path / "laion")
+    with open_memory("local", tmp_path, upload_workers=4, upsert_batch=32) as ref:
+        assert ref.backend.upload_workers == 4
+        ingest(ref, EmbeddingShards(tmp_path / "laion", batch_size=200), progress=False)
+        expected = snapshot(ref)
+    with open_memory("local", tmp_path, upload_workers=4, upsert_batch=32) as mem:
+        client, calls, real = mem.backend.client, [], mem.backend.client.upsert
+
+        def failing(name, *args, **kw):  # the server refuses one request of the 4th batch (not a transient error)
+            calls.extend([1] if name == mem.backend.name else [])  # (the ledger's own writes are not counted)
+            if len(calls) == 3 * 7 + 4:  # batches of 200 rows are 7 requests of at most 32
+                raise RuntimeError("refused by the server")
+            return real(name, *args, **kw)
+
+        client.upsert = failing
+        with pytest.raises(RuntimeError, match="refused by the server"):
+            ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=200), progress=False)
+        client.upsert = real
+        r = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=200), progress=False)
+        assert r.skipped_batches == 3  # the 4th batch is written again, whole
+        got = snapshot(mem)
+        assert got.keys() == expected.keys() and mem.count() == 1000
+        for pid, (i, t, payload) in expected.items():  # local mode renormalises a rewritten point's vector: 1 ulp
+            assert got[pid][2] == payload
+            np.testing.assert_allclose(np.frombuffer(got[pid][0], np.float32), np.frombuffer(i, np.float32), atol=1e-6)
+            np.testing.assert_allclose(np.frombuffer(got[pid][1], np.float32), np.frombuffer(t, np.float32), atol=1e-6)
+
+
 def _cli_ingest(shards, mem_path, *extra):
     return [sys.executable, "-m", "reco_qdrant.cli", "ingest", "embeddings", str(shards), "--memory", str(mem_path),
             "--batch-size", "500", "--no-progress", *extra]

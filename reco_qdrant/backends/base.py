@@ -106,6 +106,8 @@ class Backend(Protocol):
     exclusive: bool
     # The engine builds its indexes by itself (a server's optimizer); else `Memory` asks for builds when due.
     indexes_itself: bool
+    # Upsert requests `Memory.add_embeddings` keeps in flight at once (1: one after another, in order).
+    upload_workers: int
 
     def has_collection(self) -> bool: ...
     def create_collection(self, dim: int, cfg: MemoryConfig) -> None: ...

@@ -45,6 +45,7 @@ class EdgeBackend:
 
     exclusive = True  # the directory's lock: one process at a time
     indexes_itself = False  # the engine builds an index only when asked (`optimize`), in the caller's thread
+    upload_workers = 1  # the engine writes in the caller's thread holding the GIL: threads would only queue
 
     def __init__(self, path: str | os.PathLike, cfg: MemoryConfig, repair_ledger: bool = False) -> None:
         import qdrant_edge as qe

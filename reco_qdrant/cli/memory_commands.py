@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..config import MemoryConfig
 from .base import (
     CaptionColumnOpt,
     CollectionOpt,
@@ -66,10 +67,10 @@ def migrate(memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
 
 
 def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, encoder_id: str | None,
-                progress: bool, restart: bool, as_json: bool) -> None:
+                workers: int, progress: bool, restart: bool, as_json: bool) -> None:
     from ..ingest import ingest
 
-    with _open(memory, collection, encoder=encoder) as mem:
+    with _open(memory, collection, encoder=encoder, upload_workers=workers) as mem:
         rep = ingest(mem, source, encoder, encoder_id=encoder_id, progress=progress, resume=not restart)
     if as_json:
         _emit(rep.to_dict(), True)
@@ -89,6 +90,10 @@ def _run_ingest(memory: str | None, collection: str, source: Any, encoder: Any, 
 SourceOpt = Annotated[str | None, typer.Option(
     help="source name stored with each pair (default: the folder's full path); point ids derive from source + key, "
          "so the same name updates those pairs and another name stores the data beside them")]
+UPLOAD_WORKERS = MemoryConfig.upload_workers
+WorkersOpt = Annotated[int, typer.Option(
+    "--upload-workers", min=1, help="a server memory: upsert requests in flight at once (a batch is stored, and "
+                                    "the resume ledger moves past it, once all of its requests are)")]
 RestartOpt = Annotated[bool, typer.Option(
     help="ignore the resume ledger: re-encode and re-store every batch (an ingest otherwise skips the batches an "
          "earlier run of the same files finished)")]
@@ -112,6 +117,7 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
                       duplicates: Annotated[str, typer.Option(
                           help="a key held by more than one shard: 'error' (refused, naming both files) or 'last' "
                                "(the last shard's row is kept, and the replaced rows are reported)")] = "error",
+                      workers: WorkersOpt = UPLOAD_WORKERS,
                       progress: ProgressOpt = True, restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """Precomputed embeddings in the clip-retrieval / LAION layout (.npy + parquet)."""
     from ..sources import EmbeddingShards
@@ -119,7 +125,7 @@ def ingest_embeddings(path: Annotated[Path, typer.Argument(help="folder with img
     layout = (path / "img_emb").is_dir()  # without it, the folder may be one of images
     with contextlib.nullcontext() if layout else _hint_on(FileNotFoundError, IMAGES_LAYOUT_HINT):
         src = EmbeddingShards(path, caption_column, key_column, source, batch_size, duplicates)
-    _run_ingest(memory, collection, src, None, encoder_id, progress, restart, as_json)
+    _run_ingest(memory, collection, src, None, encoder_id, workers, progress, restart, as_json)
 
 
 @ingest_app.command("auto")
@@ -130,6 +136,7 @@ def ingest_auto(path: Annotated[Path, typer.Argument(
                 model: ModelOpt = None, pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
                 encoder_id: Annotated[str | None, typer.Option(
                     help="embeddings: id of the encoder that made them")] = None,
+                workers: WorkersOpt = UPLOAD_WORKERS,
                 progress: ProgressOpt = True, restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """A data folder whose layout is found by looking at it (what the compose `ingest` service runs)."""
     from ..sources import EmbeddingShards, open_folder
@@ -138,7 +145,7 @@ def ingest_auto(path: Annotated[Path, typer.Argument(
                                      "TABLE` reads a table kept elsewhere)"):
         src = open_folder(path, source)
     enc = None if isinstance(src, EmbeddingShards) else _encoder(model, pretrained, encoder_kind, memory, collection)
-    _run_ingest(memory, collection, src, enc, encoder_id if enc is None else None, progress, restart, as_json)
+    _run_ingest(memory, collection, src, enc, encoder_id if enc is None else None, workers, progress, restart, as_json)
 
 
 @ingest_app.command("images")
@@ -150,7 +157,8 @@ def ingest_images(folder: Annotated[Path, typer.Argument(help="the image folder 
                   memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                   file_column: FileColumnOpt = "file", caption_column: CaptionColumnOpt = "caption",
                   source: SourceOpt = None, model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                  encoder_kind: KindOpt = "open_clip", batch_size: ImageBatchOpt = 64, progress: ProgressOpt = True,
+                  encoder_kind: KindOpt = "open_clip", batch_size: ImageBatchOpt = 64,
+                  workers: WorkersOpt = UPLOAD_WORKERS, progress: ProgressOpt = True,
                   restart: RestartOpt = False, as_json: JsonOpt = False) -> None:
     """An image folder plus a captions table (parquet/csv/jsonl), encoded with the given model."""
     from ..sources import ImageFolder
@@ -161,7 +169,7 @@ def ingest_images(folder: Annotated[Path, typer.Argument(help="the image folder 
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
     with _hint_on(FileNotFoundError, "file names in the table are relative to FOLDER: check FOLDER and "
                                      "--file-column"):
-        _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
+        _run_ingest(memory, collection, src, enc, None, workers, progress, restart, as_json)
 
 
 @ingest_app.command("webdataset")
@@ -170,14 +178,15 @@ def ingest_webdataset(shards: Annotated[list[Path], typer.Argument(help=".tar sh
                       memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                       source: SourceOpt = None, model: ModelOpt = None,
                       pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip",
-                      batch_size: ImageBatchOpt = 64, progress: ProgressOpt = True, restart: RestartOpt = False,
+                      batch_size: ImageBatchOpt = 64,
+                      workers: WorkersOpt = UPLOAD_WORKERS, progress: ProgressOpt = True, restart: RestartOpt = False,
                       as_json: JsonOpt = False) -> None:
     """WebDataset tar shards (KEY.jpg + KEY.txt), read in memory and encoded with the given model."""
     from ..sources import WebDataset
 
     src = WebDataset(shards, source, batch_size)
     enc = _encoder(model, pretrained, encoder_kind, memory, collection)
-    _run_ingest(memory, collection, src, enc, None, progress, restart, as_json)
+    _run_ingest(memory, collection, src, enc, None, workers, progress, restart, as_json)
 
 
 @app.command()
