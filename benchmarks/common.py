@@ -21,7 +21,8 @@ def gate_columns(col: str, gated: tuple[str, ...] = GATED) -> list[tuple[str, st
     return [("none", col)] + ([("coverage", f"{col} + gate")] if col in gated else [])
 
 
-def clip_like(n: int, d: int = 512, seed: int = 0, per_cluster: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def clip_like(n: int, d: int = 512, seed: int = 0, per_cluster: int = 50,
+              noise: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
     """Paired image/text vectors [n, d] float32, L2-normalised, shaped like CLIP embeddings.
 
     Items fall in clusters (a concept each, ~`per_cluster` items); image and text of a pair share
@@ -40,7 +41,7 @@ def clip_like(n: int, d: int = 512, seed: int = 0, per_cluster: int = 50) -> tup
         x = np.empty((n, d), np.float32)
         for s in range(0, n, 100_000):  # in chunks: no float64 or [n, d] temporaries beyond the output
             e = min(n, s + 100_000)
-            z = centres[c[s:e]] + 0.6 * rng.standard_normal((e - s, d), dtype=np.float32) * scale + gap
+            z = centres[c[s:e]] + noise * rng.standard_normal((e - s, d), dtype=np.float32) * scale + gap
             x[s:e] = z @ rot
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out.append(x)
@@ -61,17 +62,28 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 def rss_mb() -> float:
     """Resident set size of this process, MiB."""
+    return resident_mb()["rss_mb"]
+
+
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory, MiB: all of it, its own (anonymous) pages, and pages of mapped files
+    (`/proc/self/smaps_rollup`; file pages belong to the page cache and the kernel may reclaim them)."""
     import ctypes
     import gc
-
-    import psutil
 
     gc.collect()
     try:  # hand freed heap pages back to the OS so that RSS shows what is still held
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    return psutil.Process().memory_info().rss / 2**20
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0]) / 1024
+    anon = fields.get("Anonymous", 0.0)
+    return {"rss_mb": fields["Rss"], "anon_mb": anon, "file_mb": fields["Rss"] - anon - fields.get("Pss_Shmem", 0.0)}
 
 
 def dir_mb(path: str | os.PathLike) -> float:

@@ -3,13 +3,18 @@ force, faiss HNSW and ScaNN, on CLIP-like 512-d vectors, all in the same run.
 
 Workload: batches of 256 image queries (held-out items of the same distribution), k=10, each hit
 returning the other modality's vector and its caption. Reports ingest items/s, index build s,
-search ms/query (median over batches), recall@10 vs exact, resident memory and disk. Resident memory
-is the RSS growth of building the index (faiss, ScaNN) or, for an Edge memory, of a fresh process
-that opens it and runs the searches (what a user's process holds). "Edge direct" rows call Qdrant Edge
-without reco_qdrant (same data, settings and return), so our wrapper's share is the difference; the
-"API path" row fills a memory through `Memory.add_embeddings` and searches at once, as README does.
+search ms/query (median over batches; also with ids and captions only, and ids only), recall@10 vs
+exact, resident memory and disk. Resident memory is the RSS growth of building the index (faiss,
+ScaNN; one field) or, for an Edge memory, of a fresh process that opens it and runs the searches (what
+a user's process holds), split into its own (anonymous) pages and mapped files' pages. "Edge direct"
+rows call Qdrant Edge without reco_qdrant (same data, settings and return), so our wrapper's share is
+the difference and their ids-only figure is the floor no wrapper goes below. Qdrant Edge searches a
+batch on one core; faiss uses every core unless `--faiss-threads 1`. The "API path" row fills a memory
+through `Memory.add_embeddings` and searches at once, as README does.
 
     python benchmarks/retrieval.py --n 100000 1000000      # faiss / ScaNN need the `bench` extra
+    python benchmarks/retrieval.py --n 200000 --noise 0.3 --engines faiss edge direct on-disk \
+        --ef 16 32 64 --faiss-ef 16 24 32 64 --faiss-threads 0 1 --out retrieval_200k_easy
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ K, BATCH = 10, 256
 
 
 def _search_batches(fn, queries: np.ndarray) -> tuple[np.ndarray, float]:
-    """Run `fn(batch) -> [b, k] indices` over batches; (indices, median ms/query)."""
-    fn(queries[:BATCH])  # warm-up
+    """Run `fn(batch) -> [b, k] indices` over batches; (indices, median ms/query) of a second pass: the first
+    brings the pages the queries touch into memory (this machine's kernel reclaims idle pages within minutes)."""
+    for s in range(0, len(queries), BATCH):
+        fn(queries[s:s + BATCH])
     found, times = [], []
     for s in range(0, len(queries), BATCH):
         with Timer() as t:
@@ -51,8 +58,10 @@ def bench_numpy(img, txt, caps, queries, exact) -> dict:
     return {"engine": "numpy exact", "ms_per_query": ms, "recall@10": recall(found, exact)}
 
 
-def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, efs: list[int]) -> list[dict]:
-    """faiss HNSW built once, searched at each ef (so our rows can be compared at the same recall)."""
+def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, efs: list[int],
+                threads: list[int]) -> list[dict]:
+    """faiss HNSW built once, searched at each ef (so our rows can be compared at the same recall) and on each
+    number of threads (0: faiss's default, every core)."""
     import faiss
 
     r0 = rss_mb()
@@ -61,8 +70,9 @@ def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, efs: 
         index.hnsw.efConstruction = ef_construct
         index.add(img)
     rss = rss_mb() - r0
-    rows = []
-    for ef in efs:
+    rows, default_threads = [], faiss.omp_get_max_threads()
+    for t, ef in ((t, ef) for t in threads for ef in efs):
+        faiss.omp_set_num_threads(t or default_threads)
         index.hnsw.efSearch = ef
 
         def fn(q):
@@ -70,8 +80,9 @@ def bench_faiss(img, txt, caps, queries, exact, m: int, ef_construct: int, efs: 
             _ = txt[idx], [[caps[j] for j in row] for row in idx]
             return idx
         found, ms = _search_batches(fn, queries)
-        rows.append({"engine": f"faiss HNSW m={m} efc={ef_construct} ef={ef}", "index_build_s": tb.s,
-                     "ms_per_query": ms, "recall@10": recall(found, exact), "rss_mb": rss})
+        rows.append({"engine": f"faiss HNSW m={m} efc={ef_construct} ef={ef} threads={t or default_threads}",
+                     "index_build_s": tb.s, "ms_per_query": ms, "recall@10": recall(found, exact), "rss_mb": rss})
+    faiss.omp_set_num_threads(default_threads)
     return rows
 
 
@@ -123,7 +134,7 @@ def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], 
             with Timer() as tb:
                 mem.optimize()
             where = {pid: i for i, pid in enumerate(ids)}
-            label = f"Memory {location} {mem.cfg.quantization or 'float'}"
+            label = f"Memory {location} {mem.cfg.quantization or 'float'}{' on-disk' if mem.cfg.on_disk else ''}"
             base = {"ingest_items_per_s": n / ti.s, "index_build_s": tb.s}
             rows = []
             for ef in efs:
@@ -133,14 +144,16 @@ def bench_memory(img, txt, caps, queries, exact, location: str, efs: list[int], 
                     nb = mem.search(q, "image", K, ret)
                     return np.vectorize(where.get, otypes=[np.int64])(nb.ids)
                 found, ms = _search_batches(fn, queries)
-                _, ms_ids_only = _search_batches(lambda q: fn(q, None), queries)
+                _, ms_captions = _search_batches(lambda q: fn(q, None), queries)
+                _, ms_ids = _search_batches(lambda q: np.asarray(mem.search(q, "image", K, None,
+                                                                            with_payload=False).ids), queries)
                 rows.append({"engine": f"{label} ef={ef}", **base, "ms_per_query": ms,
-                             "ms_without_vectors": ms_ids_only, "recall@10": recall(found, exact),
+                             "ms_ids_captions": ms_captions, "ms_ids_only": ms_ids, "recall@10": recall(found, exact),
                              "rss_mb": rss_mb() - r0})  # on Edge replaced by a fresh process's figure below
             st = mem.backend.status()
         extra = {"segments": st.get("segments")}
         if location == "edge":
-            extra.update(disk_mb=dir_mb(tmp), rss_mb=_reopened_rss(tmp, queries, settings)["rss_mb"])
+            extra.update(disk_mb=dir_mb(tmp), **_reopened_rss(tmp, queries, settings))
         for r in rows:
             r.update(extra)
     return rows
@@ -182,13 +195,15 @@ def bench_edge_direct(img, txt, caps, queries, exact, efs: list[int], quantizati
                 res = shard.query_batch(qe.QueryBatchRequest(reqs))
                 if with_vector:
                     _ = np.asarray([[p.vector["text"] for p in hits] for hits in res], np.float32)
+                if with_payload:
                     _ = [[p.payload["caption"] for p in hits] for hits in res]
                 return np.array([[p.id for p in hits] for hits in res], np.int64)
             found, ms = _search_batches(fn, queries)
-            _, ms_ids_only = _search_batches(lambda q: fn(q, (), False), queries)
+            _, ms_captions = _search_batches(lambda q: fn(q, ()), queries)
+            _, ms_ids = _search_batches(lambda q: fn(q, (), False), queries)
             rows.append({"engine": f"Edge direct {quantization or 'float'} ef={ef}",
                          "ingest_items_per_s": n / ti.s, "index_build_s": tb.s, "ms_per_query": ms,
-                         "ms_without_vectors": ms_ids_only, "recall@10": recall(found, exact),
+                         "ms_ids_captions": ms_captions, "ms_ids_only": ms_ids, "recall@10": recall(found, exact),
                          "segments": shard.info().segments_count})
         shard.close()
     return rows
@@ -218,16 +233,17 @@ def bench_api_path(img, txt, caps, queries, exact, chunk: int = 10_000) -> dict:
 _RSS_PROBE = """
 import json, sys, numpy as np
 sys.path.insert(0, {bench!r})
-from common import rss_mb
+from common import resident_mb
 import qdrant_edge
 from reco_qdrant import Memory
 from reco_qdrant.memory import point_id
-base = rss_mb()  # after imports: what the memory itself adds
+base = resident_mb()  # after imports: what the memory itself adds
 q = np.load({queries!r})
 with Memory.open({path!r}, **{settings!r}) as mem:
     for s in range(0, len(q), 256):
         mem.search(q[s:s + 256], "image", 10, "text")
-    print(json.dumps({{"rss_mb": rss_mb() - base}}))
+    now = resident_mb()
+    print(json.dumps({{k: now[k] - base[k] for k in now}}))
 """
 
 
@@ -246,8 +262,8 @@ def _reopened_rss(path: str, queries: np.ndarray, settings: dict) -> dict:
 
 
 def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep: Path | None,
-        faiss_efs: list[int]) -> list[dict]:
-    img, txt = clip_like(n + n_queries, d)
+        faiss_efs: list[int], faiss_threads: list[int], noise: float) -> list[dict]:
+    img, txt = clip_like(n + n_queries, d, noise=noise)
     queries, img, txt = img[n:].copy(), img[:n], txt[:n]
     caps = [f"caption {i}" for i in range(n)]
     exact = exact_topk(queries, img, K)
@@ -255,7 +271,7 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep:
     if "numpy" in engines:
         rows.append(bench_numpy(img, txt, caps, queries, exact))
     if "faiss" in engines:
-        rows.extend(bench_faiss(img, txt, caps, queries, exact, 16, 100, faiss_efs))
+        rows.extend(bench_faiss(img, txt, caps, queries, exact, 16, 100, faiss_efs, faiss_threads))
     if "scann" in engines:
         rows.extend(bench_scann(img, txt, caps, queries, exact))
     gc.collect()
@@ -266,6 +282,10 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep:
         rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs, quantization="int8"))
     if "float" in engines:
         rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs[-1:], quantization=None))
+    if "binary" in engines:
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs, quantization="binary", on_disk=True))
+    if "on-disk" in engines:  # originals on disk (mmap), int8 in RAM: Qdrant's layout for large collections
+        rows.extend(bench_memory(img, txt, caps, queries, exact, "edge", efs, on_disk=True))
     if "direct-float" in engines:
         rows.extend(bench_edge_direct(img, txt, caps, queries, exact, efs[-1:], quantization=None))
     if "api" in engines:
@@ -273,7 +293,7 @@ def run(n: int, d: int, engines: set[str], n_queries: int, efs: list[int], keep:
     if "local" in engines and n <= 20_000:
         rows.extend(bench_memory(img, txt, caps, queries, exact, ":memory:", efs[:1]))
     for r in rows:
-        r["n"] = n
+        r["n"], r["noise"] = n, noise
         if r.get("rss_mb") is not None:
             r["rss_bytes_per_item"] = r["rss_mb"] * 2**20 / n
     return rows
@@ -286,10 +306,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="hnsw_ef values for our Memory")
     ap.add_argument("--faiss-ef", type=int, nargs="+", default=[128, 256], help="efSearch values for faiss HNSW")
+    ap.add_argument("--faiss-threads", type=int, nargs="+", default=[0],
+                    help="faiss's OpenMP threads (0: its default, every core); Qdrant Edge searches on one")
+    ap.add_argument("--noise", type=float, default=0.6,
+                    help="items' spread around their concept (0.3: well-clustered data, where HNSW is cheap)")
     ap.add_argument("--engines", nargs="+", default=["numpy", "faiss", "scann", "edge", "direct", "float",
                                                      "direct-float", "api", "local"],
                     help="edge/direct: our Memory / Qdrant Edge directly, int8 (the default); float, direct-float: "
-                         "the same without quantization")
+                         "the same without quantization; on-disk: our Memory with original vectors on disk; binary: "
+                         "with binary quantization and original vectors on disk")
     ap.add_argument("--out", default="retrieval")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep the Edge memories in KEEP/n<N>-d<D> (inference.py and training.py reuse them)")
@@ -303,7 +328,8 @@ def main() -> None:
             engines.discard(name)
     rows: list[dict] = []
     for n in args.n:
-        rows.extend(run(n, args.dim, engines, args.queries, args.ef, args.keep, args.faiss_ef))
+        rows.extend(run(n, args.dim, engines, args.queries, args.ef, args.keep, args.faiss_ef, args.faiss_threads,
+                        args.noise))
         print_table([r for r in rows if r["n"] == n], f"n={n:,}, d={args.dim}, k={K}, batches of {BATCH}")
         path = write_results(args.out, {"dim": args.dim, "k": K, "batch": BATCH, "rows": rows})
     print(f"wrote {path}")
