@@ -9,7 +9,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -309,9 +309,10 @@ class Memory(Ledger, Indexing, BackupRestore):
                 with ThreadPoolExecutor(workers, thread_name_prefix="reco-upsert") as pool:
                     futures = [pool.submit(self.backend.upsert, *chunk) for chunk in chunks]
                     try:
+                        wait(futures, return_when=FIRST_EXCEPTION)
                         for f in futures:
                             f.result()
-                    finally:  # on an error: no request left running after we raise; count what was stored
+                    finally:  # on an error: queued requests never start, running ones end before we raise
                         pool.shutdown(wait=True, cancel_futures=True)
                         self._unchecked_writes += sum(len(c[0]) for c, f in zip(chunks, futures)
                                                       if not f.cancelled() and f.exception() is None)

@@ -112,8 +112,12 @@ class VectorCopy:
 
 def _crcs(cols: list[np.ndarray]) -> list[int]:
     """CRC-32 of each row's vectors, names in order (cols: [N, dim] float32 each)."""
+    if not cols:
+        return []
+    if any(c.ndim != 2 or c.shape != cols[0].shape for c in cols):
+        raise ValueError(f"vector columns of shapes {[c.shape for c in cols]}: expected one [N, dim] shape")
     views = [memoryview(np.ascontiguousarray(c, np.float32).reshape(-1).view(np.uint8)) for c in cols]
-    width = 4 * cols[0].shape[1] if cols and cols[0].ndim == 2 else 0
+    width = 4 * cols[0].shape[1]
     out = []
     for s in range(0, len(views[0]) if width else 0, width):  # slices of a memoryview: no copies
         c = 0

@@ -65,17 +65,23 @@ def test_parallel_upserts_store_every_batch_or_leave_it_to_the_resume(tmp_path):
         expected = snapshot(ref)
     with open_memory("local", tmp_path, upsert_batch=32) as mem:
         mem.backend.upload_workers = 4  # as against a server: requests from 4 threads (local mode queues them)
-        client, calls, real = mem.backend.client, [], mem.backend.client.upsert
+        client, calls, ended, real = mem.backend.client, [], [], mem.backend.client.upsert
 
         def failing(name, *args, **kw):  # the server refuses one request of the 4th batch (not a transient error)
             calls.extend([1] if name == mem.backend.name else [])  # (the ledger's own writes are not counted)
             if len(calls) == 3 * 7 + 4:  # batches of 200 rows are 7 requests of at most 32
                 raise RuntimeError("refused by the server")
-            return real(name, *args, **kw)
+            time.sleep(0.01)
+            out = real(name, *args, **kw)
+            ended.append(time.monotonic())
+            return out
 
         client.upsert = failing
         with pytest.raises(RuntimeError, match="refused by the server"):
             ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=200), progress=False)
+        raised = time.monotonic()
+        time.sleep(0.1)
+        assert max(ended) <= raised  # no request of the failed batch ran on after the error reached the caller
         client.upsert = real
         r = ingest(mem, EmbeddingShards(tmp_path / "laion", batch_size=200), progress=False)
         assert r.skipped_batches == 3  # the 4th batch is written again, whole

@@ -55,23 +55,26 @@ class ServerBackend:
 
     def __init__(self, cfg: MemoryConfig, client: Any = None) -> None:
         from qdrant_client import QdrantClient, models
+        from qdrant_client.qdrant_remote import QdrantRemote
 
         self.m = models
         self.cfg = cfg
         self.name = cfg.collection
         self.meta_name = f"{cfg.collection}__meta"
         self.local = client is None and cfg.location == ":memory:"  # exact search, no payload indexes
-        # a server applies concurrent upserts in parallel while gRPC waits without the GIL; local mode is Python in
-        # this process, where threads only contend (50k pairs: 6,603 pairs/s one at a time, 5,120 with 4 threads)
-        self.upload_workers = 1 if self.local else max(1, cfg.upload_workers)
-        # qdrant-client's local mode is plain Python state, not thread-safe: serialise calls there only
-        self._lock = threading.RLock() if self.local else contextlib.nullcontext()
         if client is not None:
             self.client = client
         elif cfg.location == ":memory:":
             self.client = QdrantClient(":memory:")
         else:
             self.client = QdrantClient(**cfg.client_kwargs())
+        # Anything but a client of a real server (local mode, given or made here; a wrapper) is plain Python state,
+        # not thread-safe: calls to it are serialised, and upserts go one at a time (threads would only contend:
+        # local mode, 50k pairs, 6,603 pairs/s one at a time, 5,120 with 4). A server applies concurrent upserts in
+        # parallel while gRPC waits without the GIL.
+        remote = isinstance(getattr(self.client, "_client", None), QdrantRemote)
+        self._lock = contextlib.nullcontext() if remote else threading.RLock()
+        self.upload_workers = max(1, cfg.upload_workers) if remote else 1
         if not self._call(self.client.collection_exists, self.meta_name):
             self._call(self.client.create_collection, self.meta_name,
                        vectors_config={_META_VECTOR: models.VectorParams(size=1, distance=models.Distance.COSINE)})

@@ -92,8 +92,9 @@ SourceOpt = Annotated[str | None, typer.Option(
          "so the same name updates those pairs and another name stores the data beside them")]
 UPLOAD_WORKERS = MemoryConfig.upload_workers
 WorkersOpt = Annotated[int, typer.Option(
-    "--upload-workers", min=1, help="a server memory: upsert requests in flight at once (a batch is stored, and "
-                                    "the resume ledger moves past it, once all of its requests are)")]
+    "--upload-workers", min=1, help="a server memory: upsert requests (of 512 pairs) in flight at once within a "
+                                    "batch; a batch is stored, and the resume ledger moves past it, once all of "
+                                    "its requests are (image batches of 64 are one request each)")]
 RestartOpt = Annotated[bool, typer.Option(
     help="ignore the resume ledger: re-encode and re-store every batch (an ingest otherwise skips the batches an "
          "earlier run of the same files finished)")]
