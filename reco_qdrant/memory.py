@@ -308,10 +308,11 @@ class Memory(Ledger, Indexing, BackupRestore):
             else:  # the ids are unique, so the requests commute; the call returns when every one is stored
                 with ThreadPoolExecutor(workers, thread_name_prefix="reco-upsert") as pool:
                     futures = [pool.submit(self.backend.upsert, *chunk) for chunk in chunks]
-                    try:
+                    try:  # the first error raises at once (waiting on futures in order would let queued ones run)
                         wait(futures, return_when=FIRST_EXCEPTION)
-                        for f in futures:
-                            f.result()
+                        error = next((f.exception() for f in futures if f.done() and f.exception()), None)
+                        if error is not None:
+                            raise error
                     finally:  # on an error: queued requests never start, running ones end before we raise
                         pool.shutdown(wait=True, cancel_futures=True)
                         self._unchecked_writes += sum(len(c[0]) for c, f in zip(chunks, futures)
