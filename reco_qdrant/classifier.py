@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._deprecated import renamed_property
-from .coverage import CoverageReference
+from .coverage import DEDUP, CoverageReference, GateScale
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
@@ -81,13 +81,14 @@ class RecoClassifier:
             (`FusionModel.adapted`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
             so `set_class_embeddings` warns about any class given that is not one of them. The choice is the
             user's and holds for every call: nothing switches models by the classes given.
-        gate: "none" (default): RECO's logits alone. "coverage" mixes, per image, RECO's logits with the plain
-            encoder's by how well the memory covers that image (`coverage.py`: its top image-search score, ranked
-            among the memory's own images'): trust 1 keeps RECO's answer, 0 the encoder's (the encoder's logits,
-            on CLIP's scale of 100, outweigh the fusion's well before 0.5). It reads the image only, never the
-            classes given. Use it where the memory may lack classes you ask about *and* the
-            encoder knows their names: the fallback is only as good as the encoder's zero-shot answer (README,
-            "The coverage gate").
+        gate: "none" (default): RECO's logits alone. "coverage" adds, per image, the plain encoder's evidence to
+            RECO's by how well the memory covers that image (`coverage.py`: its top image-search score, ranked
+            among the memory's own images'): trust 1 keeps RECO's logits unchanged; below it the encoder's scores
+            come in, up to half of the score at trust 0, standardised per class on the reference images and put
+            in the spread of RECO's scores (`gate_scale_`). Trust reads the image only, the scale each class
+            alone: never the other classes given. Use it where the memory may lack classes you ask about *and*
+            the encoder knows their names: the added evidence is only as good as the encoder's zero-shot answer
+            (README, "Options").
         coverage: a `CoverageReference` already read from this memory (default: read at the first gated
             prediction, from 1,500 of its images, in one pass over the memory's vectors; kept in `coverage_` and
             read again after the memory changes).
@@ -111,6 +112,8 @@ class RecoClassifier:
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
+        self.gate_scale_: GateScale | None = None  # the gate's scale for the classes given, read on `coverage_`
+        self._scale_ref: CoverageReference | None = None  # the reference gate_scale_ was read on
         self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.adapted_share_ = 0.0  # share of the classes given that the fusion model was adapted to
@@ -190,6 +193,25 @@ class RecoClassifier:
                           with_payload=False, with_vectors=False)
         return self.coverage_.trust(nb.scores[:, 0])
 
+    def _gate_scale(self, ref: CoverageReference) -> GateScale:
+        """The gate's scale for the classes given, on the reference pairs (each image and caption refined as a query
+        that never meets its own pair or copies): computed once per reference and class list."""
+        if self._scale_ref is not ref or self.gate_scale_ is None:
+            if ref.images is None or ref.texts is None or not len(ref.ids):
+                raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
+                                 "RECO's scale; read it with CoverageReference.from_memory")
+            refined = {}
+            for modality, x in (("image", ref.images), ("text", ref.texts)):
+                cfg = self.fusion.cfg
+                nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, exclude_ids=ref.ids,
+                              dedup_threshold=DEDUP, batch_size=self.batch_size, with_payload=False,
+                              with_searched_vectors=self.refiner_.needs_searched_vectors)
+                refined[modality] = self._fuse(modality, x, nb)[0]
+            self.gate_scale_ = GateScale.from_reference(refined["image"] @ refined["text"].T,
+                                                        ref.images @ self.raw_class_embeddings_.T)
+            self._scale_ref = ref
+        return self.gate_scale_
+
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
         """(refined [B, d], weights of [query, neighbours] [B, 1 + k] or None) by the fusion in use."""
@@ -202,6 +224,7 @@ class RecoClassifier:
         if len(class_names) != len(class_embeddings):
             raise ValueError(f"{len(class_names)} class names for {len(class_embeddings)} class embeddings")
         self.classes_ = list(class_names)
+        self.gate_scale_ = None
         x = self.raw_class_embeddings_ = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
         if not self.use_retrieval:
             self.class_embeddings_ = x
@@ -256,14 +279,13 @@ class RecoClassifier:
             return _softmax(BASELINE_SCALE * x @ cls.T)
         # the temperature the refining model learned with these very scores
         scale = float(self.refiner_.logit_scale.exp().clamp(max=100).item())
-        if self.gate == "coverage":
-            self._read_coverage()
+        gs = self._gate_scale(self._read_coverage()) if self.gate == "coverage" else None
         out = []
         for q, nb, refined in self._refined_batches(x, "image"):
-            logits = scale * refined @ cls.T
-            if self.gate == "coverage":  # mixed per image in logit space: the ranking of two classes does not
-                w = self._trust(q, nb)[:, None]  # depend on which other classes are given
-                logits = w * logits + (1 - w) * BASELINE_SCALE * q @ self.raw_class_embeddings_.T
+            scores = refined @ cls.T
+            if gs is not None:
+                scores = gs.mix(scores, q @ self.raw_class_embeddings_.T, self._trust(q, nb))
+            logits = scale * scores
             out.append(_softmax(logits))
         return np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32)
 

@@ -9,25 +9,31 @@ the same score of a sample of the memory's own images (each searched without its
 the threshold is a quantile of the memory's own figures, never a raw cosine, whatever the encoder.
 
 `trust = min(1, rank / q)`: 1 for an image at least as close to the memory as the memory's own q-quantile,
-falling linearly to 0 below it. The classifier mixes RECO's and the plain encoder's class logits by it; as the
-encoder's logits are on CLIP's scale (100) and RECO's on the fusion's learned one (about 14), the encoder's
-answer takes over well before trust falls to 0.5: the ramp acts close to a switch.
+falling linearly to 0 below it. The classifier then adds the plain encoder's evidence to RECO's by it, on one
+scale (`GateScale`): each class's encoder scores are standardised against the same class's scores of the
+reference images, and expressed in the spread of RECO's own scores between the reference images and captions, so
+that neither the encoder's sharper cosines nor a prompt close to every image decides. RECO's scores are left as
+they are: a trusted image is scored exactly as without the gate. A doubted image keeps half of RECO's evidence
+(`KEEP`): the encoder's answer is added to it, not swapped for it, which costs least where the encoder does not
+know the names.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .memory import Memory
 from .neighbors import retrieve
 
-# The share of the memory's own images whose reading counts as doubtful: the best worst case against the
-# training-free choices for the default fusion on the dev species of the zero-shot protocol, among
-# 0.05 / 0.075 / 0.1 / 0.15 / 0.2 (docs/experiments.md, "The coverage gate").
-TRUST_QUANTILE = 0.05
+# The share of the memory's own images whose reading counts as doubtful, and the share of RECO's evidence a fully
+# doubted image keeps: chosen together for the default fusion by the best worst case against the training-free
+# choices, then the best mean, over the dev species and two families of dev synthetic worlds, among 0.05 / 0.1 and
+# 0 / 0.5 (docs/experiments.md, "The coverage gate on one scale").
+TRUST_QUANTILE = 0.1
+KEEP = 0.5
 REFERENCE_PAIRS = 1500  # sampled images: a quantile near 0.05 to about +-0.01 in rank
 DEDUP = 0.98  # a sampled image's copies (cosine) are not its neighbours
 
@@ -42,6 +48,9 @@ class CoverageReference:
     quantile: float = TRUST_QUANTILE
     n: int = REFERENCE_PAIRS  # how it was drawn, to draw again alike after the memory changes
     seed: int = 0
+    ids: list[str] = field(default_factory=list)  # [m] the sampled points behind image_top (any order)
+    images: np.ndarray | None = None  # [m, d] their image vectors and
+    texts: np.ndarray | None = None  # [m, d] text vectors: the yardstick of the gate's scale (`GateScale`)
 
     @classmethod
     def from_memory(cls, memory: Memory, n: int = REFERENCE_PAIRS, seed: int = 0,
@@ -53,19 +62,21 @@ class CoverageReference:
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
         version = memory.write_version
-        ids, img, _ = memory.sample_pairs(n, seed=seed, progress=False) if memory.count() else ([], None, None)
-        top = np.zeros(0, np.float32)
+        ids, img, txt = memory.sample_pairs(n, seed=seed, progress=False) if memory.count() else ([], None, None)
+        top, kept = np.zeros(0, np.float32), np.zeros(0, bool)
         if len(ids):
             own = retrieve(memory, img, "image", 1, "uni", "cross", exclude_ids=ids, dedup_threshold=DEDUP,
                            with_payload=False, with_vectors=False)
-            top = own.scores[:, 0][np.isfinite(own.scores[:, 0])]
+            kept = np.isfinite(own.scores[:, 0])
+            top = own.scores[:, 0][kept]
         if not len(top):
             raise ValueError(f"the coverage reference needs a memory of at least 2 distinct images; this one holds "
                              f"{memory.count()} pair(s), none with a neighbour other than its own copies")
         if len(top) < 2 / quantile:
             warnings.warn(f"the coverage reference holds only {len(top)} images: trust below the {quantile:g} "
                           "quantile is coarse", stacklevel=2)
-        return cls(np.sort(top), memory.uid, version, quantile, n, seed)
+        return cls(np.sort(top), memory.uid, version, quantile, n, seed, [i for i, k in zip(ids, kept) if k],
+                   img[kept], txt[kept])
 
     def fits(self, memory: Memory) -> bool:
         """True if this reference was read from `memory` as it is now (no write since)."""
@@ -75,3 +86,29 @@ class CoverageReference:
         """[B] top image-search scores of B images -> trust [B] in [0, 1]."""
         rank = np.searchsorted(self.image_top, image_top, side="right") / len(self.image_top)
         return np.minimum(1.0, rank / self.quantile).astype(np.float32)
+
+
+@dataclass
+class GateScale:
+    """The scale on which the gate adds the encoder's evidence to RECO's, for the classes given: per class, the mean
+    and spread of the encoder's scores over the reference images, and the spread of RECO's scores between the
+    reference images and captions. Each class's figures depend on that class alone, never on the others given."""
+
+    reco_spread: float
+    encoder_mean: np.ndarray  # [C]
+    encoder_std: np.ndarray  # [C]
+
+    @classmethod
+    def from_reference(cls, reco: np.ndarray, encoder: np.ndarray) -> GateScale:
+        """reco [m, m']: RECO's scores between refined reference images and refined reference captions; encoder
+        [m, C]: the reference images' plain scores against the class prompts."""
+        return cls(max(float(reco.std()), 1e-6), encoder.mean(0).astype(np.float32),
+                   np.maximum(encoder.std(0), 1e-6).astype(np.float32))
+
+    def mix(self, reco: np.ndarray, encoder: np.ndarray, trust: np.ndarray) -> np.ndarray:
+        """RECO's scores [B, C] (refined image . refined class) and the encoder's [B, C] (image . prompt) mixed per
+        image by trust [B], on RECO's scale: trust 1 gives RECO's scores unchanged; trust 0 KEEP of them plus the rest
+        of the encoder's, standardised per class and put in RECO's spread."""
+        doubt = ((1 - trust) * (1 - KEEP))[:, None]
+        z_enc = (encoder - self.encoder_mean) / self.encoder_std
+        return (1 - doubt) * reco + doubt * self.reco_spread * z_enc

@@ -1,5 +1,5 @@
 """The coverage gate: an image's top search score ranked against the memory's own images', trust per image, and a
-classifier that mixes RECO's logits with the plain encoder's by it, on real memories of the synthetic world."""
+classifier that adds the plain encoder's evidence to RECO's by it, on real memories of the synthetic world."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import pytest
 from reco_qdrant import Memory, RecoClassifier, train_fusion
 from reco_qdrant.coverage import DEDUP, CoverageReference
 from reco_qdrant.memory import point_id
+from reco_qdrant.neighbors import retrieve
 from reco_qdrant.synthetic import WorldConfig, make_world
 
 
 @pytest.fixture(scope="module")
 def world():
-    """A synthetic world whose encoder knows every class name, if vaguely (the gate's use: its fallback is the
-    encoder's answer, here about as good as RECO's)."""
+    """A synthetic world whose encoder knows every class name, if vaguely (the gate's use: the evidence it adds is
+    the encoder's answer, here about as good as RECO's)."""
     return make_world(WorldConfig(rare_fraction=0.0, prompt_noise=0.6))
 
 
@@ -56,24 +57,49 @@ def test_the_reference_is_read_from_the_memory_and_ranks_absent_concepts_low(wor
     assert doubted[0] >= 3 * doubted[1], doubted
 
 
-def test_the_gate_mixes_logits_by_trust(world, half):
+def test_the_gate_adds_the_encoders_evidence_on_recos_scale(world, half):
+    """A trusted image is scored exactly as without the gate; a doubted one gets the encoder's scores added,
+    standardised per class on the reference images and put in the spread of RECO's scores between the reference
+    images and captions (each refined without its own pair): at trust 0, half of each."""
     mem, model, _ = half
     names = [world.class_names[c] for c in world.eval_classes]
     prompts = world.class_text[world.eval_classes]
-    x = world.eval_image[:50]
+    x = world.eval_image[:200]
     gated = RecoClassifier(mem, model, gate="coverage").set_class_embeddings(prompts, names)
     plain = RecoClassifier(mem, model).set_class_embeddings(prompts, names)
-    base = RecoClassifier(use_retrieval=False).set_class_embeddings(prompts, names)
-    w = gated.explain(x).trust[:, None]
-    log = lambda p: np.log(np.clip(p, 1e-30, None))  # noqa: E731
-    expect = w * log(plain.predict_proba_embeddings(x)) + (1 - w) * log(base.predict_proba_embeddings(x))
-    expect = np.exp(expect - expect.max(1, keepdims=True))
-    np.testing.assert_allclose(gated.predict_proba_embeddings(x), expect / expect.sum(1, keepdims=True),
-                               rtol=1e-3, atol=1e-6)
-    assert plain.explain(x).trust is None and plain.coverage_ is None
+    p, p_plain = gated.predict_proba_embeddings(x), plain.predict_proba_embeddings(x)
+    ref = gated.coverage_
+    # the scale, recomputed by hand from the reference pairs
+    refined = []
+    for modality, q in (("image", ref.images), ("text", ref.texts)):
+        nb = retrieve(mem, q, modality, model.cfg.k, exclude_ids=ref.ids, dedup_threshold=DEDUP,
+                      with_searched_vectors=True)
+        refined.append(model.refine_numpy(modality, q, nb.vectors, nb.mask, scores=nb.scores,
+                                          searched=nb.searched_vectors)[0])
+    spread = (refined[0] @ refined[1].T).std()
+    enc_ref = ref.images @ prompts.T
+    gs = gated.gate_scale_
+    assert gs.reco_spread == pytest.approx(spread, rel=1e-4)
+    np.testing.assert_allclose(gs.encoder_std, enc_ref.std(0), rtol=1e-4)
+    w = gated.explain(x).trust
+    assert (w == 1).mean() > 0.5 and (w < 0.5).any()  # both ends are exercised
+    np.testing.assert_allclose(p[w == 1], p_plain[w == 1], rtol=1e-5, atol=1e-7)  # trusted: RECO unchanged
+    reco = plain.refine(x) @ plain.class_embeddings_.T
+    z_enc = (x @ prompts.T - enc_ref.mean(0)) / enc_ref.std(0)
+    doubt = 0.5 * (1 - w[:, None])
+    logits = model.logit_scale.exp().item() * ((1 - doubt) * reco + doubt * spread * z_enc)
+    expect = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(p, expect / expect.sum(1, keepdims=True), rtol=2e-3, atol=1e-5)
+    assert plain.explain(x).trust is None and plain.coverage_ is None and plain.gate_scale_ is None
     assert gated.coverage_ is not None and gated.coverage_.fits(mem)
+    gated.set_class_embeddings(prompts[:5], names[:5])  # a new class list is measured afresh
+    assert gated.gate_scale_ is None and gated.predict_proba_embeddings(x[:3]).shape == (3, 5)
+    assert len(gated.gate_scale_.encoder_mean) == 5
     with pytest.raises(ValueError, match="gate must be one of"):
         RecoClassifier(mem, model, gate="auto")
+    with pytest.raises(ValueError, match="no sampled pairs"):
+        RecoClassifier(mem, model, gate="coverage", coverage=CoverageReference(ref.image_top, mem.uid,
+                       mem.write_version)).set_class_embeddings(prompts, names).predict_proba_embeddings(x[:2])
 
 
 def test_the_gate_recovers_what_an_absent_class_costs(world, half):

@@ -108,7 +108,7 @@ def test_newcomer_first_hour_on_generated_images(tmp_path):
     assert [p["image"] for p in pred] == ["images/red_0.png", "images/blue_1.png"]
     assert all(p["class"] in COLORS and 0 <= p["probability"] <= 1 for p in pred)
     r = me.run("predict", "images/red_0.png", "images/blue_1.png", "--classes", ",".join(COLORS), "--fusion",
-               "run/best", "--memory", mem, "--gate", "coverage", "--json")  # falls back to the encoder where doubtful
+               "run/best", "--memory", mem, "--gate", "coverage", "--json")  # encoder's evidence where doubtful
     gated = json.loads(r.stdout)
     assert [p["image"] for p in gated] == [p["image"] for p in pred]
     assert all(p["class"] in COLORS and 0 <= p["probability"] <= 1 for p in gated)
