@@ -113,7 +113,8 @@ class RecoClassifier:
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
         self.gate_scale_: GateScale | None = None  # the gate's scale for the classes given, read on `coverage_`
-        self._scale_ref: CoverageReference | None = None  # the reference gate_scale_ was read on
+        self._scale_ref: CoverageReference | None = None  # the reference RECO's spread was read on
+        self._reco_spread = 1.0
         self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.adapted_share_ = 0.0  # share of the classes given that the fusion model was adapted to
@@ -194,9 +195,10 @@ class RecoClassifier:
         return self.coverage_.trust(nb.scores[:, 0])
 
     def _gate_scale(self, ref: CoverageReference) -> GateScale:
-        """The gate's scale for the classes given, on the reference pairs (each image and caption refined as a query
-        that never meets its own pair or copies): computed once per reference and class list."""
-        if self._scale_ref is not ref or self.gate_scale_ is None:
+        """The gate's scale for the classes given, on the reference pairs: RECO's spread (each reference image and
+        caption refined as a query that never meets its own pair or copies; once per reference) and each class's
+        encoder figures (once per class list)."""
+        if self._scale_ref is not ref:
             if ref.images is None or ref.texts is None or not len(ref.ids):
                 raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
                                  "RECO's scale; read it with CoverageReference.from_memory")
@@ -207,9 +209,10 @@ class RecoClassifier:
                               dedup_threshold=DEDUP, batch_size=self.batch_size, with_payload=False,
                               with_searched_vectors=self.refiner_.needs_searched_vectors)
                 refined[modality] = self._fuse(modality, x, nb)[0]
-            self.gate_scale_ = GateScale.from_reference(refined["image"] @ refined["text"].T,
-                                                        ref.images @ self.raw_class_embeddings_.T)
-            self._scale_ref = ref
+            self._reco_spread = GateScale.spread(refined["image"] @ refined["text"].T)
+            self._scale_ref, self.gate_scale_ = ref, None
+        if self.gate_scale_ is None:
+            self.gate_scale_ = GateScale.from_reference(self._reco_spread, ref.images @ self.raw_class_embeddings_.T)
         return self.gate_scale_
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False

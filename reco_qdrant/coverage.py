@@ -98,12 +98,17 @@ class GateScale:
     encoder_mean: np.ndarray  # [C]
     encoder_std: np.ndarray  # [C]
 
+    @staticmethod
+    def spread(reco: np.ndarray) -> float:
+        """reco [m, m']: RECO's scores between refined reference images and refined reference captions -> their
+        spread, the unit the encoder's standardised scores are put in."""
+        return max(float(reco.std()), 1e-6)
+
     @classmethod
-    def from_reference(cls, reco: np.ndarray, encoder: np.ndarray) -> GateScale:
-        """reco [m, m']: RECO's scores between refined reference images and refined reference captions; encoder
-        [m, C]: the reference images' plain scores against the class prompts."""
-        return cls(max(float(reco.std()), 1e-6), encoder.mean(0).astype(np.float32),
-                   np.maximum(encoder.std(0), 1e-6).astype(np.float32))
+    def from_reference(cls, reco_spread: float, encoder: np.ndarray) -> GateScale:
+        """RECO's spread (`spread`) and encoder [m, C]: the reference images' plain scores against the classes'
+        prompts."""
+        return cls(reco_spread, encoder.mean(0).astype(np.float32), np.maximum(encoder.std(0), 1e-6).astype(np.float32))
 
     def mix(self, reco: np.ndarray, encoder: np.ndarray, trust: np.ndarray) -> np.ndarray:
         """RECO's scores [B, C] (refined image . refined class) and the encoder's [B, C] (image . prompt) mixed per

@@ -94,7 +94,7 @@ def test_the_gate_adds_the_encoders_evidence_on_recos_scale(world, half):
     assert gated.coverage_ is not None and gated.coverage_.fits(mem)
     gated.set_class_embeddings(prompts[:5], names[:5])  # a new class list is measured afresh
     assert gated.gate_scale_ is None and gated.predict_proba_embeddings(x[:3]).shape == (3, 5)
-    assert len(gated.gate_scale_.encoder_mean) == 5
+    assert len(gated.gate_scale_.encoder_mean) == 5 and gated.gate_scale_.reco_spread == gs.reco_spread
     with pytest.raises(ValueError, match="gate must be one of"):
         RecoClassifier(mem, model, gate="auto")
     with pytest.raises(ValueError, match="no sampled pairs"):
