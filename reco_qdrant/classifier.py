@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._deprecated import renamed_property
-from .coverage import DEDUP, CoverageReference, GateScale
+from .coverage import DEDUP, GATE_FLOOR, CoverageReference, GateScale
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
@@ -63,7 +63,8 @@ class Explanation:
     refined: np.ndarray  # [B, d]
     neighbours: Neighbours  # ids/scores/captions [B, k], vectors [B, k, d]
     attention: np.ndarray | None  # [B, 1 + k]: the weight of the query and of each neighbour in the result
-    trust: np.ndarray | None = None  # [B] image queries under the coverage gate: the weight of RECO's logits
+    trust: np.ndarray | None = None  # [B] image queries under the coverage gate: t in the scores (1 - d) * RECO +
+    # d * encoder, d = (1 - t) * (1 - KEEP) (`GateScale.mix`); 1 scores the image as without the gate
 
 
 class RecoClassifier:
@@ -112,9 +113,9 @@ class RecoClassifier:
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
-        self.gate_scale_: GateScale | None = None  # the gate's scale for the classes given, read on `coverage_`
-        self._scale_ref: CoverageReference | None = None  # the reference RECO's spread was read on
-        self._reco_spread = 1.0
+        # (reference, RECO's spread and the encoder's floor on it, class prompts, their GateScale): replaced whole,
+        # so that a prediction running beside another, or beside set_classes, never sees a mix of two
+        self._gate_cache: tuple | None = None
         self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.adapted_share_ = 0.0  # share of the classes given that the fusion model was adapted to
@@ -146,7 +147,7 @@ class RecoClassifier:
 
     def explain(self, embeddings: np.ndarray, modality: str = "image") -> Explanation:
         """Refine [B, d] embeddings and return the neighbours and attention behind each one, and, for image queries
-        under `gate="coverage"`, the trust [B] that `predict` gives RECO's logits."""
+        under `gate="coverage"`, the trust [B] by which `predict` adds the encoder's evidence (`GateScale.mix`)."""
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         nb = self._neighbours(x, modality, with_payload=True)
         refined, attention = self._fuse(modality, x, nb, need_weights=True)
@@ -181,10 +182,10 @@ class RecoClassifier:
         checked once per call, so that a memory being written to is not read again for every batch."""
         ref = self.coverage_
         if ref is None:
-            self.coverage_ = CoverageReference.from_memory(self.memory)
+            ref = self.coverage_ = CoverageReference.from_memory(self.memory)
         elif not ref.fits(self.memory):
-            self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile)
-        return self.coverage_
+            ref = self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile)
+        return ref
 
     def _trust(self, q: np.ndarray, nb: Neighbours) -> np.ndarray:
         """Coverage trust [B] of unit image queries [B, d] whose neighbours under the fusion's mode are `nb`, by the
@@ -194,11 +195,18 @@ class RecoClassifier:
                           with_payload=False, with_vectors=False)
         return self.coverage_.trust(nb.scores[:, 0])
 
-    def _gate_scale(self, ref: CoverageReference) -> GateScale:
-        """The gate's scale for the classes given, on the reference pairs: RECO's spread (each reference image and
-        caption refined as a query that never meets its own pair or copies; once per reference) and each class's
+    @property
+    def gate_scale_(self) -> GateScale | None:
+        """The gate's scale for the classes given now, once a gated prediction has read it (else None)."""
+        cache = self._gate_cache
+        return cache[4] if cache is not None and cache[3] is self.raw_class_embeddings_ else None
+
+    def _gate_scale(self, ref: CoverageReference, raw: np.ndarray) -> GateScale:
+        """The gate's scale for class prompts raw [C, d] on the reference pairs: RECO's spread (each reference image
+        and caption refined as a query that never meets its own pair or copies; once per reference) and each class's
         encoder figures (once per class list)."""
-        if self._scale_ref is not ref:
+        cache = self._gate_cache
+        if cache is None or cache[0] is not ref:
             if ref.images is None or ref.texts is None or not len(ref.ids):
                 raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
                                  "RECO's scale; read it with CoverageReference.from_memory")
@@ -209,11 +217,12 @@ class RecoClassifier:
                               dedup_threshold=DEDUP, batch_size=self.batch_size, with_payload=False,
                               with_searched_vectors=self.refiner_.needs_searched_vectors)
                 refined[modality] = self._fuse(modality, x, nb)[0]
-            self._reco_spread = GateScale.spread(refined["image"] @ refined["text"].T)
-            self._scale_ref, self.gate_scale_ = ref, None
-        if self.gate_scale_ is None:
-            self.gate_scale_ = GateScale.from_reference(self._reco_spread, ref.images @ self.raw_class_embeddings_.T)
-        return self.gate_scale_
+            cache = (ref, GateScale.spread(refined["image"] @ refined["text"].T),
+                     GATE_FLOOR * GateScale.spread(ref.images @ ref.texts.T), None, None)
+        if cache[3] is not raw:
+            cache = (*cache[:3], raw, GateScale.from_reference(cache[1], ref.images @ raw.T, cache[2]))
+        self._gate_cache = cache
+        return cache[4]
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -226,18 +235,17 @@ class RecoClassifier:
         """Use precomputed class-prompt embeddings [C, d]; each is refined once and cached."""
         if len(class_names) != len(class_embeddings):
             raise ValueError(f"{len(class_names)} class names for {len(class_embeddings)} class embeddings")
-        self.classes_ = list(class_names)
-        self.gate_scale_ = None
-        x = self.raw_class_embeddings_ = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
+        names = list(class_names)
+        x = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
         if not self.use_retrieval:
-            self.class_embeddings_ = x
+            self.classes_, self.raw_class_embeddings_, self.class_embeddings_ = names, x, x
             return self
         nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
         adapted = self.fusion.adapted_to(x)
         self.adapted_share_ = float(adapted.mean()) if len(x) else 0.0
         if self.weights == "adapted" and not adapted.all():
             warnings.warn(f"{int((~adapted).sum())} of the {len(x)} classes given (e.g. "
-                          f"{self.classes_[int(np.flatnonzero(~adapted)[0])]!r}) are not among the "
+                          f"{names[int(np.flatnonzero(~adapted)[0])]!r}) are not among the "
                           f"{self.fusion.cfg.adapted_classes} classes these adapted weights were trained on; "
                           "RecoClassifier(weights='zero-shot') is the model for new classes", stacklevel=2)
         self.alignment_ = cross_alignment(x, nb.vectors, nb.mask)
@@ -247,7 +255,8 @@ class RecoClassifier:
                           f"than the classes the fusion was trained with (median cosine {self.alignment_:.2f} "
                           f"against {trained:.2f}): it may not know these names, and no fusion can make up for "
                           "that; check the prompts, or use an encoder that knows them", stacklevel=2)
-        self.class_embeddings_ = self._fuse("text", x, nb)[0]
+        # replaced together, last: a prediction running beside this call reads one class list, old or new
+        self.classes_, self.raw_class_embeddings_, self.class_embeddings_ = names, x, self._fuse("text", x, nb)[0]
         return self
 
     def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:
@@ -276,18 +285,18 @@ class RecoClassifier:
 
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
-        cls = self._check_ready()
+        cls, raw = self._check_ready(), self.raw_class_embeddings_
         x = validate_embeddings(image_embeddings, "image embeddings", None, "query")
         if not self.use_retrieval:
             return _softmax(BASELINE_SCALE * x @ cls.T)
         # the temperature the refining model learned with these very scores
         scale = float(self.refiner_.logit_scale.exp().clamp(max=100).item())
-        gs = self._gate_scale(self._read_coverage()) if self.gate == "coverage" else None
+        gs = self._gate_scale(self._read_coverage(), raw) if self.gate == "coverage" else None
         out = []
         for q, nb, refined in self._refined_batches(x, "image"):
             scores = refined @ cls.T
             if gs is not None:
-                scores = gs.mix(scores, q @ self.raw_class_embeddings_.T, self._trust(q, nb))
+                scores = gs.mix(scores, q @ raw.T, self._trust(q, nb))
             logits = scale * scores
             out.append(_softmax(logits))
         return np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32)

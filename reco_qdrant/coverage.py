@@ -34,7 +34,11 @@ from .neighbors import retrieve
 # 0 / 0.5 (docs/experiments.md, "The coverage gate on one scale").
 TRUST_QUANTILE = 0.1
 KEEP = 0.5
-REFERENCE_PAIRS = 1500  # sampled images: a quantile near 0.05 to about +-0.01 in rank
+# A class's encoder scores whose spread over the reference images is below this share of the encoder's spread
+# between reference images and captions count as that: a prompt alike for every image must not be amplified into
+# the loudest voice (a floor read on the reference alone, never on the other classes given).
+GATE_FLOOR = 0.1
+REFERENCE_PAIRS = 1500  # sampled images: a quantile near 0.1 to about +-0.01 in rank
 DEDUP = 0.98  # a sampled image's copies (cosine) are not its neighbours
 
 
@@ -99,16 +103,21 @@ class GateScale:
     encoder_std: np.ndarray  # [C]
 
     @staticmethod
-    def spread(reco: np.ndarray) -> float:
-        """reco [m, m']: RECO's scores between refined reference images and refined reference captions -> their
-        spread, the unit the encoder's standardised scores are put in."""
-        return max(float(reco.std()), 1e-6)
+    def spread(scores: np.ndarray) -> float:
+        """scores [m, m'] between reference images and reference captions (RECO's: both refined; the encoder's: as
+        they are) -> their spread."""
+        s = float(scores.std())
+        if not np.isfinite(s) or s <= 0:
+            raise ValueError(f"the reference pairs' scores have no usable spread ({s}): the memory's vectors may "
+                             "be damaged (`reco doctor`) or all alike")
+        return s
 
     @classmethod
-    def from_reference(cls, reco_spread: float, encoder: np.ndarray) -> GateScale:
-        """RECO's spread (`spread`) and encoder [m, C]: the reference images' plain scores against the classes'
-        prompts."""
-        return cls(reco_spread, encoder.mean(0).astype(np.float32), np.maximum(encoder.std(0), 1e-6).astype(np.float32))
+    def from_reference(cls, reco_spread: float, encoder: np.ndarray, floor: float) -> GateScale:
+        """RECO's spread (`spread`), encoder [m, C]: the reference images' plain scores against the classes' prompts,
+        and the least spread a class's scores are given (`GATE_FLOOR` times the encoder's `spread`)."""
+        return cls(reco_spread, encoder.mean(0).astype(np.float32),
+                   np.maximum(encoder.std(0), floor).astype(np.float32))
 
     def mix(self, reco: np.ndarray, encoder: np.ndarray, trust: np.ndarray) -> np.ndarray:
         """RECO's scores [B, C] (refined image . refined class) and the encoder's [B, C] (image . prompt) mixed per

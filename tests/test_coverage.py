@@ -144,11 +144,14 @@ def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp
         # a reference goes stale with the memory it was read from: read again after a write
         clf = RecoClassifier(other, model, gate="coverage").set_class_embeddings(prompts, names)
         clf.predict_proba_embeddings(world.eval_image[:5])
-        first = clf.coverage_
+        first, scale = clf.coverage_, clf.gate_scale_
         other.add_embeddings(world.memory_image[40:80], world.memory_text[40:80], [f"c{i}" for i in range(40, 80)],
                              source="t", encoder_id="synthetic")
         clf.predict_proba_embeddings(world.eval_image[:5])
         assert clf.coverage_ is not first and clf.coverage_.fits(other) and not first.fits(other)
+        # and so does the gate's scale, read on the new reference's pairs
+        assert clf._gate_cache[0] is clf.coverage_ and clf.gate_scale_ is not scale
+        assert len(clf.coverage_.ids) == 80 and clf.gate_scale_.reco_spread != scale.reco_spread
 
 
 @pytest.mark.parametrize("mode", [dict(search="cross"), dict(fusion="uni")])
@@ -161,3 +164,37 @@ def test_the_gate_reads_the_same_figure_in_other_retrieval_modes(world, half, tm
     expect = base.explain(world.eval_image[:40]).trust
     got = RecoClassifier(mem, other, gate="coverage", coverage=base.coverage_).explain(world.eval_image[:40]).trust
     np.testing.assert_array_equal(got, expect)
+
+
+def test_a_gated_classifier_shared_by_threads_never_mixes_two_class_lists(world, half):
+    """Predictions running beside set_class_embeddings see one class list, old or new, with its own gate scale:
+    the answers are those of one of the two lists, never an error or a mix."""
+    import threading
+
+    mem, model, _ = half
+    names = [world.class_names[c] for c in world.eval_classes]
+    prompts = world.class_text[world.eval_classes]
+    lists = [(prompts, names), (prompts[::-1][:7], names[::-1][:7])]
+    x = world.eval_image[:40]
+    clf = RecoClassifier(mem, model, gate="coverage")
+    expect = {len(n): clf.set_class_embeddings(p, n).predict_proba_embeddings(x) for p, n in lists}
+    got, errors = [], []
+
+    def predict() -> None:
+        try:
+            for _ in range(12):
+                got.append(clf.predict_proba_embeddings(x))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=predict) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(24):
+        clf.set_class_embeddings(*lists[i % 2])
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(got) == 24 and {p.shape[1] for p in got} <= set(expect)
+    for p in got:
+        np.testing.assert_allclose(p, expect[p.shape[1]], rtol=1e-4, atol=1e-6)
