@@ -34,9 +34,9 @@ from .neighbors import retrieve
 # 0 / 0.5 (docs/experiments.md, "The coverage gate on one scale").
 TRUST_QUANTILE = 0.1
 KEEP = 0.5
-# A class's encoder scores whose spread over the reference images is below this share of the encoder's spread
-# between reference images and captions count as that: a prompt alike for every image must not be amplified into
-# the loudest voice (a floor read on the reference alone, never on the other classes given).
+# The least spread a class's encoder scores are given, as a share of the encoder's spread between the reference
+# images and captions: a prompt that scores every image alike must not be amplified into the loudest voice (a floor
+# read on the reference alone, never on the other classes given).
 GATE_FLOOR = 0.1
 REFERENCE_PAIRS = 1500  # sampled images: a quantile near 0.1 to about +-0.01 in rank
 DEDUP = 0.98  # a sampled image's copies (cosine) are not its neighbours
