@@ -170,11 +170,14 @@ class RecoClassifier:
             nb = self._neighbours(q, modality)
             yield q, nb, self._fuse(modality, q, nb)[0]
 
-    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False) -> Neighbours:
+    def _neighbours(self, q: np.ndarray, modality: str, with_payload: bool = False,
+                    exclude_ids: Sequence[str] | None = None) -> Neighbours:
         """Neighbours of queries [B, d] under the fusion model's mode, with their vectors in the searched
-        modality (`searched_vectors`) when they will be fused by a model that uses them."""
+        modality (`searched_vectors`) when they will be fused by a model that uses them. With `exclude_ids` (the
+        queries' own points in the memory), a query never meets its own pair or copies of it."""
         cfg = self.fusion.cfg
-        return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, batch_size=self.batch_size,
+        return retrieve(self.memory, q, modality, self.k, cfg.search, cfg.fusion, exclude_ids=exclude_ids,
+                        dedup_threshold=None if exclude_ids is None else DEDUP, batch_size=self.batch_size,
                         with_payload=with_payload, with_searched_vectors=self.refiner_.needs_searched_vectors)
 
     def _read_coverage(self) -> CoverageReference:
@@ -210,13 +213,8 @@ class RecoClassifier:
             if ref.images is None or ref.texts is None or not len(ref.ids):
                 raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
                                  "RECO's scale; read it with CoverageReference.from_memory")
-            refined = {}
-            for modality, x in (("image", ref.images), ("text", ref.texts)):
-                cfg = self.fusion.cfg
-                nb = retrieve(self.memory, x, modality, self.k, cfg.search, cfg.fusion, exclude_ids=ref.ids,
-                              dedup_threshold=DEDUP, batch_size=self.batch_size, with_payload=False,
-                              with_searched_vectors=self.refiner_.needs_searched_vectors)
-                refined[modality] = self._fuse(modality, x, nb)[0]
+            refined = {m: self._fuse(m, x, self._neighbours(x, m, exclude_ids=ref.ids))[0]
+                       for m, x in (("image", ref.images), ("text", ref.texts))}
             cache = (ref, GateScale.spread(refined["image"] @ refined["text"].T),
                      GATE_FLOOR * GateScale.spread(ref.images @ ref.texts.T), None, None)
         if cache[3] is not raw:
