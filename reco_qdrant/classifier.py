@@ -13,7 +13,7 @@ import numpy as np
 from ._deprecated import renamed_property
 from .coverage import DEDUP, GATE_FLOOR, CoverageReference, GateScale
 from .encoders import Encoder, encoder_from_record
-from .fusion import FusionModel, cross_alignment
+from .fusion import FusionModel, cross_alignment, mean_fusion
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
 from .neighbors import retrieve
 
@@ -63,8 +63,8 @@ class Explanation:
     refined: np.ndarray  # [B, d]
     neighbours: Neighbours  # ids/scores/captions [B, k], vectors [B, k, d]
     attention: np.ndarray | None  # [B, 1 + k]: the weight of the query and of each neighbour in the result
-    trust: np.ndarray | None = None  # [B] image queries under the coverage gate: t in the scores (1 - d) * RECO +
-    # d * encoder, d = (1 - t) * (1 - KEEP) (`GateScale.mix`); 1 scores the image as without the gate
+    trust: np.ndarray | None = None  # [B] image queries under the coverage gate: t in the scores (1 - d) *
+    # neighbours + d * encoder, d = (1 - t) * (1 - KEEP) (`GateScale.mix`); 1: the neighbours' evidence alone
 
 
 class RecoClassifier:
@@ -82,14 +82,15 @@ class RecoClassifier:
             (`FusionModel.adapted`, from `train_fusion(labels=..., class_embeddings=...)`): for those classes only,
             so `set_class_embeddings` warns about any class given that is not one of them. The choice is the
             user's and holds for every call: nothing switches models by the classes given.
-        gate: "none" (default): RECO's logits alone. "coverage" adds, per image, the plain encoder's evidence to
-            RECO's by how well the memory covers that image (`coverage.py`: its top image-search score, ranked
-            among the memory's own images'): trust 1 keeps RECO's logits unchanged; below it the encoder's scores
-            come in, up to half of the score at trust 0, standardised per class on the reference images and put
-            in the spread of RECO's scores (`gate_scale_`). Trust reads the image only, the scale each class
-            alone: never the other classes given. Use it where the memory may lack classes you ask about *and*
-            the encoder knows their names: the added evidence is only as good as the encoder's zero-shot answer
-            (README, "Options").
+        gate: "coverage" (the default with zero-shot weights) scores on RECO's scale (`gate_scale_`, read on a
+            sample of the memory's own pairs) the neighbours' evidence, RECO's scores with `BLEND` (0.4) given to
+            mean fusion of the same neighbours, and adds per image the plain encoder's evidence by how far the memory
+            is trusted to cover that image (`coverage.py`: its top image-search score, ranked among the memory's own
+            images'): none at trust 1, up to half of the score at trust 0, standardised per class on the reference
+            images. Trust reads the image only, the scale each class alone: never the other classes given.
+            "none" (the default with adapted weights, or without retrieval): RECO's logits alone, as the fusion
+            was trained to give them. The default was chosen on dev species and dev synthetic worlds by its worst
+            case against the training-free choices (README, "Options").
         coverage: a `CoverageReference` already read from this memory (default: read at the first gated
             prediction, from 1,500 of its images, in one pass over the memory's vectors; kept in `coverage_` and
             read again after the memory changes).
@@ -98,11 +99,13 @@ class RecoClassifier:
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
                  batch_size: int = 256, device: str | None = None, weights: str = "zero-shot",
-                 gate: str = "none", coverage: CoverageReference | None = None) -> None:
+                 gate: str | None = None, coverage: CoverageReference | None = None) -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if gate is None:
+            gate = "coverage" if use_retrieval and weights == "zero-shot" else "none"
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if gate != "none" and not use_retrieval:
@@ -113,8 +116,9 @@ class RecoClassifier:
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
-        # (reference, RECO's spread and the encoder's floor on it, class prompts, their GateScale): replaced whole,
-        # so that a prediction running beside another, or beside set_classes, never sees a mix of two
+        # (reference, RECO's and mean fusion's spreads and the encoder's floor on it, class prompts, their
+        # GateScale): replaced whole, so that a prediction running beside another, or beside set_classes, never
+        # sees a mix of two
         self._gate_cache: tuple | None = None
         self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
@@ -134,9 +138,10 @@ class RecoClassifier:
                                            f"holds {rec['id']!r} ones")
         if encoder is not None and memory is not None:
             memory.check_encoder(encoder.id, encoder.dim)
-        self.classes_: list[str] = []
-        self.raw_class_embeddings_: np.ndarray | None = None  # [C, d] prompt embeddings as given
-        self.class_embeddings_: np.ndarray | None = None  # [C, d] refined (or plain) class embeddings
+        # (names, prompt embeddings [C, d] as given, refined (or plain) [C, d], mean-fused [C, d] or None): replaced
+        # whole, so that a prediction beside set_classes reads one class list
+        self._classes: tuple[list[str], np.ndarray | None, np.ndarray | None, np.ndarray | None] = ([], None, None,
+                                                                                                 None)
         if coverage is not None and memory is not None and coverage.memory_uid != memory.uid:
             raise ValueError("the coverage reference was read from another memory "
                              f"(uid {coverage.memory_uid}, this one is {memory.uid})")
@@ -202,25 +207,28 @@ class RecoClassifier:
     def gate_scale_(self) -> GateScale | None:
         """The gate's scale for the classes given now, once a gated prediction has read it (else None)."""
         cache = self._gate_cache
-        return cache[4] if cache is not None and cache[3] is self.raw_class_embeddings_ else None
+        return cache[5] if cache is not None and cache[4] is self.raw_class_embeddings_ else None
 
     def _gate_scale(self, ref: CoverageReference, raw: np.ndarray) -> GateScale:
-        """The gate's scale for class prompts raw [C, d] on the reference pairs: RECO's spread (each reference image
-        and caption refined as a query that never meets its own pair or copies; once per reference) and each class's
-        encoder figures (once per class list)."""
+        """The gate's scale for class prompts raw [C, d] on the reference pairs: RECO's and mean fusion's spreads
+        (each reference image and caption refined as a query that never meets its own pair or copies; once per
+        reference) and each class's encoder figures (once per class list)."""
         cache = self._gate_cache
         if cache is None or cache[0] is not ref:
             if ref.images is None or ref.texts is None or not len(ref.ids):
                 raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
                                  "RECO's scale; read it with CoverageReference.from_memory")
-            refined = {m: self._fuse(m, x, self._neighbours(x, m, exclude_ids=ref.ids))[0]
-                       for m, x in (("image", ref.images), ("text", ref.texts))}
-            cache = (ref, GateScale.spread(refined["image"] @ refined["text"].T),
+            reco, mean = {}, {}
+            for m, x in (("image", ref.images), ("text", ref.texts)):
+                nb = self._neighbours(x, m, exclude_ids=ref.ids)
+                reco[m], mean[m] = self._fuse(m, x, nb)[0], mean_fusion(x, nb.vectors, nb.mask)
+            cache = (ref, GateScale.spread(reco["image"] @ reco["text"].T),
+                     GateScale.spread(mean["image"] @ mean["text"].T),
                      GATE_FLOOR * GateScale.spread(ref.images @ ref.texts.T), None, None)
-        if cache[3] is not raw:
-            cache = (*cache[:3], raw, GateScale.from_reference(cache[1], ref.images @ raw.T, cache[2]))
+        if cache[4] is not raw:
+            cache = (*cache[:4], raw, GateScale.from_reference(cache[1], cache[2], ref.images @ raw.T, cache[3]))
         self._gate_cache = cache
-        return cache[4]
+        return cache[5]
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -229,6 +237,21 @@ class RecoClassifier:
                                               scores=nb.scores, searched=nb.searched_vectors)
 
     # ------------------------------------------------------------------ classes
+    @property
+    def classes_(self) -> list[str]:
+        """The class names given, in the order of the probabilities' columns."""
+        return self._classes[0]
+
+    @property
+    def raw_class_embeddings_(self) -> np.ndarray | None:
+        """[C, d] the class prompts' embeddings as given."""
+        return self._classes[1]
+
+    @property
+    def class_embeddings_(self) -> np.ndarray | None:
+        """[C, d] the class prompts refined by the fusion (as given without retrieval)."""
+        return self._classes[2]
+
     def set_class_embeddings(self, class_embeddings: np.ndarray, class_names: Sequence[str]) -> RecoClassifier:
         """Use precomputed class-prompt embeddings [C, d]; each is refined once and cached."""
         if len(class_names) != len(class_embeddings):
@@ -236,7 +259,7 @@ class RecoClassifier:
         names = list(class_names)
         x = validate_embeddings(class_embeddings, "class embeddings", None, "classes")
         if not self.use_retrieval:
-            self.classes_, self.raw_class_embeddings_, self.class_embeddings_ = names, x, x
+            self._classes = (names, x, x, None)
             return self
         nb = self._neighbours(x, "text")  # checks x against the memory's dimension first
         adapted = self.fusion.adapted_to(x)
@@ -253,8 +276,8 @@ class RecoClassifier:
                           f"than the classes the fusion was trained with (median cosine {self.alignment_:.2f} "
                           f"against {trained:.2f}): it may not know these names, and no fusion can make up for "
                           "that; check the prompts, or use an encoder that knows them", stacklevel=2)
-        # replaced together, last: a prediction running beside this call reads one class list, old or new
-        self.classes_, self.raw_class_embeddings_, self.class_embeddings_ = names, x, self._fuse("text", x, nb)[0]
+        mean = mean_fusion(x, nb.vectors, nb.mask) if self.gate == "coverage" else None
+        self._classes = (names, x, self._fuse("text", x, nb)[0], mean)  # last, whole: see __init__
         return self
 
     def set_classes(self, class_names: Sequence[str], templates: Sequence[str] | str = "generic") -> RecoClassifier:
@@ -276,17 +299,23 @@ class RecoClassifier:
         return self.set_class_embeddings(emb, class_names)
 
     # ------------------------------------------------------------------ prediction
-    def _check_ready(self) -> np.ndarray:
-        if self.class_embeddings_ is None:
+    def _check_ready(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+        """The class list (names, prompts, refined, mean-fused), read once for a whole prediction."""
+        classes = self._classes
+        if classes[2] is None:
             raise ValueError("no classes: call set_classes or set_class_embeddings first")
-        return self.class_embeddings_
+        return classes
 
     def predict_proba_embeddings(self, image_embeddings: np.ndarray) -> np.ndarray:
         """Image embeddings [B, d] -> class probabilities [B, C]."""
-        cls, raw = self._check_ready(), self.raw_class_embeddings_
+        return self._proba(image_embeddings)[1]
+
+    def _proba(self, image_embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(the class names scored, probabilities [B, C]) of image embeddings [B, d], on one class list."""
+        names, raw, cls, mean_cls = self._check_ready()
         x = validate_embeddings(image_embeddings, "image embeddings", None, "query")
         if not self.use_retrieval:
-            return _softmax(BASELINE_SCALE * x @ cls.T)
+            return names, _softmax(BASELINE_SCALE * x @ cls.T)
         # the temperature the refining model learned with these very scores
         scale = float(self.refiner_.logit_scale.exp().clamp(max=100).item())
         gs = self._gate_scale(self._read_coverage(), raw) if self.gate == "coverage" else None
@@ -294,14 +323,16 @@ class RecoClassifier:
         for q, nb, refined in self._refined_batches(x, "image"):
             scores = refined @ cls.T
             if gs is not None:
-                scores = gs.mix(scores, q @ raw.T, self._trust(q, nb))
+                scores = gs.mix(scores, mean_fusion(q, nb.vectors, nb.mask) @ mean_cls.T, q @ raw.T,
+                                self._trust(q, nb))
             logits = scale * scores
             out.append(_softmax(logits))
-        return np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32)
+        return names, (np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32))
 
     def predict_embeddings(self, image_embeddings: np.ndarray) -> list[str]:
         """Image embeddings [B, d] -> class names."""
-        return [self.classes_[i] for i in self.predict_proba_embeddings(image_embeddings).argmax(1)]
+        names, proba = self._proba(image_embeddings)
+        return [names[i] for i in proba.argmax(1)]
 
     def _encode(self, images: Sequence[Any]) -> np.ndarray:
         return self._need_encoder("predicting from images").encode_images(list(images))

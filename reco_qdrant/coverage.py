@@ -9,13 +9,17 @@ the same score of a sample of the memory's own images (each searched without its
 the threshold is a quantile of the memory's own figures, never a raw cosine, whatever the encoder.
 
 `trust = min(1, rank / q)`: 1 for an image at least as close to the memory as the memory's own q-quantile,
-falling linearly to 0 below it. The classifier then adds the plain encoder's evidence to RECO's by it, on one
-scale (`GateScale`): each class's encoder scores are standardised against the same class's scores of the
-reference images, and expressed in the spread of RECO's own scores between the reference images and captions, so
-that neither the encoder's sharper cosines nor a prompt close to every image decides. RECO's scores are left as
-they are: a trusted image is scored exactly as without the gate. A doubted image keeps half of RECO's evidence
-(`KEEP`): the encoder's answer is added to it, not swapped for it, which costs least where the encoder does not
-know the names.
+falling linearly to 0 below it. The classifier scores on one scale (`GateScale`), RECO's: the spread of its scores
+between the reference images and captions.
+
+- What the neighbours say: RECO's scores, with `BLEND` of the score given to mean fusion of the same neighbours
+  (training-free), put on RECO's spread. The learned fusion, trained on a few thousand unlabelled pairs, and plain
+  averaging err on different images: together they score above either alone on every dev suite.
+- What the encoder says, added to a doubted image by (1 - trust): each class's encoder scores standardised against
+  the same class's scores of the reference images, in RECO's spread, so that neither the encoder's sharper cosines
+  nor a prompt close to every image decides. A fully doubted image keeps half of the neighbours' evidence (`KEEP`):
+  the encoder's answer is added to it, not swapped for it, which costs least where the encoder does not know the
+  names.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import numpy as np
 from .memory import Memory
 from .neighbors import retrieve
 
-# The share of the memory's own images whose reading counts as doubtful, and the share of RECO's evidence a fully
-# doubted image keeps: chosen together for the default fusion by the best worst case against the training-free
-# choices, then the best mean, over the dev species and two families of dev synthetic worlds, among 0.05 / 0.1 and
-# 0 / 0.5 (docs/experiments.md, "The coverage gate on one scale").
+# The share of the memory's own images whose reading counts as doubtful, the share of the neighbours' evidence a
+# fully doubted image keeps, and mean fusion's share of that evidence: chosen for the default fusion by the best
+# worst case against the training-free choices, then the best mean, over the dev species and two families of dev
+# synthetic worlds, among 0.05 / 0.1 / 0.15 / 0.2, 0.25 / 0.5 and 0 / 0.25 / 0.4 / 0.5 / 0.6 / 0.75
+# (docs/experiments.md, "The coverage gate on one scale" and "Mean fusion beside RECO").
 TRUST_QUANTILE = 0.1
 KEEP = 0.5
+BLEND = 0.4
 # The least spread a class's encoder scores are given, as a share of the encoder's spread between the reference
 # images and captions: a prompt that scores every image alike must not be amplified into the loudest voice (a floor
 # read on the reference alone, never on the other classes given).
@@ -75,7 +81,8 @@ class CoverageReference:
             top = own.scores[:, 0][kept]
         if not len(top):
             raise ValueError(f"the coverage reference needs a memory of at least 2 distinct images; this one holds "
-                             f"{memory.count()} pair(s), none with a neighbour other than its own copies")
+                             f"{memory.count()} pair(s), none with a neighbour other than its own copies "
+                             "(RecoClassifier(gate='none') scores without the gate)")
         if len(top) < 2 / quantile:
             warnings.warn(f"the coverage reference holds only {len(top)} images: trust below the {quantile:g} "
                           "quantile is coarse", stacklevel=2)
@@ -94,18 +101,20 @@ class CoverageReference:
 
 @dataclass
 class GateScale:
-    """The scale on which the gate adds the encoder's evidence to RECO's, for the classes given: per class, the mean
-    and spread of the encoder's scores over the reference images, and the spread of RECO's scores between the
-    reference images and captions. Each class's figures depend on that class alone, never on the others given."""
+    """The scale on which the gate puts mean fusion's and the encoder's evidence beside RECO's, for the classes given:
+    the spreads of RECO's and of mean fusion's scores between the reference images and captions, and per class the
+    mean and spread of the encoder's scores over the reference images. Each class's figures depend on that class
+    alone, never on the others given."""
 
     reco_spread: float
+    mean_spread: float
     encoder_mean: np.ndarray  # [C]
     encoder_std: np.ndarray  # [C]
 
     @staticmethod
     def spread(scores: np.ndarray) -> float:
-        """scores [m, m'] between reference images and reference captions (RECO's: both refined; the encoder's: as
-        they are) -> their spread."""
+        """scores [m, m'] between reference images and reference captions (RECO's and mean fusion's: both refined;
+        the encoder's: as they are) -> their spread."""
         s = float(scores.std())
         if not np.isfinite(s) or s <= 0:
             raise ValueError(f"the reference pairs' scores have no usable spread ({s}): the memory's vectors may "
@@ -113,16 +122,19 @@ class GateScale:
         return s
 
     @classmethod
-    def from_reference(cls, reco_spread: float, encoder: np.ndarray, floor: float) -> GateScale:
-        """RECO's spread (`spread`), encoder [m, C]: the reference images' plain scores against the classes' prompts,
-        and the least spread a class's scores are given (`GATE_FLOOR` times the encoder's `spread`)."""
-        return cls(reco_spread, encoder.mean(0).astype(np.float32),
+    def from_reference(cls, reco_spread: float, mean_spread: float, encoder: np.ndarray, floor: float) -> GateScale:
+        """RECO's and mean fusion's spreads (`spread`), encoder [m, C]: the reference images' plain scores against the
+        classes' prompts, and the least spread a class's scores are given (`GATE_FLOOR` times the encoder's
+        `spread`)."""
+        return cls(reco_spread, mean_spread, encoder.mean(0).astype(np.float32),
                    np.maximum(encoder.std(0), floor).astype(np.float32))
 
-    def mix(self, reco: np.ndarray, encoder: np.ndarray, trust: np.ndarray) -> np.ndarray:
-        """RECO's scores [B, C] (refined image . refined class) and the encoder's [B, C] (image . prompt) mixed per
-        image by trust [B], on RECO's scale: trust 1 gives RECO's scores unchanged; trust 0 KEEP of them plus the rest
+    def mix(self, reco: np.ndarray, mean: np.ndarray, encoder: np.ndarray, trust: np.ndarray) -> np.ndarray:
+        """RECO's scores [B, C] (refined image . refined class), mean fusion's [B, C] (the same, mean-fused) and the
+        encoder's [B, C] (image . prompt) mixed per image by trust [B], on RECO's scale: trust 1 gives the neighbours'
+        evidence, RECO's scores with BLEND of mean fusion's put on RECO's spread; trust 0 KEEP of that plus the rest
         of the encoder's, standardised per class and put in RECO's spread."""
+        neighbours = (1 - BLEND) * reco + BLEND * (self.reco_spread / self.mean_spread) * mean
         doubt = ((1 - trust) * (1 - KEEP))[:, None]
         z_enc = (encoder - self.encoder_mean) / self.encoder_std
-        return (1 - doubt) * reco + doubt * self.reco_spread * z_enc
+        return (1 - doubt) * neighbours + doubt * self.reco_spread * z_enc

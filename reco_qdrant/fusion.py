@@ -273,6 +273,13 @@ def neighbour_mean(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
 
 
+def mean_fusion(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean fusion, training-free (the `aggregator="mean"` model, in numpy): unit queries [B, d] plus the normalised
+    mean of their retrieved vectors [B, k, d] (mask [B, k]), normalised -> [B, d]."""
+    out = np.asarray(q, np.float32) + neighbour_mean(vectors, mask)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
+
+
 def cross_alignment(q: np.ndarray, vectors: np.ndarray, mask: np.ndarray) -> float:
     """How well the encoder aligns the queries' concepts across modalities: the median cosine between a query
     [B, d] and the mean of its fused neighbours [B, k, d] (mask [B, k]), which are of the other modality in

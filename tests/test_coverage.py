@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 
 from reco_qdrant import Memory, RecoClassifier, train_fusion
-from reco_qdrant.coverage import DEDUP, CoverageReference
+from reco_qdrant.coverage import BLEND, DEDUP, CoverageReference
+from reco_qdrant.fusion import FusionConfig, FusionModel
 from reco_qdrant.memory import point_id
 from reco_qdrant.neighbors import retrieve
 from reco_qdrant.synthetic import WorldConfig, make_world
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,38 +64,43 @@ def test_the_reference_is_read_from_the_memory_and_ranks_absent_concepts_low(wor
 
 
 def test_the_gate_adds_the_encoders_evidence_on_recos_scale(world, half):
-    """A trusted image is scored exactly as without the gate; a doubted one gets the encoder's scores added,
-    standardised per class on the reference images and put in the spread of RECO's scores between the reference
-    images and captions (each refined without its own pair): at trust 0, half of each."""
+    """The neighbours' evidence is RECO's scores with BLEND of mean fusion's (of the same neighbours) put on RECO's
+    spread; a doubted image gets the encoder's scores added, standardised per class on the reference images and put in
+    the spread of RECO's scores between the reference images and captions (each refined without its own pair): at
+    trust 0, half of each. Recomputed here by hand, mean fusion by the `aggregator="mean"` model."""
     mem, model, _ = half
+    meanf = FusionModel(FusionConfig(dim=model.cfg.dim, aggregator="mean"))
     names = [world.class_names[c] for c in world.eval_classes]
     prompts = world.class_text[world.eval_classes]
     x = world.eval_image[:200]
-    gated = RecoClassifier(mem, model, gate="coverage").set_class_embeddings(prompts, names)
-    plain = RecoClassifier(mem, model).set_class_embeddings(prompts, names)
+    gated = RecoClassifier(mem, model).set_class_embeddings(prompts, names)  # the gate is the default
+    plain = RecoClassifier(mem, model, gate="none").set_class_embeddings(prompts, names)
+    assert gated.gate == "coverage" and plain.gate == "none"
     p, p_plain = gated.predict_proba_embeddings(x), plain.predict_proba_embeddings(x)
     ref = gated.coverage_
-    # the scale, recomputed by hand from the reference pairs
-    refined = []
-    for modality, q in (("image", ref.images), ("text", ref.texts)):
-        nb = retrieve(mem, q, modality, model.cfg.k, exclude_ids=ref.ids, dedup_threshold=DEDUP,
+
+    def fused(m, modality, q, exclude=None):
+        nb = retrieve(mem, q, modality, model.cfg.k, exclude_ids=exclude, dedup_threshold=exclude and DEDUP,
                       with_searched_vectors=True)
-        refined.append(model.refine_numpy(modality, q, nb.vectors, nb.mask, scores=nb.scores,
-                                          searched=nb.searched_vectors)[0])
-    spread = (refined[0] @ refined[1].T).std()
+        return m.refine_numpy(modality, q, nb.vectors, nb.mask, scores=nb.scores, searched=nb.searched_vectors)[0]
+
+    spread, mean_spread = ((fused(m, "image", ref.images, ref.ids) @ fused(m, "text", ref.texts, ref.ids).T).std()
+                           for m in (model, meanf))
     enc_ref = ref.images @ prompts.T
     gs = gated.gate_scale_
-    assert gs.reco_spread == pytest.approx(spread, rel=1e-4)
+    assert gs.reco_spread == pytest.approx(spread, rel=1e-4) and gs.mean_spread == pytest.approx(mean_spread, rel=1e-4)
     np.testing.assert_allclose(gs.encoder_std, enc_ref.std(0), rtol=1e-4)
     w = gated.explain(x).trust
     assert (w == 1).mean() > 0.5 and (w < 0.5).any()  # both ends are exercised
-    np.testing.assert_allclose(p[w == 1], p_plain[w == 1], rtol=1e-5, atol=1e-7)  # trusted: RECO unchanged
     reco = plain.refine(x) @ plain.class_embeddings_.T
+    np.testing.assert_allclose(p_plain, softmax(model.logit_scale.exp().item() * reco), rtol=2e-3, atol=1e-5)
+    mean = fused(meanf, "image", x) @ fused(meanf, "text", prompts).T
+    neighbours = (1 - BLEND) * reco + BLEND * spread / mean_spread * mean
     z_enc = (x @ prompts.T - enc_ref.mean(0)) / enc_ref.std(0)
     doubt = 0.5 * (1 - w[:, None])
-    logits = model.logit_scale.exp().item() * ((1 - doubt) * reco + doubt * spread * z_enc)
-    expect = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(p, expect / expect.sum(1, keepdims=True), rtol=2e-3, atol=1e-5)
+    expect = softmax(model.logit_scale.exp().item() * ((1 - doubt) * neighbours + doubt * spread * z_enc))
+    np.testing.assert_allclose(p, expect, rtol=2e-3, atol=1e-5)
+    assert not np.allclose(p[w == 1], p_plain[w == 1], atol=1e-3)  # mean fusion counts for trusted images too
     assert plain.explain(x).trust is None and plain.coverage_ is None and plain.gate_scale_ is None
     assert gated.coverage_ is not None and gated.coverage_.fits(mem)
     gated.set_class_embeddings(prompts[:5], names[:5])  # a new class list is measured afresh
@@ -114,7 +125,7 @@ def test_the_gate_recovers_what_an_absent_class_costs(world, half):
         return float((clf.set_class_embeddings(prompts, names).predict_proba_embeddings(world.eval_image).argmax(1)
                       == y).mean())
 
-    gated, alone = acc(RecoClassifier(mem, model, gate="coverage")), acc(RecoClassifier(mem, model))
+    gated, alone = acc(RecoClassifier(mem, model)), acc(RecoClassifier(mem, model, gate="none"))
     base = acc(RecoClassifier(use_retrieval=False))
     assert gated >= max(alone, base) + 0.01, (gated, alone, base)
 
@@ -134,6 +145,7 @@ def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp
     mem, model, _ = half
     with pytest.raises(ValueError, match="needs retrieval"):
         RecoClassifier(use_retrieval=False, gate="coverage")
+    assert RecoClassifier(use_retrieval=False).gate == "none"  # the default gate is there only with retrieval
     names = [world.class_names[c] for c in world.eval_classes]
     prompts = world.class_text[world.eval_classes]
     with Memory.open(str(tmp_path / "other")) as other:

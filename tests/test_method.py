@@ -31,11 +31,13 @@ def setup(world, tmp_path_factory):
     names = [world.class_names[c] for c in world.eval_classes]
     labels = np.searchsorted(world.eval_classes, world.eval_labels)
 
-    def run(**kw):
-        model = train_fusion(mem, world.train_image, world.train_text, labels=world.train_labels,
-                             class_embeddings=world.class_text, ids=ids, progress=False, cache_dir=str(tmp / "c"),
-                             device="cpu", **kw)
-        clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
+    def run(model=None, gate=None, **kw):
+        """Train (unless `model` is given) and score on the new classes with the classifier's default gate, or
+        `gate="none"`: the fusion alone, for comparisons between fusions."""
+        model = model or train_fusion(mem, world.train_image, world.train_text, labels=world.train_labels,
+                                      class_embeddings=world.class_text, ids=ids, progress=False,
+                                      cache_dir=str(tmp / "c"), device="cpu", **kw)
+        clf = RecoClassifier(mem, model, gate=gate).set_class_embeddings(world.class_text[world.eval_classes], names)
         return model, clf, zero_shot_report(clf, world.eval_image, labels)
 
     yield mem, run, names, labels, tmp
@@ -55,9 +57,11 @@ def test_reco_beats_baseline_by_25_points(reco):
 
 def test_reco_is_at_least_mean_fusion(setup, reco):
     """The default fusion starts at mean fusion and leaves it only where validation (held-out classes,
-    some of them treated as absent from the memory) says it helps: never below it on this world."""
-    _, _, mean = setup[1](aggregator="mean")
-    assert reco[2]["reco"]["top1"] >= mean["reco"]["top1"], (reco[2], mean)
+    some of them treated as absent from the memory) says it helps: never below it on this world, alone or as the
+    classifier scores it by default."""
+    _, _, mean = setup[1](aggregator="mean", gate="none")
+    _, _, alone = setup[1](reco[0], gate="none")
+    assert min(reco[2]["reco"]["top1"], alone["reco"]["top1"]) >= mean["reco"]["top1"], (reco[2], alone, mean)
 
 
 def test_no_alignment_warning_where_the_encoder_knows_the_classes(reco):
@@ -82,7 +86,7 @@ def test_names_the_encoder_does_not_know_are_reported_not_rescored(world, setup,
         mem.add_embeddings(world.memory_image, text, world.memory_captions, ids=world.memory_ids,
                            source="synthetic", encoder_id="synthetic")
         with pytest.warns(UserWarning, match=r"median cosine 0\.\d+ against 0\.\d+.*may not know these names"):
-            clf = RecoClassifier(mem, model).set_class_embeddings(prompts, names)
+            clf = RecoClassifier(mem, model, gate="none").set_class_embeddings(prompts, names)
         assert clf.refiner_ is model and clf.alignment_ < 0.5 * model.cfg.alignment
         x = world.eval_image[:20]
         want = (clf.refine(x) @ clf.class_embeddings_.T).argmax(1)
@@ -167,8 +171,9 @@ def test_the_paper_transformer_stays_selectable(setup, reco):
 
 @pytest.mark.parametrize("mode", [dict(search="cross"), dict(fusion="uni")])
 def test_ablations_are_clearly_worse(setup, reco, mode):
-    _, _, res = setup[1](**mode)
-    assert res["reco"]["top1"] <= reco[2]["reco"]["top1"] - 0.2, (mode, res)
+    _, _, res = setup[1](gate="none", **mode)
+    _, _, alone = setup[1](reco[0], gate="none")
+    assert res["reco"]["top1"] <= alone["reco"]["top1"] - 0.2, (mode, res)
 
 
 def test_self_exclusion_prevents_copying(world, tmp_path):
@@ -401,23 +406,27 @@ def zero_shot(world, setup):
     mem, _, names, labels, tmp = setup
     ids = [point_id("synthetic", k) for k in world.train_ids]
     out = {}
-    for name, kw in {"RECO": {}, "mean": dict(aggregator="mean"), "untrained": dict(epochs=0)}.items():
+    # RECO as the classifier scores it by default and alone (gate="none"); mean fusion alone, training-free
+    for name, kw, gates in (("RECO", {}, (None, "none")), ("mean", dict(aggregator="mean"), ("none",))):
         model = train_fusion(mem, world.train_image, world.train_text, ids=ids, progress=False,
                              cache_dir=str(tmp / "c"), device="cpu", **kw)
-        clf = RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes], names)
-        out[name] = (model, zero_shot_report(clf, world.eval_image, labels))
+        for gate in gates:
+            clf = RecoClassifier(mem, model, gate=gate).set_class_embeddings(world.class_text[world.eval_classes],
+                                                                               names)
+            out[name if gate is None else f"{name} alone"] = (model, zero_shot_report(clf, world.eval_image, labels))
     return out
 
 
 def test_zero_shot_without_labels_is_level_with_mean_fusion_on_new_classes(world, zero_shot):
     model, res = zero_shot["RECO"]
-    mean = zero_shot["mean"][1]["reco"]["top1"]
+    mean = zero_shot["mean alone"][1]["reco"]["top1"]
     assert model.adapted is None and model.cfg.alignment is None  # nothing was adapted to any class
     assert model.pseudo_classes == len(world.train_ids) // 32  # k-means clusters stood in for classes
     assert model.history[0]["epoch"] == 0 and len(model.history) > 1  # it trained, validating on them
     # level with mean fusion (within 1 point, ~10 of 960 images): the zero-shot issue asks for >= mean + 2, not
     # met yet (README "Method"); this guards against the learned fusion falling behind averaging again
-    assert res["reco"]["top1"] >= mean - 0.01, (res, mean)
+    alone = zero_shot["RECO alone"][1]["reco"]["top1"]
+    assert min(res["reco"]["top1"], alone) >= mean - 0.01, (res, alone, mean)
     assert res["reco"]["top1"] >= res["baseline"]["top1"] + 0.25, res
 
 
