@@ -45,10 +45,10 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 KindOpt = Annotated[str, typer.Option("--encoder-kind", help="open_clip | sentence-transformers")]
 WeightsOpt = Annotated[str, typer.Option(help="zero-shot: the fusion's weights for classes it never saw; adapted: "
                                                "the weights a `reco train --adapt` run fitted to its own classes")]
-GateOpt = Annotated[str, typer.Option(help="none: RECO's scores alone; coverage: add, per image, the plain "
-                                            "encoder's evidence where the memory seems to lack the image's concept "
-                                            "(useful when the memory may miss classes whose names the encoder "
-                                            "knows)")]
+GateOpt = Annotated[str | None, typer.Option(help="coverage (the default with zero-shot weights): RECO's scores "
+                                                   "with mean fusion's, plus, per image, the plain encoder's evidence "
+                                                   "where the memory seems to lack the image's concept; none (the "
+                                                   "default with --weights adapted): RECO's scores alone")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
 FileColumnOpt = Annotated[str, typer.Option(help="the captions table's column of image file names (relative to "

@@ -39,15 +39,16 @@ def _classes(classes: str) -> list[str]:
 
 
 def _classifier(memory: str | None, collection: str, fusion_path: Path | None, model: str, pretrained: str | None,
-                kind: str, retrieval: bool = True, weights: str = "zero-shot", gate: str = "none") -> tuple[Any, Any]:
+                kind: str, retrieval: bool = True, weights: str = "zero-shot", gate: str | None = None
+                ) -> tuple[Any, Any]:
     from ..classifier import GATES, RecoClassifier
     from ..fusion import FusionModel
 
     if weights != "zero-shot" and (fusion_path is None or not retrieval):
         raise ValueError(f"--weights {weights} selects a fusion model's weights: give --fusion")
-    if gate not in GATES:
+    if gate is not None and gate not in GATES:
         raise ValueError(f"--gate must be one of {', '.join(GATES)}, got {gate!r}")
-    if gate != "none" and (fusion_path is None or not retrieval):
+    if gate not in (None, "none") and (fusion_path is None or not retrieval):
         raise ValueError(f"--gate {gate} mixes RECO's scores with the encoder's: give --fusion")
     if retrieval and fusion_path is not None:
         _must_exist(memory, collection)  # RECO retrieves from it: before any encoder is loaded, creating nothing
@@ -72,7 +73,7 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
                 help="generic | birds | flowers | cars | dogs, or one template like 'a photo of a {}.'")] = "generic",
             memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory", model: ModelOpt = None,
             pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
-            gate: GateOpt = "none", as_json: JsonOpt = False) -> None:
+            gate: GateOpt = None, as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
     clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
     try:
@@ -106,7 +107,7 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
                        "generic"),
                    memory: MemoryOpt = None, collection: CollectionOpt = "reco_memory",
                    model: ModelOpt = None, pretrained: PretrainedOpt = None,
-                   encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot", gate: GateOpt = "none",
+                   encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot", gate: GateOpt = None,
                    output: Annotated[Path | None, typer.Option("--output", help="write JSON here")] = None,
                    as_json: JsonOpt = False) -> None:
     """Zero-shot top-1/top-5, baseline and RECO side by side, same prompts."""
@@ -116,12 +117,13 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
     clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
     try:
         clf.set_classes(names, templates)
-        res = {**zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels), "gate": gate}
+        res = {**zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels),
+               "gate": clf.gate}
     finally:
         mem.close()
     if output:
         output.write_text(json.dumps(res, indent=2))
-    reco = "RECO" if gate == "none" else f"RECO, {gate} gate"
+    reco = "RECO" if res["gate"] == "none" else f"RECO, {res['gate']} gate"
     _emit(res, as_json, _report_table(f"zero-shot on {folder} ({res['n_images']} images, {res['n_classes']} classes)",
                                       [("baseline", res["baseline"]), (reco, res["reco"])]))
 
