@@ -13,12 +13,14 @@ import numpy as np
 from reco_qdrant import Memory
 
 RESULTS = Path(__file__).parent / "results"
-GATED = ("RECO", "RECO untrained")  # zero-shot columns also scored through the coverage gate, as "<column> + gate"
+# zero-shot columns scored as the classifier does by default, through the coverage gate, and also without it, as
+# "<column>, no gate"; every other column is its fusion alone (gate="none")
+GATED = ("RECO", "RECO untrained")
 
 
 def gate_columns(col: str, gated: tuple[str, ...] = GATED) -> list[tuple[str, str]]:
-    """(gate, column name) pairs to score a zero-shot column with: a gated column also through the coverage gate."""
-    return [("none", col)] + ([("coverage", f"{col} + gate")] if col in gated else [])
+    """(gate, column name) pairs to score a zero-shot column with: a gated column by default and without the gate."""
+    return [("coverage", col), ("none", f"{col}, no gate")] if col in gated else [("none", col)]
 
 
 def clip_like(n: int, d: int = 512, seed: int = 0, per_cluster: int = 50,

@@ -3,8 +3,11 @@
 The encoders are real open_clip models with random weights (ViT-B-32, and the smallest built-in
 config ViT-S-32-alt); the memory holds CLIP-like vectors of the encoder's dimension (see common.py).
 Class embeddings are refined once (`set_classes`, reported apart); predict then costs encode +
-search + fuse + score. Reports both predict times (medians, run in turns), their ratio, the split
-(best of the repeats) and the ratio the split implies, which is less exposed to the noise of encoding.
+search + fuse + score, through the default coverage gate (mean fusion of the same neighbours, the trust reading
+and the encoder's scores). The first prediction also reads the gate's reference (a sample of the memory's pairs,
+searched and refined): reported apart, as `first_predict_s`. Reports both predict times (medians, run in turns),
+their ratio, the split (best of the repeats) and the ratio the split implies, which is less exposed to the noise of
+encoding.
 
     python benchmarks/inference.py --n 100000 1000000 [--memory-dir DIR]   # DIR: reuse/keep memories
 """
@@ -69,6 +72,8 @@ def run(model: str, n: int, root: Path, repeat: int) -> dict:
         reco = RecoClassifier(mem, fusion, encoder=enc)
         with Timer() as tc:
             reco.set_classes(classes)
+        with Timer() as tf:
+            reco.predict(ims)  # reads the coverage reference and the gate's scale
         t_plain, t_reco = alternating(lambda: plain.predict(ims), lambda: reco.predict(ims), repeat)
         emb = enc.encode_images(ims)
         searched = fusion.needs_searched_vectors
@@ -84,7 +89,7 @@ def run(model: str, n: int, root: Path, repeat: int) -> dict:
     return {"model": model, "dim": enc.dim, "memory_n": n, "images": len(ims), "classes": len(classes),
             "plain_predict_s": t_plain, "reco_predict_s": t_reco, "ratio": t_reco / t_plain,
             "ratio_from_split": (base + split["search_s"] + split["fuse_s"]) / base,
-            "set_classes_once_s": tc.s, **split}
+            "set_classes_once_s": tc.s, "first_predict_s": tf.s, **split}
 
 
 def main() -> None:
@@ -94,6 +99,7 @@ def main() -> None:
     ap.add_argument("--small-model-n", type=int, default=100_000, help="memory size for models after the first")
     ap.add_argument("--memory-dir", type=Path, default=None, help="where memories are kept between runs")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", default="inference", help="results name under benchmarks/results")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +109,7 @@ def main() -> None:
             for n in (args.n if i == 0 else [args.small_model_n]):
                 rows.append(run(model, n, root, args.repeat))
                 print_table(rows[-1:], f"{model}, memory {n:,}")
-                path = write_results("inference", {"k": K, "rows": rows})
+                path = write_results(args.out, {"k": K, "rows": rows})
     print_table(rows, "plain CLIP vs RECO predict (64 images, 100 classes, k=10)")
     print(f"wrote {path}")
 

@@ -180,7 +180,7 @@ def run(setup: Setup, towers: Towers, work: Path, variants: dict = VARIANTS, dat
                                  seed=setup.seed, progress=False, cache_dir=str(work / "cache"), **kw, **over)
             # adaptation: the weights adapted to the species trained on, where those are the species evaluated
             adapted = model.adapted is not None and spec["eval"] != "other"
-            clf = RecoClassifier(mem, model, weights="adapted" if adapted else "zero-shot")
+            clf = RecoClassifier(mem, model, weights="adapted" if adapted else "zero-shot", gate="none")  # the fusion
             res = zero_shot_report(clf.set_class_embeddings(prompts[eval_cls], names), test, labels)
             if col == "RECO":
                 row["baseline"] = res["baseline"]["top1"]
@@ -294,7 +294,7 @@ def run_zero_shot(memory_kind: str, seed: int, towers: Towers, work: Path, varia
     return row
 
 
-ZERO_SHOT_COLUMNS = ["baseline", *ZERO_SHOT_VARIANTS, *(f"{c} + gate" for c in GATED), "kNN vote"]
+ZERO_SHOT_COLUMNS = ["baseline", *ZERO_SHOT_VARIANTS, *(f"{c}, no gate" for c in GATED), "kNN vote"]
 
 
 def summarise_zero_shot(rows: list[dict], group: str) -> list[dict]:

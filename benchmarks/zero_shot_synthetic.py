@@ -49,7 +49,7 @@ VARIANTS = {
     "mean": dict(aggregator="mean"),
     "uni-mean": dict(aggregator="mean", fusion="uni"),
 }
-COLUMNS = ["baseline", *VARIANTS, *(f"{c} + gate" for c in GATED)]
+COLUMNS = ["baseline", *VARIANTS, *(f"{c}, no gate" for c in GATED)]
 
 
 def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Path | None = None,
