@@ -94,12 +94,14 @@ class RecoClassifier:
         coverage: a `CoverageReference` already read from this memory (default: read at the first gated
             prediction, from 1,500 of its images, in one pass over the memory's vectors; kept in `coverage_` and
             read again after the memory changes).
+        progress: show a progress bar while that pass reads the memory (seconds at 100k pairs, minutes at
+            millions).
     """
 
     def __init__(self, memory: Memory | None = None, fusion: FusionModel | None = None,
                  encoder: Encoder | None = None, k: int | None = None, use_retrieval: bool = True,
                  batch_size: int = 256, device: str | None = None, weights: str = "zero-shot",
-                 gate: str | None = None, coverage: CoverageReference | None = None) -> None:
+                 gate: str | None = None, coverage: CoverageReference | None = None, progress: bool = False) -> None:
         if use_retrieval and (memory is None or fusion is None):
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         if weights not in WEIGHTS:
@@ -115,6 +117,7 @@ class RecoClassifier:
                              "class_embeddings: `reco train --adapt`); this one has only zero-shot weights")
         self.memory, self.fusion, self.encoder = memory, fusion, encoder
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
+        self.progress = progress
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
         # (reference, RECO's and mean fusion's spreads and the encoder's floor on it, class prompts, their
         # GateScale): replaced whole, so that a prediction running beside another, or beside set_classes, never
@@ -190,9 +193,10 @@ class RecoClassifier:
         checked once per call, so that a memory being written to is not read again for every batch."""
         ref = self.coverage_
         if ref is None:
-            ref = self.coverage_ = CoverageReference.from_memory(self.memory)
+            ref = self.coverage_ = CoverageReference.from_memory(self.memory, progress=self.progress)
         elif not ref.fits(self.memory):
-            ref = self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile)
+            ref = self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile,
+                                                                 self.progress)
         return ref
 
     def _trust(self, q: np.ndarray, nb: Neighbours) -> np.ndarray:

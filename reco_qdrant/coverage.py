@@ -64,7 +64,7 @@ class CoverageReference:
 
     @classmethod
     def from_memory(cls, memory: Memory, n: int = REFERENCE_PAIRS, seed: int = 0,
-                    quantile: float = TRUST_QUANTILE) -> CoverageReference:
+                    quantile: float = TRUST_QUANTILE, progress: bool = False) -> CoverageReference:
         """Read a uniform sample of `n` of the memory's images, each searched without its own point and its
         copies (cosine >= DEDUP); an image with nothing but copies is left out. Costs one pass over the memory's
         vectors (`Memory.sample_pairs`) and n searches. Warns when fewer than 2 / quantile images remain: the
@@ -72,7 +72,7 @@ class CoverageReference:
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
         version = memory.write_version
-        ids, img, txt = memory.sample_pairs(n, seed=seed, progress=False) if memory.count() else ([], None, None)
+        ids, img, txt = memory.sample_pairs(n, seed=seed, progress=progress) if memory.count() else ([], None, None)
         top, kept = np.zeros(0, np.float32), np.zeros(0, bool)
         if len(ids):
             own = retrieve(memory, img, "image", 1, "uni", "cross", exclude_ids=ids, dedup_threshold=DEDUP,

@@ -210,3 +210,15 @@ def test_a_gated_classifier_shared_by_threads_never_mixes_two_class_lists(world,
     assert len(got) == 24 and {p.shape[1] for p in got} <= set(expect)
     for p in got:
         np.testing.assert_allclose(p, expect[p.shape[1]], rtol=1e-4, atol=1e-6)
+
+
+def test_the_reference_read_shows_its_progress_when_asked(world, half, capsys):
+    """The first gated prediction reads the memory once (minutes at millions of pairs): `progress=True` shows it."""
+    mem, model, _ = half
+    names = [world.class_names[c] for c in world.eval_classes]
+    clf = RecoClassifier(mem, model, progress=True).set_class_embeddings(world.class_text[world.eval_classes], names)
+    clf.predict_proba_embeddings(world.eval_image[:2])
+    assert "sampling pairs" in capsys.readouterr().err
+    RecoClassifier(mem, model).set_class_embeddings(world.class_text[world.eval_classes],
+                                                    names).predict_proba_embeddings(world.eval_image[:2])
+    assert "sampling pairs" not in capsys.readouterr().err  # quiet by default, as in a library

@@ -39,8 +39,8 @@ def _classes(classes: str) -> list[str]:
 
 
 def _classifier(memory: str | None, collection: str, fusion_path: Path | None, model: str, pretrained: str | None,
-                kind: str, retrieval: bool = True, weights: str = "zero-shot", gate: str | None = None
-                ) -> tuple[Any, Any]:
+                kind: str, retrieval: bool = True, weights: str = "zero-shot", gate: str | None = None,
+                progress: bool = False) -> tuple[Any, Any]:
     from ..classifier import GATES, RecoClassifier
     from ..fusion import FusionModel
 
@@ -58,7 +58,7 @@ def _classifier(memory: str | None, collection: str, fusion_path: Path | None, m
     mem = _open(memory, collection, encoder=enc)
     try:
         return RecoClassifier(mem, FusionModel.from_pretrained(fusion_path), encoder=enc, weights=weights,
-                              gate=gate), mem
+                              gate=gate, progress=progress), mem
     except Exception:
         mem.close()
         raise
@@ -75,7 +75,8 @@ def predict(images: Annotated[list[Path], typer.Argument(help="image files")],
             pretrained: PretrainedOpt = None, encoder_kind: KindOpt = "open_clip", weights: WeightsOpt = "zero-shot",
             gate: GateOpt = None, as_json: JsonOpt = False) -> None:
     """Zero-shot classify images with RECO (or plain CLIP without --fusion)."""
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate,
+                           progress=not as_json)
     try:
         clf.set_classes(_classes(classes), templates)
         proba = clf.predict_proba(images)
@@ -114,7 +115,8 @@ def eval_zero_shot(folder: Annotated[Path, typer.Argument(help="ImageFolder: FOL
     from ..evaluation import image_folder_dataset, zero_shot_report
 
     paths, labels, names = image_folder_dataset(folder)
-    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate)
+    clf, mem = _classifier(memory, collection, fusion, model, pretrained, encoder_kind, weights=weights, gate=gate,
+                           progress=not as_json)
     try:
         clf.set_classes(names, templates)
         res = {**zero_shot_report(clf, clf.encoder.encode_images(paths, progress=not as_json), labels),
