@@ -67,7 +67,8 @@ def synthetic(device: str, quick: bool, work: Path) -> tuple[list[dict], dict]:
                                      precision=precision, epochs=epochs, seed=0, progress=False,
                                      cache_dir=str(work / "cache"))
                 train_s = time.perf_counter() - t0
-                clf = RecoClassifier(mem, model).set_class_embeddings(w.class_text[w.eval_classes], names)
+                clf = RecoClassifier(mem, model, gate="none").set_class_embeddings(  # the fusion alone, per device
+                    w.class_text[w.eval_classes], names)
                 t0 = time.perf_counter()
                 res = zero_shot_report(clf, w.eval_image, labels)
                 rows.append({"world": "synthetic", "aggregator": agg, "device": dev,
@@ -78,7 +79,7 @@ def synthetic(device: str, quick: bool, work: Path) -> tuple[list[dict], dict]:
         # the same (CPU-trained) weights, inference on both devices
         proba = {}
         for dev in ("cpu", device):
-            clf = RecoClassifier(mem, copy.deepcopy(models[("cpu", "relevance")]), device=dev)
+            clf = RecoClassifier(mem, copy.deepcopy(models[("cpu", "relevance")]), device=dev)  # the default gate
             proba[dev] = clf.set_class_embeddings(w.class_text[w.eval_classes], names).predict_proba_embeddings(
                 w.eval_image)
     checks = {"neighbour cache s (image queries, cold)": cache_s,

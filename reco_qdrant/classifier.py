@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._deprecated import renamed_property
-from .coverage import DEDUP, GATE_FLOOR, CoverageReference, GateScale
+from .coverage import DEDUP, GATE_FLOOR, CoverageReference, CoverageUnavailable, GateScale
 from .encoders import Encoder, encoder_from_record
 from .fusion import FusionModel, cross_alignment, mean_fusion
 from .memory import EncoderMismatchError, Memory, Neighbours, validate_embeddings
@@ -93,7 +93,9 @@ class RecoClassifier:
             case against the training-free choices (README, "Options").
         coverage: a `CoverageReference` already read from this memory (default: read at the first gated
             prediction, from 1,500 of its images, in one pass over the memory's vectors; kept in `coverage_` and
-            read again after the memory changes).
+            read again once writes have moved its point count by more than 5%). Where the memory holds too few
+            distinct images for one, the default gate is dropped with a warning; `gate="coverage"` asked for
+            explicitly raises instead.
         progress: show a progress bar while that pass reads the memory (seconds at 100k pairs, minutes at
             millions).
     """
@@ -106,6 +108,7 @@ class RecoClassifier:
             raise ValueError("retrieval needs a memory and a fusion model (or use_retrieval=False)")
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        self._gate_by_default = gate is None
         if gate is None:
             gate = "coverage" if use_retrieval and weights == "zero-shot" else "none"
         if gate not in GATES:
@@ -159,10 +162,8 @@ class RecoClassifier:
         x = validate_embeddings(embeddings, f"{modality} embeddings", self.fusion.cfg.dim, "query")
         nb = self._neighbours(x, modality, with_payload=True)
         refined, attention = self._fuse(modality, x, nb, need_weights=True)
-        gated = modality == "image" and self.gate == "coverage"
-        if gated:
-            self._read_coverage()
-        return Explanation(refined, nb, attention, self._trust(x, nb) if gated else None)
+        ref = self._read_coverage() if modality == "image" and self.gate == "coverage" else None
+        return Explanation(refined, nb, attention, None if ref is None else self._trust(x, nb, ref))
 
     def refine(self, embeddings: np.ndarray, modality: str = "image") -> np.ndarray:
         """[B, d] -> refined [B, d] (unchanged, normalised, when retrieval is off)."""
@@ -188,24 +189,33 @@ class RecoClassifier:
                         dedup_threshold=None if exclude_ids is None else DEDUP, batch_size=self.batch_size,
                         with_payload=with_payload, with_searched_vectors=self.refiner_.needs_searched_vectors)
 
-    def _read_coverage(self) -> CoverageReference:
-        """The coverage reference of the memory as it is now: read once, and again (drawn alike) after a write;
-        checked once per call, so that a memory being written to is not read again for every batch."""
+    def _read_coverage(self) -> CoverageReference | None:
+        """The coverage reference of the memory as it is now: read once, and again (drawn alike) once writes have
+        moved the memory's point count by more than `coverage.REFRESH`; checked once per call, so that a memory
+        being written to is not read again for every batch. None, with a warning, where the memory holds too few
+        distinct images for one and the gate was the default: the classifier then scores without it."""
         ref = self.coverage_
-        if ref is None:
-            ref = self.coverage_ = CoverageReference.from_memory(self.memory, progress=self.progress)
-        elif not ref.fits(self.memory):
-            ref = self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile,
-                                                                 self.progress)
+        try:
+            if ref is None:
+                ref = self.coverage_ = CoverageReference.from_memory(self.memory, progress=self.progress)
+            elif not ref.fits(self.memory):
+                ref = self.coverage_ = CoverageReference.from_memory(self.memory, ref.n, ref.seed, ref.quantile,
+                                                                     self.progress)
+        except CoverageUnavailable as e:
+            if not self._gate_by_default:
+                raise
+            warnings.warn(f"{e}; this classifier scores without the coverage gate from now on", stacklevel=3)
+            self.gate = "none"
+            return None
         return ref
 
-    def _trust(self, q: np.ndarray, nb: Neighbours) -> np.ndarray:
+    def _trust(self, q: np.ndarray, nb: Neighbours, ref: CoverageReference) -> np.ndarray:
         """Coverage trust [B] of unit image queries [B, d] whose neighbours under the fusion's mode are `nb`, by the
-        reference `_read_coverage` last read."""
+        reference `ref` (the one a whole prediction reads)."""
         if self.fusion.cfg.search != "uni":  # the reading is an image-to-image search score
             nb = retrieve(self.memory, q, "image", 1, "uni", "cross", batch_size=self.batch_size,
                           with_payload=False, with_vectors=False)
-        return self.coverage_.trust(nb.scores[:, 0])
+        return ref.trust(nb.scores[:, 0])
 
     @property
     def gate_scale_(self) -> GateScale | None:
@@ -280,7 +290,7 @@ class RecoClassifier:
                           f"than the classes the fusion was trained with (median cosine {self.alignment_:.2f} "
                           f"against {trained:.2f}): it may not know these names, and no fusion can make up for "
                           "that; check the prompts, or use an encoder that knows them", stacklevel=2)
-        mean = mean_fusion(x, nb.vectors, nb.mask) if self.gate == "coverage" else None
+        mean = mean_fusion(x, nb.vectors, nb.mask)  # for the gate (cheap: the same neighbours, no search)
         self._classes = (names, x, self._fuse("text", x, nb)[0], mean)  # last, whole: see __init__
         return self
 
@@ -322,13 +332,14 @@ class RecoClassifier:
             return names, _softmax(BASELINE_SCALE * x @ cls.T)
         # the temperature the refining model learned with these very scores
         scale = float(self.refiner_.logit_scale.exp().clamp(max=100).item())
-        gs = self._gate_scale(self._read_coverage(), raw) if self.gate == "coverage" else None
+        ref = self._read_coverage() if self.gate == "coverage" else None
+        gs = None if ref is None else self._gate_scale(ref, raw)
         out = []
         for q, nb, refined in self._refined_batches(x, "image"):
             scores = refined @ cls.T
             if gs is not None:
                 scores = gs.mix(scores, mean_fusion(q, nb.vectors, nb.mask) @ mean_cls.T, q @ raw.T,
-                                self._trust(q, nb))
+                                self._trust(q, nb, ref))
             logits = scale * scores
             out.append(_softmax(logits))
         return names, (np.concatenate(out) if out else np.zeros((0, len(cls)), np.float32))

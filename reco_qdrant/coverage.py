@@ -45,7 +45,15 @@ BLEND = 0.4
 # read on the reference alone, never on the other classes given).
 GATE_FLOOR = 0.1
 REFERENCE_PAIRS = 1500  # sampled images: a quantile near 0.1 to about +-0.01 in rank
+# A reference stays in use until the memory's point count has moved by more than this share since it was read: a
+# few writes hardly move a quantile of 1,500 sampled images, and reading it again costs a pass over the memory, which
+# a service that predicts while it ingests must not pay at every call
+REFRESH = 0.05
 DEDUP = 0.98  # a sampled image's copies (cosine) are not its neighbours
+
+
+class CoverageUnavailable(ValueError):
+    """The memory holds too few distinct images to read a coverage reference from."""
 
 
 @dataclass
@@ -53,7 +61,7 @@ class CoverageReference:
     """The top image-search scores of a sample of the memory's own images, sorted, to rank a query's against."""
 
     image_top: np.ndarray  # [m] sorted: sampled images' top image-search scores, copies excluded (m <= n)
-    memory_uid: str  # the memory read, and its write version then: a reference is only valid for those
+    memory_uid: str  # the memory read, and its write version then
     write_version: str
     quantile: float = TRUST_QUANTILE
     n: int = REFERENCE_PAIRS  # how it was drawn, to draw again alike after the memory changes
@@ -61,6 +69,7 @@ class CoverageReference:
     ids: list[str] = field(default_factory=list)  # [m] the sampled points behind image_top (any order)
     images: np.ndarray | None = None  # [m, d] their image vectors and
     texts: np.ndarray | None = None  # [m, d] text vectors: the yardstick of the gate's scale (`GateScale`)
+    count: int | None = None  # the memory's point count when read (None: unknown, so only an unchanged memory fits)
 
     @classmethod
     def from_memory(cls, memory: Memory, n: int = REFERENCE_PAIRS, seed: int = 0,
@@ -71,8 +80,8 @@ class CoverageReference:
         ramp below the quantile then has too few steps to mean much."""
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-        version = memory.write_version
-        ids, img, txt = memory.sample_pairs(n, seed=seed, progress=progress) if memory.count() else ([], None, None)
+        version, count = memory.write_version, memory.count()
+        ids, img, txt = memory.sample_pairs(n, seed=seed, progress=progress) if count else ([], None, None)
         top, kept = np.zeros(0, np.float32), np.zeros(0, bool)
         if len(ids):
             own = retrieve(memory, img, "image", 1, "uni", "cross", exclude_ids=ids, dedup_threshold=DEDUP,
@@ -80,18 +89,23 @@ class CoverageReference:
             kept = np.isfinite(own.scores[:, 0])
             top = own.scores[:, 0][kept]
         if not len(top):
-            raise ValueError(f"the coverage reference needs a memory of at least 2 distinct images; this one holds "
-                             f"{memory.count()} pair(s), none with a neighbour other than its own copies "
-                             "(RecoClassifier(gate='none') scores without the gate)")
+            raise CoverageUnavailable(f"the coverage reference needs a memory of at least 2 distinct images; this one "
+                                      f"holds {count} pair(s), none with a neighbour other than its own copies "
+                                      "(RecoClassifier(gate='none') scores without the gate)")
         if len(top) < 2 / quantile:
             warnings.warn(f"the coverage reference holds only {len(top)} images: trust below the {quantile:g} "
                           "quantile is coarse", stacklevel=2)
         return cls(np.sort(top), memory.uid, version, quantile, n, seed, [i for i, k in zip(ids, kept) if k],
-                   img[kept], txt[kept])
+                   img[kept], txt[kept], count)
 
     def fits(self, memory: Memory) -> bool:
-        """True if this reference was read from `memory` as it is now (no write since)."""
-        return self.memory_uid == memory.uid and self.write_version == memory.write_version
+        """True if this reference was read from `memory` and still stands for it: no write since, or writes that
+        moved its point count by at most REFRESH."""
+        if self.memory_uid != memory.uid:
+            return False
+        if self.write_version == memory.write_version:
+            return True
+        return self.count is not None and abs(memory.count() - self.count) <= REFRESH * max(self.count, 1)
 
     def trust(self, image_top: np.ndarray) -> np.ndarray:
         """[B] top image-search scores of B images -> trust [B] in [0, 1]."""

@@ -56,8 +56,9 @@ def run_demo(location: str | None = None, collection: str = "reco_demo", seed: i
                                  cache_dir=str(out_dir / "cache"), **overrides)
             seconds = time.perf_counter() - t0
             # RECO as the classifier scores it by default, then every fusion alone (the paper's ablations)
-            gates = [(None, f"{name}, the default classifier (with mean fusion and the coverage gate)"),
-                     ("none", f"{name}, the fusion alone")] if fusion_reco is None else [("none", name)]
+            gates = [(None, "RECO, the default classifier (the fusion with mean fusion, coverage gate)"),
+                     ("none", name.replace("RECO (", "RECO's fusion alone (", 1))] if fusion_reco is None else [
+                         ("none", name)]
             for gate, row in gates:
                 clf = RecoClassifier(mem, model, gate=gate).set_class_embeddings(w.class_text[w.eval_classes], names)
                 res = zero_shot_report(clf, w.eval_image, labels)

@@ -139,6 +139,35 @@ def test_a_memory_too_small_for_the_reference_is_refused(tmp_path):
         mem.add_embeddings(x, x, ["c1"], source="t2", encoder_id="t")  # a copy: still nothing else to compare
         with pytest.raises(ValueError, match="none with a neighbour other than its own copies"):
             CoverageReference.from_memory(mem)
+        # the default classifier scores such a memory without the gate, and says so; asked for, the gate refuses
+        model = FusionModel(FusionConfig(dim=8, k=2, n_heads=2))
+        prompts = np.eye(8, dtype=np.float32)[:3]
+        clf = RecoClassifier(mem, model).set_class_embeddings(prompts, ["a", "b", "c"])
+        with pytest.warns(UserWarning, match="scores without the coverage gate from now on"):
+            p = clf.predict_proba_embeddings(prompts)
+        expect = RecoClassifier(mem, model, gate="none").set_class_embeddings(prompts, ["a", "b", "c"])
+        np.testing.assert_allclose(p, expect.predict_proba_embeddings(prompts), rtol=1e-6)
+        assert clf.gate == "none"
+        with pytest.raises(ValueError, match="distinct images"):
+            RecoClassifier(mem, model, gate="coverage").set_class_embeddings(
+                prompts, ["a", "b", "c"]).predict_proba_embeddings(prompts)
+
+
+def test_each_class_is_scored_alone_and_the_gate_can_be_switched(world, half):
+    """A class's score under the gate depends on that class alone: the same classes in reverse order give the same
+    probabilities, columns reversed. A classifier set up without the gate can be switched to it afterwards."""
+    mem, model, _ = half
+    names = [world.class_names[c] for c in world.eval_classes]
+    prompts = world.class_text[world.eval_classes]
+    x = world.eval_image[:100]
+    clf = RecoClassifier(mem, model, gate="none").set_class_embeddings(prompts, names)
+    clf.gate = "coverage"
+    p = clf.predict_proba_embeddings(x)
+    np.testing.assert_allclose(p, RecoClassifier(mem, model).set_class_embeddings(prompts, names)
+                               .predict_proba_embeddings(x), rtol=1e-5, atol=1e-7)
+    q = clf.set_class_embeddings(prompts[::-1], names[::-1]).predict_proba_embeddings(x)
+    np.testing.assert_allclose(q, p[:, ::-1], rtol=1e-4, atol=1e-6)
+    assert clf.predict_embeddings(x[:5]) == [names[i] for i in p[:5].argmax(1)]
 
 
 def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp_path):
@@ -153,7 +182,7 @@ def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp
                              source="t", encoder_id="synthetic")
         with pytest.raises(ValueError, match="another memory"):
             RecoClassifier(mem, model, gate="coverage", coverage=CoverageReference.from_memory(other, n=20))
-        # a reference goes stale with the memory it was read from: read again after a write
+        # a reference goes stale with the memory it was read from: read again after a write that doubles it
         clf = RecoClassifier(other, model, gate="coverage").set_class_embeddings(prompts, names)
         clf.predict_proba_embeddings(world.eval_image[:5])
         first, scale = clf.coverage_, clf.gate_scale_
@@ -164,6 +193,12 @@ def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp
         # and so does the gate's scale, read on the new reference's pairs
         assert clf._gate_cache[0] is clf.coverage_ and clf.gate_scale_ is not scale
         assert len(clf.coverage_.ids) == 80 and clf.gate_scale_.reco_spread != scale.reco_spread
+        # a write that moves the count by at most 5% keeps the reference (reading it is a pass over the memory)
+        kept = clf.coverage_
+        other.add_embeddings(world.memory_image[80:84], world.memory_text[80:84], [f"c{i}" for i in range(80, 84)],
+                             source="t", encoder_id="synthetic")
+        clf.predict_proba_embeddings(world.eval_image[:5])
+        assert clf.coverage_ is kept and kept.fits(other) and kept.write_version != other.write_version
 
 
 @pytest.mark.parametrize("mode", [dict(search="cross"), dict(fusion="uni")])
