@@ -6,7 +6,7 @@ import string
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(1, keepdims=True)
+
+
+class _GateCache(NamedTuple):
+    """What the gate reads once per reference (the spreads, the encoder's floor) and once per class list (the scale),
+    replaced whole so that a prediction running beside another, or beside set_classes, never sees a mix of two."""
+
+    reference: CoverageReference
+    reco_spread: float
+    mean_spread: float
+    encoder_floor: float
+    prompts: np.ndarray | None = None  # [C, d] the class prompts the scale was read for
+    scale: GateScale | None = None
 
 
 @dataclass
@@ -122,10 +134,7 @@ class RecoClassifier:
         self.use_retrieval, self.batch_size, self.weights, self.gate = use_retrieval, batch_size, weights, gate
         self.progress = progress
         self.coverage_: CoverageReference | None = coverage  # read from the memory at the first gated prediction
-        # (reference, RECO's and mean fusion's spreads and the encoder's floor on it, class prompts, their
-        # GateScale): replaced whole, so that a prediction running beside another, or beside set_classes, never
-        # sees a mix of two
-        self._gate_cache: tuple | None = None
+        self._gate_cache: _GateCache | None = None
         self.refiner_ = fusion.adapted if weights == "adapted" else fusion  # the model that refines, always
         self.alignment_: float | None = None  # of the classes given (see `fusion.cross_alignment`)
         self.adapted_share_ = 0.0  # share of the classes given that the fusion model was adapted to
@@ -221,14 +230,14 @@ class RecoClassifier:
     def gate_scale_(self) -> GateScale | None:
         """The gate's scale for the classes given now, once a gated prediction has read it (else None)."""
         cache = self._gate_cache
-        return cache[5] if cache is not None and cache[4] is self.raw_class_embeddings_ else None
+        return cache.scale if cache is not None and cache.prompts is self.raw_class_embeddings_ else None
 
     def _gate_scale(self, ref: CoverageReference, raw: np.ndarray) -> GateScale:
         """The gate's scale for class prompts raw [C, d] on the reference pairs: RECO's and mean fusion's spreads
         (each reference image and caption refined as a query that never meets its own pair or copies; once per
         reference) and each class's encoder figures (once per class list)."""
         cache = self._gate_cache
-        if cache is None or cache[0] is not ref:
+        if cache is None or cache.reference is not ref:
             if ref.images is None or ref.texts is None or not len(ref.ids):
                 raise ValueError("this coverage reference holds no sampled pairs to put the encoder's scores on "
                                  "RECO's scale; read it with CoverageReference.from_memory")
@@ -236,13 +245,14 @@ class RecoClassifier:
             for m, x in (("image", ref.images), ("text", ref.texts)):
                 nb = self._neighbours(x, m, exclude_ids=ref.ids)
                 reco[m], mean[m] = self._fuse(m, x, nb)[0], mean_fusion(x, nb.vectors, nb.mask)
-            cache = (ref, GateScale.spread(reco["image"] @ reco["text"].T),
-                     GateScale.spread(mean["image"] @ mean["text"].T),
-                     GATE_FLOOR * GateScale.spread(ref.images @ ref.texts.T), None, None)
-        if cache[4] is not raw:
-            cache = (*cache[:4], raw, GateScale.from_reference(cache[1], cache[2], ref.images @ raw.T, cache[3]))
+            cache = _GateCache(ref, GateScale.spread(reco["image"] @ reco["text"].T),
+                               GateScale.spread(mean["image"] @ mean["text"].T),
+                               GATE_FLOOR * GateScale.spread(ref.images @ ref.texts.T))
+        if cache.prompts is not raw:
+            cache = cache._replace(prompts=raw, scale=GateScale.from_reference(
+                cache.reco_spread, cache.mean_spread, ref.images @ raw.T, cache.encoder_floor))
         self._gate_cache = cache
-        return cache[5]
+        return cache.scale
 
     def _fuse(self, modality: str, q: np.ndarray, nb: Neighbours, need_weights: bool = False
               ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -56,13 +56,13 @@ def run_demo(location: str | None = None, collection: str = "reco_demo", seed: i
                                  cache_dir=str(out_dir / "cache"), **overrides)
             seconds = time.perf_counter() - t0
             # RECO as the classifier scores it by default, then every fusion alone (the paper's ablations)
-            gates = [(None, "RECO, the default classifier (the fusion with mean fusion, coverage gate)"),
-                     ("none", name.replace("RECO (", "RECO's fusion alone (", 1))] if fusion_reco is None else [
-                         ("none", name)]
+            gates = [("none", name)] if rows else [
+                (None, "RECO, the default classifier (the fusion with mean fusion, coverage gate)"),
+                ("none", name.replace("RECO (", "RECO's fusion alone (", 1))]
             for gate, row in gates:
                 clf = RecoClassifier(mem, model, gate=gate).set_class_embeddings(w.class_text[w.eval_classes], names)
                 res = zero_shot_report(clf, w.eval_image, labels)
-                if fusion_reco is None:
+                if gate is None:  # the default classifier: its checkpoint is saved and its examples shown
                     fusion_reco, clf_reco = model, clf
                     rows.append({"method": "baseline (no retrieval)", **res["baseline"], "train_s": 0.0, "epoch": 0})
                 rows.append({"method": row, **res["reco"], "train_s": seconds, "epoch": model.best_epoch})

@@ -191,7 +191,7 @@ def test_the_gate_needs_retrieval_and_reads_again_after_a_write(world, half, tmp
         clf.predict_proba_embeddings(world.eval_image[:5])
         assert clf.coverage_ is not first and clf.coverage_.fits(other) and not first.fits(other)
         # and so does the gate's scale, read on the new reference's pairs
-        assert clf._gate_cache[0] is clf.coverage_ and clf.gate_scale_ is not scale
+        assert clf._gate_cache.reference is clf.coverage_ and clf.gate_scale_ is not scale
         assert len(clf.coverage_.ids) == 80 and clf.gate_scale_.reco_spread != scale.reco_spread
         # a write that moves the count by at most 5% keeps the reference (reading it is a pass over the memory)
         kept = clf.coverage_
