@@ -3,7 +3,8 @@ is evaluated on classes it never saw, against the training-free alternatives, in
 
     python benchmarks/zero_shot_synthetic.py                         # dev and test worlds, 3 memories, ~10 min
     python benchmarks/zero_shot_synthetic.py --worlds dev --memories web
-    python benchmarks/zero_shot_synthetic.py --sweep 1000 4000 16000 64000   # gain against training-set size
+    python benchmarks/zero_shot_synthetic.py --sweep 1000 4000 16000 64000 256000 1000000   # against training-set size
+    python benchmarks/zero_shot_synthetic.py --sweep 1000 4000 16000 64000 256000 1000000 --sweep-memory fixed
 
 Worlds (`synthetic.py`): *dev* worlds (seeds 100-102, the default parameters, and the same seeds with an encoder
 that knows every class name, if vaguely: `dev-known`) are where choices are made; *test* worlds (seeds 0-2 of
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import GATED, gate_columns, print_table, write_results
+from common import GATED, RESULTS, gate_columns, print_table, write_results
 
 from reco_qdrant import Memory, RecoClassifier, train_fusion
 from reco_qdrant.evaluation import zero_shot_report
@@ -60,7 +61,8 @@ def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Pat
     if memory == "half absent":
         absent = np.random.default_rng(seed).permutation(w.eval_classes)[: len(w.eval_classes) // 2]
         keep &= ~np.isin(w.memory_labels, absent)
-    row: dict = {"world": world, "seed": seed, "memory": memory, "train_pairs": len(w.train_ids)}
+    row: dict = {"world": world, "seed": seed, "memory": memory, "train_pairs": len(w.train_ids),
+                 "memory_pairs": int(keep.sum())}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         with Memory.open(str(Path(tmp) / "memory")) as mem:
             idx = np.flatnonzero(keep)
@@ -68,7 +70,8 @@ def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Pat
                 rows = idx[s:s + 50_000]
                 mem.add_embeddings(w.memory_image[rows], w.memory_text[rows], [w.memory_captions[i] for i in rows],
                                    ids=[w.memory_ids[i] for i in rows], source="synthetic", encoder_id="synthetic")
-            ids = [point_id("synthetic", k) for k in w.train_ids]  # pairs not stored are simply not found
+            # pairs not stored are simply not found; with none stored (a fixed memory) there is nothing to exclude
+            ids = [point_id("synthetic", k) for k in w.train_ids] if w.cfg.train_in_memory_fraction > 0 else None
             names = [w.class_names[c] for c in w.eval_classes]
             labels = np.searchsorted(w.eval_classes, w.eval_labels)
             coverage = None
@@ -85,6 +88,7 @@ def run(world: str, seed: int, memory: str, variants: dict = VARIANTS, work: Pat
                     row[name] = res["reco"]["top1"]
                     coverage = clf.coverage_ or coverage  # read once per memory
                 row[f"{col} best_epoch"] = model.best_epoch
+                row[f"{col} epochs"] = len(model.history) - 1  # epochs run (early stopping ends sooner)
     return row
 
 
@@ -101,32 +105,52 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def sweep(sizes: list[int], seed: int = 100, memory: str = "web") -> list[dict]:
-    """RECO and mean fusion against the number of unlabelled training pairs (100 training classes)."""
+SWEEPS = {  # sweep -> (results file, world overrides, label)
+    "crowded": ("zero_shot_data_size", {}, "half of the training pairs also in the memory"),
+    # the paper's setup: training pairs (CC12M there) are queries only, the memory (WebLI there) stays the same
+    "fixed": ("zero_shot_data_size_fixed_memory", dict(train_in_memory_fraction=0.0),
+              "training pairs not in the memory (fixed memory)"),
+}
+
+
+def sweep(sizes: list[int], seed: int = 100, memory: str = "web", kind: str = "crowded", on_row=None) -> list[dict]:
+    """RECO and mean fusion against the number of unlabelled training pairs (100 training classes); `on_row(rows)`
+    after each size, so that a long sweep keeps what it has measured."""
     rows = []
     for n in sizes:
         per_class = max(1, n // 100)
-        r = run("dev", seed, memory, {k: VARIANTS[k] for k in ("RECO", "mean")}, gated=(), train_per_class=per_class)
+        r = run("dev", seed, memory, {k: VARIANTS[k] for k in ("RECO", "mean")}, gated=(), train_per_class=per_class,
+                **SWEEPS[kind][1])
+        r["sweep"] = kind
         r["gain over mean"] = r["RECO"] - r["mean"]
         rows.append(r)
         print({k: v for k, v in r.items()}, flush=True)
+        if on_row:
+            on_row(rows)
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(path: Path) -> None:
+    """Every sweep whose results are stored, one line each."""
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["train_pairs"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(x, [100 * r["gain over mean"] for r in rows], "o-")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, _, label in SWEEPS.values():
+        f = RESULTS / f"{name}.json"
+        if f.exists():
+            rows = json.loads(f.read_text())["rows"]
+            ax.plot([r["train_pairs"] for r in rows], [100 * r["gain over mean"] for r in rows], "o-", label=label)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("unlabelled training pairs")
+    ax.set_xlabel("unlabelled training pairs (100 training classes)")
     ax.set_ylabel("RECO - mean fusion (top-1 points)")
-    ax.set_title("new classes, synthetic dev world, web memory")
+    ax.set_title("new classes, synthetic dev world 100, web memory", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -137,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     p.add_argument("--memories", nargs="+", default=list(MEMORIES), choices=list(MEMORIES))
     p.add_argument("--sweep", nargs="+", type=int, default=None, help="training-set sizes (pairs) to sweep instead")
+    p.add_argument("--sweep-memory", choices=list(SWEEPS), default="crowded",
+                   help="crowded: half of the training pairs also in the memory; fixed: the memory stays the same")
     a = p.parse_args(argv)
     if a.sweep:
-        rows = sweep(a.sweep)
-        print_table([{k: r[k] for k in ("train_pairs", "RECO", "mean", "gain over mean", "RECO best_epoch")}
+        def keep(rows: list[dict]) -> None:
+            write_results(SWEEPS[a.sweep_memory][0], {"rows": rows})
+            plot(Path(__file__).resolve().parents[1] / "docs" / "zero_shot_data_size.png")
+
+        rows = sweep(a.sweep, kind=a.sweep_memory, on_row=keep)
+        print_table([{k: r[k] for k in ("train_pairs", "RECO", "mean", "gain over mean", "RECO best_epoch",
+                                        "RECO epochs", "RECO s")}
                      for r in rows], "new classes against unlabelled training pairs (dev world 100, web memory)")
-        plot(rows, Path(__file__).resolve().parents[1] / "docs" / "zero_shot_data_size.png")
-        write_results("zero_shot_data_size", {"rows": rows})
         return 0
     rows = []
     for world in a.worlds:

@@ -27,6 +27,7 @@ class _Validation:
     class present, and the two scores averaged."""
 
     CHUNK = 64
+    ROWS = 4096  # images scored at a time against all targets
 
     def __init__(self, img: np.ndarray, img_nb: tuple, answer: np.ndarray, targets: np.ndarray | None = None,
                  target_nb: tuple | None = None, prompts: _Prompts | None = None, absent: np.ndarray | None = None,
@@ -50,8 +51,9 @@ class _Validation:
                                       searched=nb[1])[0]
 
         v = refine("image", self.img, img_nb)
-        if self.prompts is None:
-            pred = (v @ refine("text", self.targets, self.target_nb).T).argmax(1)
+        if self.prompts is None:  # rows at a time: [rows, N] scores, never [N, N] (161 GiB at 208k pairs)
+            t = refine("text", self.targets, self.target_nb)
+            pred = np.concatenate([(v[s:s + self.ROWS] @ t.T).argmax(1) for s in range(0, len(v), self.ROWS)])
             return float((pred == self.answer).mean())
         chunks = [self.order] if self.ids is None else np.array_split(self.order, -(-len(v) // self.CHUNK))
         pred = np.empty(len(v), np.int64)
