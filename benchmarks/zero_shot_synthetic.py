@@ -18,6 +18,7 @@ training pairs (pairs per training class) on one dev world and memory, and plots
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -114,7 +115,7 @@ SWEEPS = {  # sweep -> (results file, world overrides, label)
 
 
 def sweep(sizes: list[int], seed: int = 100, memory: str = "web", kind: str = "crowded", on_row=None) -> list[dict]:
-    """RECO and mean fusion against the number of unlabelled training pairs (100 training classes); `on_row(rows)`
+    """RECO and mean fusion against the number of unlabelled training pairs (104 training classes); `on_row(rows)`
     after each size, so that a long sweep keeps what it has measured."""
     rows = []
     for n in sizes:
@@ -132,8 +133,6 @@ def sweep(sizes: list[int], seed: int = 100, memory: str = "web", kind: str = "c
 
 def plot(path: Path) -> None:
     """Every sweep whose results are stored, one line each."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +146,7 @@ def plot(path: Path) -> None:
             ax.plot([r["train_pairs"] for r in rows], [100 * r["gain over mean"] for r in rows], "o-", label=label)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("unlabelled training pairs (100 training classes)")
+    ax.set_xlabel("unlabelled training pairs (104 training classes)")
     ax.set_ylabel("RECO - mean fusion (top-1 points)")
     ax.set_title("new classes, synthetic dev world 100, web memory", fontsize=10)
     ax.legend(fontsize=8)
@@ -165,8 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="crowded: half of the training pairs also in the memory; fixed: the memory stays the same")
     a = p.parse_args(argv)
     if a.sweep:
-        def keep(rows: list[dict]) -> None:
-            write_results(SWEEPS[a.sweep_memory][0], {"rows": rows})
+        name = SWEEPS[a.sweep_memory][0]
+        stored = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
+
+        def keep(rows: list[dict]) -> None:  # merged with the stored sizes, so a rerun of one size keeps the rest
+            new = {r["train_pairs"]: r for r in rows}
+            old = [r for r in stored.get("rows", []) if r["train_pairs"] not in new]
+            merged = sorted([*old, *new.values()], key=lambda r: r["train_pairs"])
+            write_results(name, {**{k: v for k, v in stored.items() if k not in ("machine", "rows")}, "rows": merged})
             plot(Path(__file__).resolve().parents[1] / "docs" / "zero_shot_data_size.png")
 
         rows = sweep(a.sweep, kind=a.sweep_memory, on_row=keep)

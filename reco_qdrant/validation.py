@@ -27,7 +27,7 @@ class _Validation:
     class present, and the two scores averaged."""
 
     CHUNK = 64
-    ROWS = 4096  # images scored at a time against all targets
+    ROWS = 1024  # images scored at a time against all targets
 
     def __init__(self, img: np.ndarray, img_nb: tuple, answer: np.ndarray, targets: np.ndarray | None = None,
                  target_nb: tuple | None = None, prompts: _Prompts | None = None, absent: np.ndarray | None = None,
@@ -51,7 +51,7 @@ class _Validation:
                                       searched=nb[1])[0]
 
         v = refine("image", self.img, img_nb)
-        if self.prompts is None:  # rows at a time: [rows, N] scores, never [N, N] (161 GiB at 208k pairs)
+        if self.prompts is None:  # rows at a time: [ROWS, N] scores, never [N, N] (161 GiB at 208k pairs)
             t = refine("text", self.targets, self.target_nb)
             pred = np.concatenate([(v[s:s + self.ROWS] @ t.T).argmax(1) for s in range(0, len(v), self.ROWS)])
             return float((pred == self.answer).mean())
