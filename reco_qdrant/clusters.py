@@ -55,7 +55,8 @@ def pseudo_classes(image_embeddings: np.ndarray, text_embeddings: np.ndarray, si
 
 
 def _assign(x: np.ndarray, centres: np.ndarray, chunk: int) -> np.ndarray:
-    """[N] index of the nearest centre (cosine) of each row of x [N, D]."""
+    """[N] index of the nearest centre (highest dot product: cosine for unit rows) of each row of x [N, D], `chunk`
+    rows at a time, so the scores held are [chunk, K], never [N, K]."""
     out = np.empty(len(x), np.int64)
     for s in range(0, len(x), chunk):
         out[s:s + chunk] = (x[s:s + chunk] @ centres.T).argmax(1)

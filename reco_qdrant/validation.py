@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .augment import _uncovered_held_out, _where_rows
-from .clusters import medoids
+from .clusters import _assign, medoids
 from .fusion import FusionModel
 from .memory import Memory
 from .neighbour_cache import class_members, neighbour_cache, search_scores
@@ -52,8 +52,7 @@ class _Validation:
 
         v = refine("image", self.img, img_nb)
         if self.prompts is None:  # rows at a time: [ROWS, N] scores, never [N, N] (161 GiB at 208k pairs)
-            t = refine("text", self.targets, self.target_nb)
-            pred = np.concatenate([(v[s:s + self.ROWS] @ t.T).argmax(1) for s in range(0, len(v), self.ROWS)])
+            pred = _assign(v, refine("text", self.targets, self.target_nb), self.ROWS)
             return float((pred == self.answer).mean())
         chunks = [self.order] if self.ids is None else np.array_split(self.order, -(-len(v) // self.CHUNK))
         pred = np.empty(len(v), np.int64)
