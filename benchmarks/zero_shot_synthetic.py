@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.sweep:
         name = SWEEPS[a.sweep_memory][0]
-        stored = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
+        path = RESULTS / f"{name}.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
 
         def keep(rows: list[dict]) -> None:  # merged with the stored sizes, so a rerun of one size keeps the rest
             new = {r["train_pairs"]: r for r in rows}
